@@ -1,0 +1,109 @@
+"""The Wan DiT forward split into stage-sized pieces: embed -> blocks[a:b] -> head.
+
+The model file stays diffusers' ``WanTransformer3DModel``; this module only calls its submodules in
+the order of ``WanTransformer3DModel.forward`` (diffusers 0.35-0.42, text-to-video path: no image
+embeddings, one timestep per sample), so ``head(run_blocks(embed(...)))`` gives the same bits as
+``transformer(...)`` (tested). DualParal's layer split (arXiv 2505.21070, pipeline parallelism) runs
+``embed`` on the first stage, a contiguous slice of ``transformer.blocks`` on each stage and ``head``
+on the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(kw_only=True)
+class BlockInputs:
+    """What every transformer block of one forward needs besides the hidden states.
+
+    Shapes (batch B = 1 per CFG branch, S = frames * (h/2) * (w/2) tokens, D = hidden dim):
+    ``encoder_hidden_states`` (B, text_len, D); ``timestep_proj`` (B, 6, D); ``temb`` (B, D);
+    ``rotary_emb``: (cos, sin), each (1, S, 1, head_dim) float64/float32 as diffusers builds them;
+    ``key_rotary_emb``: the same for the keys when the feature cache appends frames after the window
+    (1, S + S_cache, 1, head_dim), else None; ``grid``: (frames, h/2, w/2) after patching.
+    """
+
+    encoder_hidden_states: torch.Tensor
+    timestep_proj: torch.Tensor
+    temb: torch.Tensor
+    rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
+    grid: tuple[int, int, int]
+
+
+def embed(
+    transformer,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    extra_key_frames: int = 0,
+) -> tuple[torch.Tensor, BlockInputs]:
+    """Patch embedding, rotary tables and condition embeddings.
+
+    latents: (B, C, F, h, w) in the transformer's dtype; timestep: (B,); prompt_embeds:
+    (B, text_len, text_dim). ``extra_key_frames`` latent frames of keys appended after the window
+    (feature cache) get rotary positions F .. F + extra - 1. Returns hidden_states (B, S, D) and the
+    :class:`BlockInputs`.
+    """
+    batch_size, num_channels, num_frames, height, width = latents.shape
+    p_t, p_h, p_w = transformer.config.patch_size
+    grid = (num_frames // p_t, height // p_h, width // p_w)
+
+    rotary_emb = transformer.rope(latents)
+    key_rotary_emb = None
+    if extra_key_frames:
+        # rope only reads the shape: a (1, C, F + extra, h, w) view-shaped probe, no data
+        probe = latents[:1, :1, :1].expand(1, 1, num_frames + extra_key_frames, height, width)
+        key_rotary_emb = transformer.rope(probe)
+
+    hidden_states = transformer.patch_embedding(latents)
+    hidden_states = hidden_states.flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
+
+    temb, timestep_proj, encoder_hidden_states, _ = transformer.condition_embedder(
+        timestep, prompt_embeds, None, timestep_seq_len=None
+    )
+    timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, D)
+    return hidden_states, BlockInputs(
+        encoder_hidden_states=encoder_hidden_states,
+        timestep_proj=timestep_proj,
+        temb=temb,
+        rotary_emb=rotary_emb,
+        key_rotary_emb=key_rotary_emb,
+        grid=grid,
+    )
+
+
+def run_blocks(transformer, hidden_states: torch.Tensor, inputs: BlockInputs, layer_indices=None) -> torch.Tensor:
+    """Transformer blocks ``layer_indices`` (default: all present) on (B, S, D) hidden states."""
+    blocks = transformer.blocks
+    indices = range(len(blocks)) if layer_indices is None else layer_indices
+    for index in indices:
+        hidden_states = blocks[index](hidden_states, inputs.encoder_hidden_states, inputs.timestep_proj, inputs.rotary_emb)
+    return hidden_states
+
+
+def head(transformer, hidden_states: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    """Output norm, projection and unpatchify: (B, S, D) -> noise_pred (B, C_out, F, h, w)."""
+    batch_size = hidden_states.shape[0]
+    p_t, p_h, p_w = transformer.config.patch_size
+    frames, rows, cols = inputs.grid
+    shift, scale = (transformer.scale_shift_table.to(inputs.temb.device) + inputs.temb.unsqueeze(1)).chunk(2, dim=1)
+    shift = shift.to(hidden_states.device)
+    scale = scale.to(hidden_states.device)
+    hidden_states = (transformer.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+    hidden_states = transformer.proj_out(hidden_states)
+    # (B, S, p_t*p_h*p_w*C) -> (B, F, h', w', p_t, p_h, p_w, C) -> (B, C, F*p_t, h'*p_h, w'*p_w)
+    hidden_states = hidden_states.reshape(batch_size, frames, rows, cols, p_t, p_h, p_w, -1)
+    hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def forward(transformer, latents, timestep, prompt_embeds, *, extra_key_frames: int = 0) -> torch.Tensor:
+    """The whole model: (B, C, F, h, w) -> noise_pred (B, C, F, h, w); equals ``transformer(...)``."""
+    hidden_states, inputs = embed(transformer, latents, timestep, prompt_embeds, extra_key_frames=extra_key_frames)
+    hidden_states = run_blocks(transformer, hidden_states, inputs)
+    return head(transformer, hidden_states, inputs)

@@ -1,0 +1,224 @@
+"""Single-process executor of the DualParal block queue: the reference every other executor matches.
+
+Per tick (see :mod:`.queue` for the schedule): for each block in flight, newest first, build its
+window (context frames of the previous block ++ its own latents, as at the start of the tick), run
+the transformer once per CFG branch (cond, then uncond, like diffusers' WanPipeline) with the feature
+cache recording/appending as planned, combine ``noise_uncond + g * (noise_cond - noise_uncond)`` on
+the block's own frames; after all forwards, apply each block's own scheduler step. Blocks whose last
+step was this tick leave the queue and are returned.
+
+With one block and no context this is exactly WanPipeline's denoising loop (tested bit for bit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
+from . import forward as wan_forward
+from .attention import CachePlan, FeatureCache, apply_feature_cache, remove_feature_cache
+from .queue import BlockWork, num_ticks, tick_plan
+
+
+@dataclass(kw_only=True)
+class BlockState:
+    """A block in flight: latents (1, C, n, h, w) float32, its scheduler, steps applied so far."""
+
+    index: int
+    latents: torch.Tensor
+    scheduler: Any
+    steps_done: int
+
+
+class DualParalReference:
+    """The block queue on one process.
+
+    Args:
+        transformer: diffusers ``WanTransformer3DModel`` (dtype = compute dtype).
+        scheduler_template: a scheduler at step 0 (:func:`hpcvideo.schedulers.make_scheduler`).
+        prompt_embeds: one (1, text_len, text_dim) tensor per prompt of the schedule.
+        negative_prompt_embeds: (1, text_len, text_dim) or None (no CFG).
+        prompt_index_for_block: block index -> index into ``prompt_embeds``.
+        guidance_scale: CFG scale; CFG runs when > 1 and a negative embedding is given (diffusers' rule).
+        num_blocks, block_latent_frames, context_latent_frames, feature_cache: the queue (DESIGN §6.4).
+        noise_fn: block index -> initial latents (1, C, n, h, w) float32 (:func:`hpcvideo.noise.block_noise`).
+        device: where latents live and the transformer runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        transformer,
+        scheduler_template,
+        prompt_embeds: list[torch.Tensor],
+        negative_prompt_embeds: torch.Tensor | None,
+        prompt_index_for_block: Callable[[int], int],
+        guidance_scale: float,
+        num_blocks: int,
+        block_latent_frames: int,
+        context_latent_frames: int,
+        feature_cache: bool,
+        noise_fn: Callable[[int], torch.Tensor],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.transformer = transformer
+        self.scheduler_template = scheduler_template
+        self.timesteps = scheduler_template.timesteps
+        self.num_inference_steps = len(self.timesteps)
+        self.prompt_embeds = prompt_embeds
+        self.negative_prompt_embeds = negative_prompt_embeds
+        self.prompt_index_for_block = prompt_index_for_block
+        self.guidance_scale = guidance_scale
+        self.do_cfg = guidance_scale > 1.0 and negative_prompt_embeds is not None
+        self.num_blocks = num_blocks
+        self.block_latent_frames = block_latent_frames
+        self.context_latent_frames = context_latent_frames
+        self.feature_cache = feature_cache and context_latent_frames > 0
+        self.noise_fn = noise_fn
+        self.device = torch.device(device)
+        self.dtype = transformer.dtype
+        self.tick = 0
+        self.blocks: dict[int, BlockState] = {}
+        self.tail: tuple[int, torch.Tensor] | None = None  # last block that left: its context for the next
+        self.cache = FeatureCache()
+        if self.feature_cache:
+            apply_feature_cache(transformer, self.cache)
+
+    # -- queue -------------------------------------------------------------------------------
+    @property
+    def num_ticks(self) -> int:
+        return num_ticks(self.num_blocks, self.num_inference_steps)
+
+    @property
+    def done(self) -> bool:
+        return self.tick >= self.num_ticks
+
+    def close(self) -> None:
+        """Undo the model patch."""
+        remove_feature_cache(self.transformer)
+
+    def set_num_blocks(self, num_blocks: int) -> None:
+        """Lengthen the video. Valid only while the state is still one of the longer run's states,
+        i.e. ``tick <= old num_blocks`` (no end effect has happened yet); raises ValueError otherwise."""
+        if num_blocks < self.num_blocks:
+            raise ValueError(f"num_blocks={num_blocks} < current {self.num_blocks}: a run cannot be shortened")
+        if num_blocks > self.num_blocks and self.tick > self.num_blocks:
+            raise ValueError(f"state at tick {self.tick} already has end effects of {self.num_blocks} blocks")
+        self.num_blocks = num_blocks
+
+    def _context(self, work: BlockWork) -> torch.Tensor | None:
+        if work.context_from is None:
+            return None
+        c = self.context_latent_frames
+        source = self.blocks.get(work.context_from)
+        if source is not None:
+            return source.latents[:, :, -c:]
+        if self.tail is not None and self.tail[0] == work.context_from:
+            return self.tail[1][:, :, -c:]
+        raise RuntimeError(f"context block {work.context_from} of block {work.block_index} is gone (tick {self.tick})")
+
+    def _predict(self, work: BlockWork) -> torch.Tensor:
+        """noise_pred (1, C, n, h, w) of one block at this tick (CFG combined)."""
+        block = self.blocks[work.block_index]
+        context = self._context(work)
+        window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
+        num_context = 0 if context is None else context.shape[2]
+        latent_model_input = window.to(self.dtype)  # (1, C, ctx + n, h, w)
+        timestep = self.timesteps[work.step_index].expand(latent_model_input.shape[0])
+        tokens_per_frame = (window.shape[3] // 2) * (window.shape[4] // 2)
+        record = None
+        if work.record:
+            start = num_context * tokens_per_frame
+            record = (start, start + self.context_latent_frames * tokens_per_frame)
+        extra = self.context_latent_frames if work.append else 0
+
+        embeds = self.prompt_embeds[self.prompt_index_for_block(work.block_index)]
+        branches = [("cond", embeds)]
+        if self.do_cfg:
+            branches.append(("uncond", self.negative_prompt_embeds))
+        outputs = []
+        for branch, prompt_embeds in branches:
+            hidden_states, inputs = wan_forward.embed(
+                self.transformer, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra
+            )
+            self.cache.plan = CachePlan(
+                branch=branch, record_tokens=record, append=work.append, key_rotary_emb=inputs.key_rotary_emb
+            )
+            hidden_states = wan_forward.run_blocks(self.transformer, hidden_states, inputs)
+            self.cache.plan = None
+            outputs.append(wan_forward.head(self.transformer, hidden_states, inputs)[:, :, num_context:])
+        self.cache.end_block()
+        noise_pred = outputs[0]
+        if self.do_cfg:
+            noise_uncond = outputs[1]
+            noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
+        return noise_pred
+
+    @torch.no_grad()
+    def run_tick(self) -> list[tuple[int, torch.Tensor]]:
+        """Run one tick; returns the blocks that left the queue: [(block_index, latents (1,C,n,h,w) float32)]."""
+        if self.done:
+            raise RuntimeError("the queue has finished")
+        plan = tick_plan(
+            self.tick,
+            num_blocks=self.num_blocks,
+            num_inference_steps=self.num_inference_steps,
+            context_latent_frames=self.context_latent_frames,
+            feature_cache=self.feature_cache,
+        )
+        for work in plan:
+            if work.enters:
+                latents = self.noise_fn(work.block_index).to(self.device, torch.float32)
+                self.blocks[work.block_index] = BlockState(
+                    index=work.block_index, latents=latents, scheduler=fresh_copy(self.scheduler_template), steps_done=0
+                )
+        self.cache.begin_tick()
+        noise_preds = {work.block_index: self._predict(work) for work in plan}
+        finished = []
+        for work in plan:
+            block = self.blocks[work.block_index]
+            assert block.steps_done == work.step_index, (block.steps_done, work)
+            t = self.timesteps[work.step_index]
+            block.latents = block.scheduler.step(noise_preds[work.block_index], t, block.latents, return_dict=False)[0]
+            block.steps_done += 1
+        for work in reversed(plan):  # oldest first
+            if work.finishes:
+                block = self.blocks.pop(work.block_index)
+                self.tail = (block.index, block.latents)
+                finished.append((block.index, block.latents))
+        self.tick += 1
+        return finished
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly (CPU tensors, torch.load(weights_only=True)-safe)."""
+        return {
+            "tick": self.tick,
+            "num_blocks": self.num_blocks,
+            "blocks": [
+                {
+                    "index": b.index,
+                    "latents": b.latents.detach().cpu().clone(),
+                    "steps_done": b.steps_done,
+                    "scheduler": scheduler_state(b.scheduler),
+                }
+                for b in sorted(self.blocks.values(), key=lambda b: b.index)
+            ],
+            "tail": None if self.tail is None else {"index": self.tail[0], "latents": self.tail[1].detach().cpu().clone()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tick = int(state["tick"])
+        self.blocks = {}
+        for entry in state["blocks"]:
+            self.blocks[int(entry["index"])] = BlockState(
+                index=int(entry["index"]),
+                latents=entry["latents"].to(self.device),
+                scheduler=load_scheduler_state(self.scheduler_template, entry["scheduler"], self.device),
+                steps_done=int(entry["steps_done"]),
+            )
+        tail = state["tail"]
+        self.tail = None if tail is None else (int(tail["index"]), tail["latents"].to(self.device))
