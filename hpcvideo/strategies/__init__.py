@@ -1,0 +1,1 @@
+"""Parallel strategies: dualparal/ (block queue + layer pipeline); videoinfinity/ comes later."""
