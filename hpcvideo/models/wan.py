@@ -1,0 +1,264 @@
+"""Loading Wan text-to-video models (diffusers format) from a local folder.
+
+One code path for a real checkpoint on a cluster (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``...-14B-...``)
+and the tiny CPU model of :mod:`hpcvideo.models.tiny`. Expected layout of the folder::
+
+    model_index.json
+    transformer/   WanTransformer3DModel      (config.json + safetensors)
+    vae/           AutoencoderKLWan           (config.json + safetensors)
+    text_encoder/  UMT5EncoderModel           (config.json + safetensors)
+    tokenizer/     any tokenizer AutoTokenizer loads
+    scheduler/     scheduler_config.json
+
+Nothing here touches the network: every ``from_pretrained`` runs with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+ALL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+_CONFIG_FILE = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+
+@dataclass(kw_only=True)
+class WanComponents:
+    """The loaded parts of a Wan model; a part not asked for in ``load_wan(parts=...)`` is ``None``."""
+
+    transformer: WanTransformer3DModel | None
+    vae: AutoencoderKLWan | None
+    text_encoder: UMT5EncoderModel | None
+    tokenizer: PreTrainedTokenizerBase | None
+    scheduler_config: dict  # the folder's scheduler/scheduler_config.json (always read; it is tiny)
+    model_id: str  # e.g. "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", or the folder name
+    path: Path
+
+
+def _check_folder(path: Path, parts: Iterable[str]) -> None:
+    """Raise FileNotFoundError naming the folder and the first missing subfolder / config file."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"Wan model folder {str(path)!r} does not exist or is not a directory")
+    for part in parts:
+        sub = path / part
+        if not sub.is_dir():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a Wan diffusers folder: subfolder {part!r} is missing "
+                f"(expected subfolders: {', '.join(ALL_PARTS)}; e.g. a download of "
+                f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+            )
+        cfg = _CONFIG_FILE.get(part)
+        if cfg is not None and not (sub / cfg).is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a Wan diffusers folder: {part}/{cfg} is missing")
+
+
+def _read_json(file: Path) -> dict:
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _model_id(path: Path) -> str:
+    """``_name_or_path`` of model_index.json if set; a hub cache snapshot's repo id; else the folder name."""
+    index = path / "model_index.json"
+    if index.is_file():
+        name = _read_json(index).get("_name_or_path")
+        if isinstance(name, str) and name and not Path(name).is_absolute():
+            return name
+    resolved = path.resolve()
+    # huggingface hub cache: .../models--Org--Name/snapshots/<commit>
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        return resolved.parent.parent.name[len("models--") :].replace("--", "/")
+    return resolved.name
+
+
+def read_model_info(path) -> dict:
+    """Shape facts of a Wan folder, from its JSON configs only (no weights are read).
+
+    Returns a dict with ``latent_channels`` (VAE z_dim == transformer in/out channels),
+    ``vae_scale_factor_spatial`` (2**len(temperal_downsample), times the VAE patch size if any: 8 for
+    Wan2.1), ``vae_scale_factor_temporal`` (2**sum(temperal_downsample): 4), ``patch_size`` (t, h, w),
+    ``num_layers``, ``hidden_dim`` (num_attention_heads * attention_head_dim), ``num_attention_heads``,
+    ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``.
+    """
+    path = Path(path)
+    _check_folder(path, ("transformer", "vae"))
+    tcfg = _read_json(path / "transformer" / "config.json")
+    vcfg = _read_json(path / "vae" / "config.json")
+    if tcfg.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
+        raise ValueError(
+            f"{str(path)!r}: transformer/config.json has _class_name {tcfg['_class_name']!r}; "
+            "expected 'WanTransformer3DModel'"
+        )
+    if vcfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+        raise ValueError(
+            f"{str(path)!r}: vae/config.json has _class_name {vcfg['_class_name']!r}; expected 'AutoencoderKLWan'"
+        )
+    # Defaults are those of the diffusers classes (a config.json may omit a default value).
+    z_dim = int(vcfg.get("z_dim", 16))
+    temperal_downsample = list(vcfg.get("temperal_downsample", [False, True, True]))
+    vae_patch = vcfg.get("patch_size") or 1
+    in_channels = int(tcfg.get("in_channels", 16))
+    out_channels = int(tcfg.get("out_channels") or in_channels)
+    if in_channels != z_dim or out_channels != z_dim:
+        raise ValueError(
+            f"{str(path)!r}: transformer in/out channels ({in_channels}/{out_channels}) differ from the VAE "
+            f"z_dim ({z_dim}); only text-to-video Wan models are supported (not image-to-video)"
+        )
+    heads = int(tcfg.get("num_attention_heads", 40))
+    head_dim = int(tcfg.get("attention_head_dim", 128))
+    return {
+        "latent_channels": z_dim,
+        "vae_scale_factor_spatial": 2 ** len(temperal_downsample) * int(vae_patch),
+        "vae_scale_factor_temporal": 2 ** sum(bool(x) for x in temperal_downsample),
+        "patch_size": tuple(int(p) for p in tcfg.get("patch_size", (1, 2, 2))),
+        "num_layers": int(tcfg.get("num_layers", 40)),
+        "hidden_dim": heads * head_dim,
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "text_dim": int(tcfg.get("text_dim", 4096)),
+        "ffn_dim": int(tcfg.get("ffn_dim", 13824)),
+        "rope_max_seq_len": int(tcfg.get("rope_max_seq_len", 1024)),
+        "model_id": _model_id(path),
+    }
+
+
+def load_wan(
+    path,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    parts: Iterable[str] = ALL_PARTS,
+) -> WanComponents:
+    """Load the ``parts`` of the Wan model in ``path`` (the others are ``None``).
+
+    The transformer and the text encoder are loaded in ``dtype``; the VAE always in float32 (as
+    diffusers and Wan recommend). Modules are put on ``device`` in eval mode. ``scheduler_config``
+    is always read. Raises FileNotFoundError naming the folder and the missing subfolder.
+    """
+    path = Path(path)
+    parts = tuple(parts)
+    unknown = sorted(set(parts) - set(ALL_PARTS))
+    if unknown:
+        raise ValueError(f"load_wan: unknown parts {unknown}; allowed: {list(ALL_PARTS)}")
+    _check_folder(path, tuple(p for p in ALL_PARTS if p in parts) + ("scheduler",))
+
+    transformer = vae = text_encoder = tokenizer = None
+    if "transformer" in parts:
+        from diffusers import WanTransformer3DModel
+
+        transformer = WanTransformer3DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+        transformer = transformer.to(device).eval()
+    if "vae" in parts:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
+        vae = vae.to(device).eval()
+    if "text_encoder" in parts:
+        from transformers import UMT5EncoderModel
+
+        text_encoder = UMT5EncoderModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=dtype, local_files_only=True
+        )
+        text_encoder = text_encoder.to(device).eval()
+    if "tokenizer" in parts:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+
+    scheduler_config = dict(_read_json(path / "scheduler" / "scheduler_config.json"))
+    return WanComponents(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        model_id=_model_id(path),
+        path=path,
+    )
+
+
+def make_scheduler(scheduler_config: dict):
+    """A fresh scheduler object of the class named in ``scheduler_config`` (``_class_name``)."""
+    import diffusers
+
+    name = scheduler_config.get("_class_name", "UniPCMultistepScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"scheduler _class_name {name!r} is not a diffusers scheduler class")
+    return cls.from_config(scheduler_config)
+
+
+def _pipeline_for_text(components: WanComponents):
+    """A WanPipeline sharing (not copying) the loaded tokenizer and text encoder."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(
+        tokenizer=components.tokenizer,
+        text_encoder=components.text_encoder,
+        vae=None,
+        scheduler=make_scheduler(components.scheduler_config),
+        transformer=None,
+    )
+
+
+@torch.no_grad()
+def encode_prompts(
+    components: WanComponents,
+    prompts: list[str],
+    *,
+    negative_prompt: str | None,
+    max_sequence_length: int,
+    device,
+    dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Text embeddings exactly as ``WanPipeline.encode_prompt`` computes them.
+
+    Each prompt is encoded on its own (batch of one, as WanPipeline does for a single prompt), so a
+    prompt's embeddings do not depend on the other prompts in the list.
+
+    Returns ``(prompt_embeds, negative_prompt_embeds)``: a list with one tensor of shape
+    (1, max_sequence_length, text_dim) per prompt, and the negative prompt's tensor of the same shape,
+    or ``None`` when ``negative_prompt`` is ``None`` (no classifier-free guidance). Use ``""`` for
+    WanPipeline's default negative prompt.
+    """
+    if components.text_encoder is None or components.tokenizer is None:
+        raise ValueError("encode_prompts needs components loaded with parts including 'text_encoder' and 'tokenizer'")
+    if isinstance(prompts, str):
+        raise TypeError("encode_prompts: `prompts` must be a list of strings, not a string")
+    pipe = _pipeline_for_text(components)
+    prompt_embeds = []
+    for prompt in prompts:
+        embeds, _ = pipe.encode_prompt(
+            prompt=prompt,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+            device=device,
+            dtype=dtype,
+        )
+        prompt_embeds.append(embeds)
+    negative_embeds = None
+    if negative_prompt is not None:
+        negative_embeds, _ = pipe.encode_prompt(
+            prompt=negative_prompt,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+            device=device,
+            dtype=dtype,
+        )
+    return prompt_embeds, negative_embeds
