@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,14 @@ class Timings:
             "ticks": self.ticks, "total_s": round(total_s, 4),
             "seconds_per_tick": round(self.denoise_s / max(self.ticks, 1), 6),
         }
+
+
+def _fault(point: str, index: int) -> None:
+    """Fault injection for the resume tests: ``HPCVIDEO_FAULT="point:index"`` SIGKILLs this process
+    at that point ("tick:N" at the start of tick N, "latents:J"/"frames:J" after block J's data is
+    written and before its done marker)."""
+    if os.environ.get("HPCVIDEO_FAULT") == f"{point}:{index}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dump(obj) -> bytes:
@@ -233,6 +243,7 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
             ):
                 checkpoint("resume")
                 last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
+            _fault("tick", executor.tick)
             t = time.perf_counter()
             finished = executor.run_tick()
             tick_s = time.perf_counter() - t
@@ -241,6 +252,7 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
             for block_index, latents in finished:
                 t = time.perf_counter()
                 store.write_block_latents(block_index, latents[0].permute(1, 0, 2, 3).float().cpu().numpy())
+                _fault("latents", block_index)
                 store.mark_done("latents", block_index)
                 timings.store_s += time.perf_counter() - t
                 t = time.perf_counter()
@@ -248,6 +260,7 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
                 timings.decode_s += time.perf_counter() - t
                 t = time.perf_counter()
                 store.write_block_frames(block_index, frames)
+                _fault("frames", block_index)
                 store.mark_done("frames", block_index)
                 timings.store_s += time.perf_counter() - t
             if bar is not None:

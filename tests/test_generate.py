@@ -1,0 +1,195 @@
+"""The main job end to end: parity with diffusers, resume after SIGKILL, extension, refusals, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hpcvideo.config import load_config
+from hpcvideo.generate import generate
+from hpcvideo.noise import block_noise
+from hpcvideo.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, fault=None, check=True, timeout=300):
+    env = dict(os.environ)
+    env.pop("HPCVIDEO_FAULT", None)
+    if fault:
+        env["HPCVIDEO_FAULT"] = fault
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcvideo.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"hpcvideo {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def arrays(path):
+    store = RunStore.open(path)
+    assert store.status_dict()["complete"]
+    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+
+
+def assert_same_run(path, reference):
+    latents, frames = arrays(path)
+    ref_latents, ref_frames = reference
+    assert latents.shape == ref_latents.shape and frames.shape == ref_frames.shape
+    assert np.array_equal(latents, ref_latents)
+    assert np.array_equal(frames, ref_frames)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir):
+    """tiny-test (29 frames = 4 blocks of 2 latent frames, 4 steps) uninterrupted, in a subprocess."""
+    path = tmp_path_factory.mktemp("ref") / "run.zarr"
+    cli("generate", "tiny-test", "--output", path)
+    return arrays(path)
+
+
+def test_one_block_equals_wan_pipeline(tmp_path, tiny_model_dir):
+    """A video that fits in one block gives WanPipeline's latents bit for bit (same model, seed, noise)."""
+    from diffusers import WanPipeline
+
+    cfg = load_config("tiny-test", ["strategy.block_latent_frames=3"], num_frames=9, output=tmp_path / "one.zarr")
+    assert cfg.num_blocks == 1
+    generate(cfg, progress=False)
+    store = RunStore.open(cfg.store.path)
+    ours = torch.from_numpy(store.read_latents(0, 3)).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, 3, h, w)
+
+    pipe = WanPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    noise = block_noise(
+        seed=cfg.sampling.seed, block_index=0, block_latent_frames=3, context_latent_frames=cfg.strategy.context_latent_frames,
+        latent_channels=ours.shape[1], latent_height=ours.shape[3], latent_width=ours.shape[4],
+    )
+    theirs = pipe(
+        prompt=cfg.sampling.prompts[0].prompt, negative_prompt=cfg.sampling.negative_prompt,
+        height=cfg.video.height, width=cfg.video.width, num_frames=9,
+        num_inference_steps=cfg.sampling.num_inference_steps, guidance_scale=cfg.sampling.guidance_scale,
+        latents=noise.clone(), output_type="latent", max_sequence_length=cfg.sampling.max_sequence_length,
+    ).frames
+    assert theirs.shape == ours.shape
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("fault", ["tick:2", "latents:0", "frames:1", "tick:6", "frames:3"])
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run, fault):
+    path = tmp_path / "run.zarr"
+    killed = cli("generate", "tiny-test", "--output", path, fault=fault, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    status = json.loads(cli("status", path, "--json").stdout)
+    assert not status["complete"]
+    cli("generate", "tiny-test", "--output", path)
+    assert_same_run(path, reference_run)
+
+
+def test_resume_after_external_sigkill_while_running(tmp_path, reference_run):
+    """Kill from outside at an arbitrary moment once the run has checkpointed; twice in a row."""
+    path = tmp_path / "run.zarr"
+    args = [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output", str(path),
+            "--set", "video.num_frames=61"]  # 16 latent frames = 8 blocks: a longer run to hit
+    for _ in range(2):
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if RunStore.exists(path) and RunStore.open(path).status_dict()["last_checkpoint_tick"] is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    cli("generate", "tiny-test", "--output", path, "--frames", 61)
+    uninterrupted = tmp_path / "uninterrupted.zarr"
+    cli("generate", "tiny-test", "--output", uninterrupted, "--frames", 61)
+    assert_same_run(path, arrays(uninterrupted))
+
+
+def test_extend_equals_asking_for_the_longer_video(tmp_path, reference_run):
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, "--frames", 13)  # 4 latent frames = 2 blocks
+    short = RunStore.open(path).status_dict()
+    assert short["complete"] and short["num_frames"] == 13
+    cli("generate", "tiny-test", "--output", path, "--frames", 21)  # 3 blocks
+    cli("generate", "tiny-test", "--output", path)  # 29 frames, 4 blocks: equals the reference run
+    assert_same_run(path, reference_run)
+
+
+def test_extend_after_a_kill_past_the_end_of_the_shorter_run(tmp_path, reference_run):
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, "--frames", 13, fault="tick:4", check=False)
+    cli("generate", "tiny-test", "--output", path)
+    assert_same_run(path, reference_run)
+
+
+def test_store_with_different_config_is_refused_and_untouched(tmp_path, reference_run):
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, "--frames", 13)
+    before = arrays(path)
+    refused = cli("generate", "tiny-test", "--output", path, "--frames", 13, "--seed", 7,
+                  "--set", "sampling.guidance_scale=2.0", check=False)
+    assert refused.returncode == 2
+    assert "sampling.seed" in refused.stderr and "sampling.guidance_scale" in refused.stderr
+    assert "video.num_frames: store" not in refused.stderr  # a length change is an extension, not a mismatch
+    shorter = cli("generate", "tiny-test", "--output", path, "--frames", 5, check=False)
+    assert shorter.returncode == 2 and "shorter" in shorter.stderr
+    after = arrays(path)
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--frames", "30"], "video.num_frames=30"),
+        (["--set", "video.height=40"], "video.height=40"),
+        (["--set", "strategy.block_latent_frames=3"], "strategy.block_latent_frames=3"),
+        (["--set", "video.num_frame=5"], "did you mean 'video.num_frames'"),
+        (["--set", "model.path=/nonexistent/model"], "model.path"),
+        (["--set", "sampling.prompts=[{from_frame: 9, prompt: a}, {from_frame: 0, prompt: b}]"], "sampling.prompts"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, args, needle):
+    path = tmp_path / "never.zarr"
+    result = cli("generate", "tiny-test", "--output", path, *args, check=False)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert not path.exists()
+
+
+def test_unwritable_output_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = cli("generate", "tiny-test", "--output", blocker / "run.zarr", check=False)
+    assert result.returncode == 2 and "store.path" in result.stderr
+
+
+def test_cli_round_trip_status_and_export(tmp_path, reference_run):
+    import av
+
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path)
+    status = json.loads(cli("status", path, "--json").stdout)
+    assert status["complete"] is True
+    assert status["num_frames"] == status["num_frames_written"] == 29
+    text = cli("status", path).stdout
+    assert "num_frames_written: 29" in text
+    mp4 = tmp_path / "out.mp4"
+    cli("export", path, mp4)
+    with av.open(str(mp4)) as container:
+        stream = container.streams.video[0]
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = stream.average_rate
+    assert len(decoded) == 29 and decoded[0].shape == (32, 32, 3)
+    assert float(rate) == 16.0
+    import xarray
+
+    dataset = xarray.open_zarr(path, consolidated=False)
+    assert dataset["frames"].dims == ("frame", "height", "width", "rgb")
+    assert dataset["frames"].shape == (29, 32, 32, 3)
