@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +25,13 @@ import torch
 
 from .config import IDENTITY_IGNORED, RunConfig
 from .decode import StreamingDecoder, to_uint8
+from .faults import fault
 from .models import encode_prompts, ensure_tiny_wan, load_wan, read_model_info
 from .noise import block_noise
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
 from .strategies.dualparal.reference import DualParalReference
+from .writer import BlockWriter
 
 log = logging.getLogger("hpcvideo")
 
@@ -62,6 +62,7 @@ class Timings:
     denoise_s: float = 0.0
     decode_s: float = 0.0
     store_s: float = 0.0
+    store_background_s: float = 0.0
     checkpoint_s: float = 0.0
     ticks: int = 0
 
@@ -69,18 +70,11 @@ class Timings:
         return {
             "load_s": round(self.load_s, 4), "encode_s": round(self.encode_s, 4),
             "denoise_s": round(self.denoise_s, 4), "decode_s": round(self.decode_s, 4),
-            "store_s": round(self.store_s, 4), "checkpoint_s": round(self.checkpoint_s, 4),
+            "store_s": round(self.store_s, 4),
+            "store_background_s": round(self.store_background_s, 4), "checkpoint_s": round(self.checkpoint_s, 4),
             "ticks": self.ticks, "total_s": round(total_s, 4),
             "seconds_per_tick": round(self.denoise_s / max(self.ticks, 1), 6),
         }
-
-
-def _fault(point: str, index: int) -> None:
-    """Fault injection for the resume tests: ``HPCVIDEO_FAULT="point:index"`` SIGKILLs this process
-    at that point ("tick:N" at the start of tick N, "latents:J"/"frames:J" after block J's data is
-    written and before its done marker)."""
-    if os.environ.get("HPCVIDEO_FAULT") == f"{point}:{index}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dump(obj) -> bytes:
@@ -220,7 +214,10 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
         log.info("resuming %s at tick %d of %d", store.path, executor.tick, executor.num_ticks)
     store.set_status("running")
 
+    writer = BlockWriter(store)
+
     def checkpoint(kind: str) -> None:
+        writer.flush()  # a checkpoint covers every block that left the queue before it
         t = time.perf_counter()
         blob = _dump({"executor": executor.state_dict(), "decoder": decoder.state_dict()})
         store.save_state(blob, tick=executor.tick, num_blocks=num_blocks, kind=kind)
@@ -243,26 +240,17 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
             ):
                 checkpoint("resume")
                 last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
-            _fault("tick", executor.tick)
+            fault("tick", executor.tick)
             t = time.perf_counter()
             finished = executor.run_tick()
-            tick_s = time.perf_counter() - t
-            timings.denoise_s += tick_s
+            timings.denoise_s += time.perf_counter() - t
             timings.ticks += 1
             for block_index, latents in finished:
-                t = time.perf_counter()
-                store.write_block_latents(block_index, latents[0].permute(1, 0, 2, 3).float().cpu().numpy())
-                _fault("latents", block_index)
-                store.mark_done("latents", block_index)
-                timings.store_s += time.perf_counter() - t
+                writer.submit("latents", block_index, latents[0].permute(1, 0, 2, 3).float().cpu().numpy().copy())
                 t = time.perf_counter()
                 frames = to_uint8(decoder.decode_block(latents))
                 timings.decode_s += time.perf_counter() - t
-                t = time.perf_counter()
-                store.write_block_frames(block_index, frames)
-                _fault("frames", block_index)
-                store.mark_done("frames", block_index)
-                timings.store_s += time.perf_counter() - t
+                writer.submit("frames", block_index, frames)
             if bar is not None:
                 if finished:
                     bar.set_postfix(block=finished[-1][0], refresh=False)
@@ -271,7 +259,9 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
         if bar is not None:
             bar.close()
         executor.close()
+        writer.close()
     checkpoint("resume")
+    timings.store_s, timings.store_background_s = writer.wait_s, writer.write_s
     store.update_attrs(timings=timings.as_attrs(time.perf_counter() - started))
     store.set_status("complete")
     return store.status_dict()

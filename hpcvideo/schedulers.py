@@ -50,9 +50,33 @@ def fresh_copy(template):
     return copy.deepcopy(template)
 
 
-def scheduler_state(scheduler) -> dict[str, Any]:
-    """Everything that changes while stepping, as plain objects (tensors cloned to CPU)."""
-    return {k: _to_cpu(v) for k, v in vars(scheduler).items() if k != "_internal_dict"}
+def scheduler_state(scheduler, template=None) -> dict[str, Any]:
+    """Everything that changes while stepping, as plain objects (tensors cloned to CPU).
+
+    With ``template`` (the step-0 scheduler it was copied from), attributes still equal to the
+    template's (UniPC's 1000-entry alpha/sigma tables, ...) are left out; :func:`load_scheduler_state`
+    takes them from the template again.
+    """
+    state = {}
+    for key, value in vars(scheduler).items():
+        if key == "_internal_dict" or (template is not None and _same(value, getattr(template, key, _ABSENT))):
+            continue
+        state[key] = _to_cpu(value)
+    return state
+
+
+_ABSENT = object()
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def load_scheduler_state(template, state: dict[str, Any], device="cpu"):

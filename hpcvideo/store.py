@@ -438,7 +438,7 @@ class RunStore:
         nbytes = len(blob)
         arr = self._root.create_array(
             f"state/{kind}_{slot}", shape=(nbytes,), chunks=(max(1, min(nbytes, self.STATE_CHUNK_BYTES)),),
-            dtype="uint8", fill_value=0, overwrite=True, dimension_names=("byte",),
+            dtype="uint8", fill_value=0, overwrite=True, dimension_names=("byte",), compressors=None,
             config={"write_empty_chunks": True})
         if nbytes:
             arr[:] = np.frombuffer(blob, dtype=np.uint8)

@@ -203,7 +203,7 @@ class DualParalReference:
                     "index": b.index,
                     "latents": b.latents.detach().cpu().clone(),
                     "steps_done": b.steps_done,
-                    "scheduler": scheduler_state(b.scheduler),
+                    "scheduler": scheduler_state(b.scheduler, self.scheduler_template),
                 }
                 for b in sorted(self.blocks.values(), key=lambda b: b.index)
             ],
