@@ -645,6 +645,11 @@ def _apply_override(raw: dict[str, Any], text: Any, errors: list[str]) -> None:
         value = yaml.safe_load(value_text)
         if tp is str and not isinstance(value, str) and not (value is None and optional):
             value = value_text.strip()
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     except yaml.YAMLError as e:
         if tp is not str:
             errors.append(f"override {text!r}: the value is not valid YAML: {_yaml_problem(e)}")

@@ -35,6 +35,7 @@ from .writer import BlockWriter
 
 log = logging.getLogger("hpcvideo")
 
+LOG_EVERY_S = 30.0  # progress log interval when no progress bar is shown (not a terminal)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -229,6 +230,7 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
 
         bar = tqdm(total=executor.num_ticks, initial=executor.tick, unit="tick", desc="denoise", dynamic_ncols=True)
     last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
+    first_tick, loop_start, last_log = executor.tick, time.perf_counter(), time.monotonic()
     try:
         while True:
             if executor.tick == num_blocks:
@@ -255,6 +257,11 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
                 if finished:
                     bar.set_postfix(block=finished[-1][0], refresh=False)
                 bar.update(1)
+            elif time.monotonic() - last_log >= LOG_EVERY_S:  # batch jobs: a log line instead of a bar
+                last_log = time.monotonic()
+                done_ticks = executor.tick - first_tick
+                eta_s = (time.perf_counter() - loop_start) / max(done_ticks, 1) * (executor.num_ticks - executor.tick)
+                log.info("tick %d/%d, ETA %.0f s", executor.tick, executor.num_ticks, eta_s)
     finally:
         if bar is not None:
             bar.close()

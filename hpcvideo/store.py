@@ -49,6 +49,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from .config import config_diff, format_diff
+
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: pixel frames per latent frame (after the first)
 STATUSES = ("created", "running", "complete", "failed")
 DONE_KINDS = ("latents", "frames")
@@ -62,21 +64,12 @@ class StoreError(RuntimeError):
     """A run store is missing, malformed, read-only, or would be written out of its shape."""
 
 
-class _Missing:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-MISSING = _Missing()
-"""Stands for a config key present on only one side of a ConfigMismatchError diff."""
-
-
 class ConfigMismatchError(StoreError):
     """The store was made with a different config. ``.diff``: [(dotted_key, store_value, command_value)]."""
 
     def __init__(self, path: Path, diff: list[tuple[str, Any, Any]]):
         self.diff = diff
-        lines = "\n".join(f"  {k}: store={s!r} command={c!r}" for k, s, c in diff)
+        lines = format_diff(diff)
         super().__init__(
             f"run store {path} was made with a different config ({len(diff)} key(s) differ):\n{lines}\n"
             "Use the same config to resume, or a new output path for a new run."
@@ -105,17 +98,6 @@ def _normalise_config(config: dict) -> dict:
         return json.loads(json.dumps(config, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise ValueError(f"config must be JSON-serialisable (no NaN/inf): {e}") from e
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -266,12 +248,7 @@ class RunStore:
 
         ``ignore``: dotted keys (a key ignores its whole subtree) not compared, e.g. output paths.
         """
-        ignore = tuple(ignore)
-        stored, given = _flatten(self._attrs["config"]), _flatten(_normalise_config(config))
-        skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)  # noqa: E731
-        diff = [(k, stored.get(k, MISSING), given.get(k, MISSING))
-                for k in sorted(stored.keys() | given.keys())
-                if not skip(k) and stored.get(k, MISSING) != given.get(k, MISSING)]
+        diff = config_diff(self._attrs["config"], _normalise_config(config), ignore)
         if diff:
             raise ConfigMismatchError(self._path, diff)
 

@@ -624,3 +624,10 @@ def test_format_diff():
         "  runtime.device: store has <missing>, command has 'cpu'",
     ]
     assert format_diff([]) == ""
+
+
+def test_float_override_in_exponent_notation_without_a_dot():
+    from hpcvideo.config import load_config
+
+    cfg = load_config("tiny-test", ["store.checkpoint_every_s=1e-6"], check_paths=False)
+    assert cfg.store.checkpoint_every_s == 1e-6

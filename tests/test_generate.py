@@ -193,3 +193,26 @@ def test_cli_round_trip_status_and_export(tmp_path, reference_run):
     dataset = xarray.open_zarr(path, consolidated=False)
     assert dataset["frames"].dims == ("frame", "height", "width", "rgb")
     assert dataset["frames"].shape == (29, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "every_ticks,every_s,expected_tick",
+    [(1000, 1e-6, 5), (2, 1e9, 4), (1000, 1e9, None)],  # by seconds, by ticks, neither (before the kill)
+)
+def test_checkpoint_frequency_by_ticks_and_by_seconds(tmp_path, every_ticks, every_s, expected_tick):
+    path = tmp_path / "run.zarr"
+    killed = cli("generate", "tiny-test", "--output", path, "--frames", 61, "--set", f"store.checkpoint_every_ticks={every_ticks}",
+                 "--set", f"store.checkpoint_every_s={every_s}", fault="tick:5", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert RunStore.open(path).status_dict()["last_checkpoint_tick"] == expected_tick
+
+
+def test_orphaned_partial_files_are_swept_on_resume(tmp_path, reference_run):
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, fault="frames:2", check=False)
+    orphan = path / "frames" / "c" / "1" / "0" / "0" / ("0." + "ab" * 16 + ".partial")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"half a chunk")
+    cli("generate", "tiny-test", "--output", path)
+    assert not orphan.exists()
+    assert_same_run(path, reference_run)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcvideo.store import MISSING, ConfigMismatchError, RunStore, StoreError
+from hpcvideo.config import MISSING
+from hpcvideo.store import ConfigMismatchError, RunStore, StoreError
 
 N = 2  # block_latent_frames
 C, h, w = 4, 2, 3  # latent channels, height, width
