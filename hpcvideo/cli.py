@@ -55,6 +55,8 @@ def _cmd_generate(args) -> int:
     from .generate import generate
 
     status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    if status is None:  # not rank 0
+        return 0
     print(f"{status['path']}: {status['num_frames_written']}/{status['num_frames']} frames, complete={status['complete']}")
     return 0
 

@@ -155,6 +155,10 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     num_threads: int = 0  # torch intra-op CPU threads per rank; 0 = torch's default
+    # transformer blocks per pipeline stage (one count per rank, summing to the model's blocks);
+    # null = contiguous split with the remainder to the first stages. Not part of the run's identity:
+    # a run may resume on another number of ranks.
+    stage_layers: list[int] | None = None
 
 
 @dataclass(kw_only=True)
@@ -348,6 +352,12 @@ def _build_section(name: str, value: Any, errors: list[str], bad: set[str]) -> A
             if parsed is None:
                 bad.add(dotted)
                 continue
+        elif dotted == "runtime.stage_layers":
+            parsed, err = raw, None
+            if raw is not None and not (
+                isinstance(raw, list) and raw and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in raw)
+            ):
+                parsed, err = None, _wrong_type(dotted, raw, "a list of positive integers (blocks per rank) or null")
         else:
             parsed, err = _coerce(dotted, raw, _HINTS[cls][key])
         if err:

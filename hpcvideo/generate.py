@@ -23,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-from .config import IDENTITY_IGNORED, RunConfig
-from .decode import StreamingDecoder, to_uint8
+from .config import IDENTITY_IGNORED, ConfigError, RunConfig
+from .decode import StreamingDecoder
 from .faults import fault
-from .models import encode_prompts, ensure_tiny_wan, load_wan, read_model_info
+from .models import encode_prompts, ensure_tiny_wan, load_wan, load_wan_transformer_stage, read_model_info
 from .noise import block_noise
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
-from .strategies.dualparal.reference import DualParalReference
-from .writer import BlockWriter
+from .runtime.control import bcast_object
+from .runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
+from .strategies.dualparal.pipeline import DualParalPipeline, split_layers
+from .writer import BlockSink
 
 log = logging.getLogger("hpcvideo")
 
@@ -142,49 +144,104 @@ def choose_checkpoint(store: RunStore, num_blocks: int):
     return None
 
 
-def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Run (or resume, or extend) the job of ``cfg`` to completion; returns the store's status dict.
+def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
+    """Run (or resume, or extend) the job of ``cfg`` to completion on every rank of the MPI job
+    (one rank: a plain process). Returns the store's status dict on rank 0, None elsewhere.
 
-    Errors: ConfigError (bad config, raised by load_config before this), ConfigMismatchError (the
-    store was made with a different config; lists the keys), StoreError (shorter --frames, corrupt
-    store), RuntimeError (device unavailable).
+    Errors (raised on every rank, before any weights are loaded): ConfigMismatchError (the store was
+    made with a different config; lists the keys), StoreError (shorter --frames, corrupt store),
+    ConfigError (a stage split that does not fit the model or the rank count), RuntimeError (device
+    unavailable). A failure after that aborts the whole job with a message naming the failed rank
+    (:mod:`hpcvideo.runtime.failure`).
     """
+    env = init_rank_env(device=cfg.runtime.device)
+    monitor = start_failure_monitor(env)
+    try:
+        setup = _prepare(cfg, env)
+        with abort_on_failure(env):
+            return _run(cfg, env, setup, progress=progress)
+    finally:
+        stop_failure_monitor(monitor)
+        shutdown_rank_env(env)
+
+
+@dataclass
+class _Setup:
+    model_path: Path
+    info: dict
+    layers: list[range]
+    store: RunStore | None  # rank 0 only
+
+
+def _prepare(cfg: RunConfig, env) -> _Setup:
+    """Rank 0 resolves the model, checks the stage split and opens/creates the store; the outcome,
+    or the user error, is broadcast so every rank either goes on or raises the same error."""
+    outcome = store = None
+    if env.is_main:
+        try:
+            model_path = resolve_model_path(cfg)
+            info = read_model_info(model_path)
+            try:
+                layers = split_layers(info["num_layers"], env.world_size, cfg.runtime.stage_layers)
+            except ValueError as error:
+                raise ConfigError([str(error)]) from None
+            store, _ = open_or_create_store(cfg, info, info.get("model_id", model_path.name))
+            outcome = ("ok", (str(model_path), info, layers))
+        except (ConfigError, StoreError, FileNotFoundError) as error:
+            if env.world_size > 1:
+                bcast_object(env, ("error", None))
+            raise  # rank 0 reports it
+    if env.world_size > 1:
+        outcome = bcast_object(env, outcome)
+    kind, payload = outcome
+    if kind == "error":
+        raise SystemExit(2)  # rank 0 prints the error once
+    model_path, info, layers = payload
+    return _Setup(model_path=Path(model_path), info=info, layers=layers, store=store)
+
+
+def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
     started = time.perf_counter()
     timings = Timings()
-    device = resolve_device(cfg.runtime.device)
+    device = env.device
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
-    model_path = resolve_model_path(cfg)
-    info = read_model_info(model_path)
-    store, _ = open_or_create_store(cfg, info, info.get("model_id", model_path.name))
-
-    t0 = time.perf_counter()
     dtype = DTYPES[cfg.model.dtype]
-    components = load_wan(model_path, device=device, dtype=dtype)
-    timings.load_s = time.perf_counter() - t0
+    sampling, strategy, info, store = cfg.sampling, cfg.strategy, setup.info, setup.store
+    main = env.is_main
 
+    # text encoding once (rank 0), embeddings broadcast; VAE on rank 0 only
     t0 = time.perf_counter()
-    sampling = cfg.sampling
     do_cfg = sampling.guidance_scale > 1.0
-    prompt_embeds, negative_prompt_embeds = encode_prompts(
-        components, [p.prompt for p in sampling.prompts],
-        negative_prompt=sampling.negative_prompt if do_cfg else None,
-        max_sequence_length=sampling.max_sequence_length, device=device, dtype=dtype,
-    )
-    components.text_encoder = None  # not needed past this point
+    components = load_wan(setup.model_path, device=device, dtype=dtype,
+                          parts=("vae", "text_encoder", "tokenizer") if main else ())
+    embeddings = None
+    if main:
+        embeddings = encode_prompts(
+            components, [p.prompt for p in sampling.prompts],
+            negative_prompt=sampling.negative_prompt if do_cfg else None,
+            max_sequence_length=sampling.max_sequence_length, device="cpu", dtype=dtype,
+        )
+        components.text_encoder = components.tokenizer = None  # not needed past this point
+    if env.world_size > 1:
+        embeddings = bcast_object(env, embeddings)
+    prompt_embeds = [e.to(device) for e in embeddings[0]]
+    negative_prompt_embeds = None if embeddings[1] is None else embeddings[1].to(device)
     timings.encode_s = time.perf_counter() - t0
 
-    strategy = cfg.strategy
+    t0 = time.perf_counter()
+    layers = setup.layers[env.rank]
+    transformer = load_wan_transformer_stage(setup.model_path, layers, device=device, dtype=dtype)
+    timings.load_s = time.perf_counter() - t0
+
     scale = info["vae_scale_factor_spatial"]
-    latent_shape = dict(
-        latent_channels=info["latent_channels"], latent_height=cfg.video.height // scale,
-        latent_width=cfg.video.width // scale,
-    )
+    latent_shape = (info["latent_channels"], cfg.video.height // scale, cfg.video.width // scale)
 
     def noise_fn(block_index: int) -> torch.Tensor:
         return block_noise(
             seed=sampling.seed, block_index=block_index, block_latent_frames=strategy.block_latent_frames,
-            context_latent_frames=strategy.context_latent_frames, mode=strategy.noise_init, **latent_shape,
+            context_latent_frames=strategy.context_latent_frames, mode=strategy.noise_init,
+            latent_channels=latent_shape[0], latent_height=latent_shape[1], latent_width=latent_shape[2],
         )
 
     template = make_scheduler(
@@ -192,40 +249,48 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
         num_inference_steps=sampling.num_inference_steps, device=device,
     )
     num_blocks = cfg.num_blocks
-    executor = DualParalReference(
-        transformer=components.transformer, scheduler_template=template, prompt_embeds=prompt_embeds,
+    executor = DualParalPipeline(
+        env=env, layers=layers, latent_shape=latent_shape,
+        transformer=transformer, scheduler_template=template, prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_prompt_embeds, prompt_index_for_block=cfg.prompt_index_for_block,
         guidance_scale=sampling.guidance_scale, num_blocks=num_blocks,
         block_latent_frames=strategy.block_latent_frames, context_latent_frames=strategy.context_latent_frames,
-        feature_cache=strategy.feature_cache, noise_fn=noise_fn, device=device,
+        feature_cache=strategy.feature_cache, noise_fn=noise_fn,
     )
-    decoder = StreamingDecoder(components.vae, device=device)
 
-    state = choose_checkpoint(store, num_blocks)
-    if state is not None:
-        executor.load_state_dict(state["executor"])
-        executor.num_blocks = int(state["executor"]["num_blocks"])
-        executor.set_num_blocks(num_blocks)
-        decoder.load_state_dict(state["decoder"])
-        # blocks not finished at this tick will be recomputed: their markers go first
-        first_unfinished = max(0, executor.tick - executor.num_inference_steps + 1)
-        stale = range(first_unfinished, store.num_blocks)
-        store.clear_done("frames", stale)
-        store.clear_done("latents", stale)
-        log.info("resuming %s at tick %d of %d", store.path, executor.tick, executor.num_ticks)
-    store.set_status("running")
-
-    writer = BlockWriter(store)
+    sink = None
+    resume_tick = 0
+    if main:
+        decoder = StreamingDecoder(components.vae, device=device)
+        state = choose_checkpoint(store, num_blocks)
+        if state is not None:
+            executor.load_state_dict(state["executor"])
+            executor.num_blocks = int(state["executor"]["num_blocks"])
+            executor.set_num_blocks(num_blocks)
+            decoder.load_state_dict(state["decoder"])
+            # blocks not finished at this tick will be recomputed: their markers go first
+            stale = range(max(0, executor.tick - executor.num_inference_steps + 1), store.num_blocks)
+            store.clear_done("frames", stale)
+            store.clear_done("latents", stale)
+            log.info("resuming %s at tick %d of %d on %d rank(s)", store.path, executor.tick, executor.num_ticks,
+                     env.world_size)
+        store.set_status("running")
+        store.update_attrs(num_ranks=env.world_size, stage_layers=[len(r) for r in setup.layers])
+        sink = BlockSink(store, decoder)
+        resume_tick = executor.tick
+    if env.world_size > 1:  # the other stages hold no state: they only need to know where to start
+        resume_tick = bcast_object(env, resume_tick)
+        executor.tick = resume_tick
 
     def checkpoint(kind: str) -> None:
-        writer.flush()  # a checkpoint covers every block that left the queue before it
+        sink.flush()  # a checkpoint covers every block that left the queue before it
         t = time.perf_counter()
-        blob = _dump({"executor": executor.state_dict(), "decoder": decoder.state_dict()})
+        blob = _dump({"executor": executor.state_dict(), "decoder": sink.decoder.state_dict()})
         store.save_state(blob, tick=executor.tick, num_blocks=num_blocks, kind=kind)
         timings.checkpoint_s += time.perf_counter() - t
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=executor.num_ticks, initial=executor.tick, unit="tick", desc="denoise", dynamic_ncols=True)
@@ -233,31 +298,27 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
     first_tick, loop_start, last_log = executor.tick, time.perf_counter(), time.monotonic()
     try:
         while True:
-            if executor.tick == num_blocks:
+            if main and executor.tick == num_blocks:
                 checkpoint("extend")
             if executor.done:
                 break
-            if executor.tick - last_checkpoint_tick >= cfg.store.checkpoint_every_ticks or (
+            if main and (executor.tick - last_checkpoint_tick >= cfg.store.checkpoint_every_ticks or (
                 time.monotonic() - last_checkpoint_time >= cfg.store.checkpoint_every_s
-            ):
+            )):
                 checkpoint("resume")
                 last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
-            fault("tick", executor.tick)
+            fault("tick", executor.tick, rank=env.rank)
             t = time.perf_counter()
             finished = executor.run_tick()
             timings.denoise_s += time.perf_counter() - t
             timings.ticks += 1
             for block_index, latents in finished:
-                writer.submit("latents", block_index, latents[0].permute(1, 0, 2, 3).float().cpu().numpy().copy())
-                t = time.perf_counter()
-                frames = to_uint8(decoder.decode_block(latents))
-                timings.decode_s += time.perf_counter() - t
-                writer.submit("frames", block_index, frames)
+                sink.submit(block_index, latents)
             if bar is not None:
                 if finished:
                     bar.set_postfix(block=finished[-1][0], refresh=False)
                 bar.update(1)
-            elif time.monotonic() - last_log >= LOG_EVERY_S:  # batch jobs: a log line instead of a bar
+            elif main and time.monotonic() - last_log >= LOG_EVERY_S:  # batch jobs: a log line, not a bar
                 last_log = time.monotonic()
                 done_ticks = executor.tick - first_tick
                 eta_s = (time.perf_counter() - loop_start) / max(done_ticks, 1) * (executor.num_ticks - executor.tick)
@@ -266,9 +327,13 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict:
         if bar is not None:
             bar.close()
         executor.close()
-        writer.close()
+        if sink is not None:
+            sink.close()
+    if not main:
+        return None
     checkpoint("resume")
-    timings.store_s, timings.store_background_s = writer.wait_s, writer.write_s
+    timings.store_s, timings.decode_s = sink.wait_s, sink.decode_s
+    timings.store_background_s = sink.write_s
     store.update_attrs(timings=timings.as_attrs(time.perf_counter() - started))
     store.set_status("complete")
     return store.status_dict()

@@ -1,10 +1,12 @@
-"""Background writes of finished blocks, so the denoising loop does not wait on compression and disk.
+"""Decode and write finished blocks in the background, overlapping the denoising loop.
 
-One thread, one bounded queue: ``submit`` hands over a finished block (latents, frames) and returns;
-the thread writes the data, then its done marker (data first, marker second, as DESIGN §5 asks).
-``flush`` waits until everything submitted is on disk: it is called before every checkpoint, because
-a checkpoint says "every block before this tick is written" — after a kill, the blocks it covers
-are never recomputed. An error in the thread is raised again on the next submit/flush/close.
+One thread, one bounded queue: ``submit`` hands over a block that left the queue and returns; the
+thread writes its latents and their done marker, decodes it with the streaming VAE decoder (on a
+side CUDA stream on GPU), then writes its frames and their marker (data first, marker second, as
+DESIGN §5 asks). ``flush`` waits until everything submitted is on disk: it is called before every
+checkpoint, because a checkpoint says "every block before this tick is written and the decoder state
+is past it" — after a kill, the blocks it covers are never recomputed. An error in the thread is
+raised again on the next submit/flush/close.
 """
 
 from __future__ import annotations
@@ -12,29 +14,49 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import nullcontext
 
-import numpy as np
+import torch
 
+from .decode import StreamingDecoder, to_uint8
 from .faults import fault
 from .store import RunStore
 
 
-class BlockWriter:
-    """Writes finished blocks to ``store`` on a background thread.
+class BlockSink:
+    """Decodes and writes finished blocks to ``store`` on a background thread.
 
-    ``max_pending`` bounds the blocks held in memory (each: latents (n, C, h, w) float32 and frames
-    (f, H, W, 3) uint8), so memory stays independent of the video's length. ``wait_s`` accumulates the
-    seconds the caller spent blocked on the store (a full queue or a flush).
+    ``max_pending`` bounds the blocks held in memory (latents (1, C, n, h, w) each), so memory stays
+    independent of the video's length. Seconds: ``wait_s`` the caller spent blocked (full queue or
+    flush), ``decode_s`` and ``write_s`` spent by the thread.
     """
 
-    def __init__(self, store: RunStore, *, max_pending: int = 2) -> None:
+    def __init__(self, store: RunStore, decoder: StreamingDecoder, *, max_pending: int = 2) -> None:
         self.store = store
-        self.wait_s = 0.0
-        self.write_s = 0.0
+        self.decoder = decoder
+        self.wait_s = self.decode_s = self.write_s = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="hpcvideo-block-writer", daemon=True)
+        device = getattr(decoder, "device", torch.device("cpu"))
+        self._stream = torch.cuda.Stream(device=device) if torch.device(device).type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="hpcvideo-block-sink", daemon=True)
         self._thread.start()
+
+    def _write(self, block_index: int, latents: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.store.write_block_latents(block_index, latents[0].permute(1, 0, 2, 3).float().cpu().numpy())
+        fault("latents", block_index)
+        self.store.mark_done("latents", block_index)
+        self.write_s += time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad(), (torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()):
+            frames = to_uint8(self.decoder.decode_block(latents))
+        self.decode_s += time.perf_counter() - start
+        start = time.perf_counter()
+        self.store.write_block_frames(block_index, frames)
+        fault("frames", block_index)
+        self.store.mark_done("frames", block_index)
+        self.write_s += time.perf_counter() - start
 
     def _run(self) -> None:
         while True:
@@ -43,15 +65,7 @@ class BlockWriter:
                 if item is None:
                     return
                 if self._error is None:
-                    start = time.perf_counter()
-                    kind, block_index, data = item
-                    if kind == "latents":
-                        self.store.write_block_latents(block_index, data)
-                    else:
-                        self.store.write_block_frames(block_index, data)
-                    fault(kind, block_index)
-                    self.store.mark_done(kind, block_index)
-                    self.write_s += time.perf_counter() - start
+                    self._write(*item)
             except BaseException as error:  # re-raised in the caller's thread
                 self._error = error
             finally:
@@ -59,17 +73,19 @@ class BlockWriter:
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"writing to the run store {self.store.path} failed: {self._error!r}") from self._error
+            raise RuntimeError(f"decoding/writing to the run store {self.store.path} failed: {self._error!r}") from self._error
 
-    def submit(self, kind: str, block_index: int, data: np.ndarray) -> None:
-        """Queue block ``block_index``'s ``kind`` ("latents" or "frames") data for writing."""
+    def submit(self, block_index: int, latents: torch.Tensor) -> None:
+        """Queue block ``block_index`` (latents (1, C, n, h, w) float32, not modified afterwards)."""
         self._raise()
         start = time.perf_counter()
-        self._queue.put((kind, block_index, data))
+        if latents.is_cuda:  # the side stream must see the finished latents
+            torch.cuda.current_stream(latents.device).synchronize()
+        self._queue.put((block_index, latents))
         self.wait_s += time.perf_counter() - start
 
     def flush(self) -> None:
-        """Block until every submitted write and its done marker is on disk."""
+        """Block until every submitted block is decoded and on disk with its done markers."""
         start = time.perf_counter()
         self._queue.join()
         self.wait_s += time.perf_counter() - start

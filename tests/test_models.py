@@ -96,7 +96,7 @@ def test_read_model_info_matches_configs(components, tiny_path):
     assert info["vae_scale_factor_spatial"] == vc.scale_factor_spatial == 8
     assert info["vae_scale_factor_temporal"] == vc.scale_factor_temporal == 4
     assert info["patch_size"] == tuple(tc.patch_size) == (1, 2, 2)
-    assert info["num_layers"] == tc.num_layers == len(components.transformer.blocks) == 2
+    assert info["num_layers"] == tc.num_layers == len(components.transformer.blocks) == 4
     assert info["num_attention_heads"] == tc.num_attention_heads == 2
     assert info["hidden_dim"] == tc.num_attention_heads * tc.attention_head_dim == 24
     assert info["text_dim"] == tc.text_dim == components.text_encoder.config.d_model == 32

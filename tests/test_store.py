@@ -211,7 +211,7 @@ def test_check_config_diff(store):
         store.check_config(other, ignore=["video"])
     assert e.value.diff == [("extra", MISSING, True), ("model.steps", 2, 4), ("seed", 7, 8)]
     msg = str(e.value)
-    assert "model.steps: store=2 command=4" in msg and "seed: store=7 command=8" in msg
+    assert "model.steps: store has 2, command has 4" in msg and "seed: store has 7, command has 8" in msg
     assert isinstance(e.value, StoreError)
 
 

@@ -1,7 +1,7 @@
 """Loading diffusers components from a local folder, and tiny model presets for CPU tests."""
 
 from hpcvideo.models.tiny import TINY_VERSION, build_tiny_wan, ensure_tiny_wan
-from hpcvideo.models.wan import WanComponents, encode_prompts, load_wan, make_scheduler, read_model_info
+from hpcvideo.models.wan import WanComponents, encode_prompts, load_wan, load_wan_transformer_stage, read_model_info
 
 __all__ = [
     "TINY_VERSION",
@@ -10,6 +10,6 @@ __all__ = [
     "encode_prompts",
     "ensure_tiny_wan",
     "load_wan",
-    "make_scheduler",
+    "load_wan_transformer_stage",
     "read_model_info",
 ]

@@ -4,9 +4,9 @@ The folder is a complete Wan diffusers checkpoint (``model_index.json``, ``trans
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``), so the same loading code serves it and a real
 ``Wan-AI/Wan2.1-T2V-*-Diffusers`` folder, and ``WanPipeline.from_pretrained(folder)`` works offline.
 
-Sizes (``TINY_VERSION = "v1"``; change the version whenever a number below changes):
+Sizes (``TINY_VERSION = "v2"``; change the version whenever a number below changes):
 
-* transformer: patch (1, 2, 2), 2 layers, 2 heads x head dim 12 (hidden 24; rope splits t/h/w = 4/4/4),
+* transformer: patch (1, 2, 2), 4 layers (so tests can split it into 1..4 stages), 2 heads x head dim 12 (hidden 24; rope splits t/h/w = 4/4/4),
   in/out channels 4, text_dim 32, freq_dim 32, ffn_dim 64, rope_max_seq_len 1024.
 * VAE: Wan2.1 layout (dim_mult [1, 2, 4, 4], temperal_downsample [False, True, True], so 8x spatial
   and 4x temporal compression), base_dim 4, num_res_blocks 0, z_dim 4; made small so that decoding
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 COMPLETE_MARKER = ".hpcvideo-complete"
 
 # Latent channels of the tiny VAE == transformer in/out channels.
@@ -126,7 +126,7 @@ def build_tiny_wan(path, *, seed: int = 0) -> Path:
         text_dim=32,
         freq_dim=32,
         ffn_dim=64,
-        num_layers=2,
+        num_layers=4,  # 4 so that tests can split it into 1..4 pipeline stages
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=1024,

@@ -193,7 +193,7 @@ def load_wan(
     )
 
 
-def make_scheduler(scheduler_config: dict):
+def _folder_scheduler(scheduler_config: dict):
     """A fresh scheduler object of the class named in ``scheduler_config`` (``_class_name``)."""
     import diffusers
 
@@ -212,7 +212,7 @@ def _pipeline_for_text(components: WanComponents):
         tokenizer=components.tokenizer,
         text_encoder=components.text_encoder,
         vae=None,
-        scheduler=make_scheduler(components.scheduler_config),
+        scheduler=_folder_scheduler(components.scheduler_config),
         transformer=None,
     )
 
@@ -262,3 +262,74 @@ def encode_prompts(
             dtype=dtype,
         )
     return prompt_embeds, negative_embeds
+
+
+class AbsentBlock(torch.nn.Module):
+    """Stands in ``transformer.blocks`` for a block another pipeline stage owns (no weights)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"transformer block {self.index} belongs to another pipeline stage")
+
+
+def load_wan_transformer_stage(path, layers: range, *, device="cpu", dtype: torch.dtype = torch.float32):
+    """A ``WanTransformer3DModel`` holding only transformer blocks ``layers`` plus the small shared
+    modules (patch embedding, condition embedder, rope, output norm/projection): one DualParal
+    pipeline stage (arXiv 2505.21070). Other blocks are :class:`AbsentBlock` placeholders, so block
+    indices stay global.
+
+    Only the needed tensors are read from the safetensors file(s) (single file or sharded with an
+    index), straight onto ``device``: a stage never materialises the whole model. Dtypes follow
+    ``from_pretrained(torch_dtype=dtype)``: modules named in ``_keep_in_fp32_modules`` stay float32,
+    so every stage's weights equal the full model's bit for bit (tested). Raises FileNotFoundError
+    for a folder without transformer weights, ValueError for layers outside the model.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    folder = Path(path) / "transformer"
+    _check_folder(Path(path), ("transformer",))
+    config = WanTransformer3DModel.load_config(folder)
+    num_layers = int(config["num_layers"])
+    if len(layers) and (layers.start < 0 or layers.stop > num_layers):
+        raise ValueError(f"layers {layers} outside the model's {num_layers} transformer blocks")
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config(config)
+    keep_fp32 = tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
+
+    def wanted(key: str) -> bool:
+        parts = key.split(".")
+        return parts[0] != "blocks" or int(parts[1]) in layers
+
+    index_file = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index_file.is_file():
+        files = sorted(set(_read_json(index_file)["weight_map"].values()))
+    else:
+        files = ["diffusion_pytorch_model.safetensors"]
+    if not all((folder / f).is_file() for f in files):
+        raise FileNotFoundError(f"{str(folder)!r} has no safetensors weights ({files})")
+    loaded = set()
+    for name in files:
+        with safe_open(str(folder / name), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if not wanted(key):
+                    continue
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point():
+                    fp32 = any(module in key.split(".") for module in keep_fp32)
+                    tensor = tensor.to(torch.float32 if fp32 else dtype)
+                set_module_tensor_to_device(model, key, device, value=tensor, dtype=tensor.dtype)
+                loaded.add(key)
+    for index in range(num_layers):
+        if index not in layers:
+            model.blocks[index] = AbsentBlock(index)
+    missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model = model.to(device)  # non-persistent buffers (rope tables) were built on the CPU
+    return model.eval()

@@ -131,7 +131,7 @@ class FeatureCacheAttnProcessor:
 def apply_feature_cache(transformer, cache: FeatureCache) -> None:
     """Install the feature-cache processor on each present ``blocks[i].attn1`` (idempotent)."""
     for index, block in enumerate(transformer.blocks):
-        if block is None:
+        if not hasattr(block, "attn1"):  # a block another pipeline stage owns
             continue
         processor = block.attn1.processor
         if isinstance(processor, FeatureCacheAttnProcessor):
@@ -142,7 +142,7 @@ def apply_feature_cache(transformer, cache: FeatureCache) -> None:
 def remove_feature_cache(transformer) -> None:
     """Restore the stock processors replaced by :func:`apply_feature_cache`."""
     for block in transformer.blocks:
-        if block is None:
+        if not hasattr(block, "attn1"):
             continue
         processor = block.attn1.processor
         if isinstance(processor, FeatureCacheAttnProcessor):

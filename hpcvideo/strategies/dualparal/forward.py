@@ -34,6 +34,51 @@ class BlockInputs:
     grid: tuple[int, int, int]
 
 
+def block_inputs(
+    transformer,
+    latent_shape: tuple[int, int, int, int, int],
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    extra_key_frames: int = 0,
+) -> BlockInputs:
+    """Rotary tables and condition embeddings for a window of ``latent_shape`` (B, C, F, h, w).
+
+    Needs no latents (rope only reads the shape), so every pipeline stage computes it itself from
+    the tick plan: timestep (B,), prompt_embeds (B, text_len, text_dim). ``extra_key_frames`` latent
+    frames of keys appended after the window (feature cache) get rotary positions F .. F + extra - 1.
+    """
+    batch_size, num_channels, num_frames, height, width = latent_shape
+    p_t, p_h, p_w = transformer.config.patch_size
+    grid = (num_frames // p_t, height // p_h, width // p_w)
+    dtype = transformer.patch_embedding.weight.dtype
+    device = transformer.patch_embedding.weight.device
+    # (1, 1, F, h, w) zero-stride probes: rope reads the shape only
+    rotary_emb = transformer.rope(torch.zeros((), dtype=dtype, device=device).expand(1, 1, num_frames, height, width))
+    key_rotary_emb = None
+    if extra_key_frames:
+        probe = torch.zeros((), dtype=dtype, device=device).expand(1, 1, num_frames + extra_key_frames, height, width)
+        key_rotary_emb = transformer.rope(probe)
+    temb, timestep_proj, encoder_hidden_states, _ = transformer.condition_embedder(
+        timestep, prompt_embeds, None, timestep_seq_len=None
+    )
+    timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, D)
+    return BlockInputs(
+        encoder_hidden_states=encoder_hidden_states,
+        timestep_proj=timestep_proj,
+        temb=temb,
+        rotary_emb=rotary_emb,
+        key_rotary_emb=key_rotary_emb,
+        grid=grid,
+    )
+
+
+def patchify(transformer, latents: torch.Tensor) -> torch.Tensor:
+    """Patch embedding: latents (B, C, F, h, w) -> hidden_states (B, S, D), S = F * h/2 * w/2."""
+    hidden_states = transformer.patch_embedding(latents)
+    return hidden_states.flatten(2).transpose(1, 2).contiguous()
+
+
 def embed(
     transformer,
     latents: torch.Tensor,
@@ -42,39 +87,10 @@ def embed(
     *,
     extra_key_frames: int = 0,
 ) -> tuple[torch.Tensor, BlockInputs]:
-    """Patch embedding, rotary tables and condition embeddings.
-
-    latents: (B, C, F, h, w) in the transformer's dtype; timestep: (B,); prompt_embeds:
-    (B, text_len, text_dim). ``extra_key_frames`` latent frames of keys appended after the window
-    (feature cache) get rotary positions F .. F + extra - 1. Returns hidden_states (B, S, D) and the
-    :class:`BlockInputs`.
-    """
-    batch_size, num_channels, num_frames, height, width = latents.shape
-    p_t, p_h, p_w = transformer.config.patch_size
-    grid = (num_frames // p_t, height // p_h, width // p_w)
-
-    rotary_emb = transformer.rope(latents)
-    key_rotary_emb = None
-    if extra_key_frames:
-        # rope only reads the shape: a (1, C, F + extra, h, w) view-shaped probe, no data
-        probe = latents[:1, :1, :1].expand(1, 1, num_frames + extra_key_frames, height, width)
-        key_rotary_emb = transformer.rope(probe)
-
-    hidden_states = transformer.patch_embedding(latents)
-    hidden_states = hidden_states.flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
-
-    temb, timestep_proj, encoder_hidden_states, _ = transformer.condition_embedder(
-        timestep, prompt_embeds, None, timestep_seq_len=None
-    )
-    timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, D)
-    return hidden_states, BlockInputs(
-        encoder_hidden_states=encoder_hidden_states,
-        timestep_proj=timestep_proj,
-        temb=temb,
-        rotary_emb=rotary_emb,
-        key_rotary_emb=key_rotary_emb,
-        grid=grid,
-    )
+    """First-stage work: :func:`patchify` + :func:`block_inputs`. latents: (B, C, F, h, w) in the
+    transformer's dtype. Returns hidden_states (B, S, D) and the :class:`BlockInputs`."""
+    inputs = block_inputs(transformer, tuple(latents.shape), timestep, prompt_embeds, extra_key_frames=extra_key_frames)
+    return patchify(transformer, latents), inputs
 
 
 def run_blocks(transformer, hidden_states: torch.Tensor, inputs: BlockInputs, layer_indices=None) -> torch.Tensor:

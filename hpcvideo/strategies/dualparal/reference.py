@@ -162,21 +162,29 @@ class DualParalReference:
         """Run one tick; returns the blocks that left the queue: [(block_index, latents (1,C,n,h,w) float32)]."""
         if self.done:
             raise RuntimeError("the queue has finished")
-        plan = tick_plan(
-            self.tick,
-            num_blocks=self.num_blocks,
-            num_inference_steps=self.num_inference_steps,
-            context_latent_frames=self.context_latent_frames,
-            feature_cache=self.feature_cache,
+        plan = self._plan()
+        self._enter(plan)
+        self.cache.begin_tick()
+        noise_preds = {work.block_index: self._predict(work) for work in plan}
+        return self._apply_steps(plan, noise_preds)
+
+    def _plan(self) -> list[BlockWork]:
+        return tick_plan(
+            self.tick, num_blocks=self.num_blocks, num_inference_steps=self.num_inference_steps,
+            context_latent_frames=self.context_latent_frames, feature_cache=self.feature_cache,
         )
+
+    def _enter(self, plan: list[BlockWork]) -> None:
+        """Blocks entering at this tick start from their initial noise with a fresh scheduler."""
         for work in plan:
             if work.enters:
                 latents = self.noise_fn(work.block_index).to(self.device, torch.float32)
                 self.blocks[work.block_index] = BlockState(
                     index=work.block_index, latents=latents, scheduler=fresh_copy(self.scheduler_template), steps_done=0
                 )
-        self.cache.begin_tick()
-        noise_preds = {work.block_index: self._predict(work) for work in plan}
+
+    def _apply_steps(self, plan: list[BlockWork], noise_preds: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        """After all forwards of the tick: one scheduler step per block, then dequeue finished blocks."""
         finished = []
         for work in plan:
             block = self.blocks[work.block_index]

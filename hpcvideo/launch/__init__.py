@@ -1,0 +1,5 @@
+"""Launchers: local (re-run under mpiexec); slurm (submitit) comes in launch/slurm.py."""
+
+from .local import LOG_DIR_VAR, maybe_relaunch, redirect_rank_output, relaunch_under_mpiexec
+
+__all__ = ["LOG_DIR_VAR", "maybe_relaunch", "redirect_rank_output", "relaunch_under_mpiexec"]

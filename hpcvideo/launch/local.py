@@ -1,0 +1,236 @@
+"""Local launch: ``hpcvideo generate ... --ranks N`` outside any MPI launcher re-runs itself under mpiexec.
+
+The parent (not an MPI rank) runs ``mpiexec -n N python <same program> <same args without --ranks>``
+and returns mpiexec's exit code; the children see the launcher's variables (``PMI_RANK``, ...), so
+:func:`maybe_relaunch` returns None in them and they go on as ranks. mpiexec is the one of the
+installed MPI library: the one next to ``sys.executable`` (the mpich wheel puts it in the venv's
+bin/), then ``mpiexec`` on PATH. MPICH (hydra) needs no flags (it oversubscribes cores by itself);
+Open MPI gets ``--oversubscribe`` and, as root, ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1``.
+
+Per-rank logs are written by the ranks themselves (not by mpiexec flags, which differ between MPI
+libraries and cannot put stdout and stderr into one file): the parent passes the folder in the
+environment variable :data:`LOG_DIR_VAR` and each rank calls :func:`redirect_rank_output` right
+after ``init_rank_env``:
+
+* rank R != 0: its file descriptors 1 and 2 are pointed at ``log_dir/rank<R>.log`` (everything,
+  also C-level output such as NCCL/gloo warnings, goes to the file and nothing to the terminal);
+* rank 0: ``sys.stdout``/``sys.stderr`` are teed at the Python level into ``log_dir/rank0.log`` and
+  the terminal, so the user keeps seeing rank 0's progress; C-level output of rank 0 reaches only
+  the terminal.
+
+Only rank 0 talks to the terminal then; a failing rank R's traceback is in ``rank<R>.log``, and rank
+0's failure monitor prints ``rank 0: stopping because rank R failed: <error>`` on the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ..runtime.env import RankEnv, under_mpi_launcher
+
+logger = logging.getLogger(__name__)
+
+LOG_DIR_VAR = "HPCVIDEO_RANK_LOG_DIR"  # per-rank log folder, set by the parent for its ranks
+RELAUNCHED_VAR = "HPCVIDEO_RELAUNCHED"  # "1" in ranks started by relaunch_under_mpiexec (never relaunch again)
+
+
+def find_mpiexec() -> Path:
+    """The ``mpiexec`` of the installed MPI: next to ``sys.executable`` first, then on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("mpiexec")
+    if found:
+        return Path(found)
+    raise FileNotFoundError(
+        f"--ranks needs an MPI launcher but no mpiexec was found (not next to {sys.executable}, not on PATH); "
+        "install one (pip install mpich, into this environment) or load the cluster's MPI module, "
+        "or run with --ranks 1"
+    )
+
+
+def mpi_flavour(mpiexec: Path) -> str:
+    """"mpich" (hydra: MPICH, Intel MPI, MVAPICH) | "openmpi" | "unknown", from ``mpiexec --version``."""
+    try:
+        result = subprocess.run([str(mpiexec), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (result.stdout + result.stderr).lower()
+    if "hydra" in text or "mpich" in text or "intel" in text:
+        return "mpich"
+    if "open mpi" in text or "open-mpi" in text or "openrte" in text or "prte" in text:
+        return "openmpi"
+    return "unknown"
+
+
+def strip_ranks_option(argv: list[str]) -> list[str]:
+    """``argv`` without ``--ranks N`` / ``--ranks=N`` (tokens after a bare ``--`` are left alone)."""
+    out: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--":
+            out.append(token)
+            out.extend(tokens)
+            break
+        if token == "--ranks":
+            next(tokens, None)
+            continue
+        if token.startswith("--ranks="):
+            continue
+        out.append(token)
+    return out
+
+
+def current_program() -> list[str]:
+    """How this Python program was started, minus its arguments: ``["-m", module]`` or ``[script]``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name.removesuffix(".__main__") if spec.name.endswith(".__main__") else spec.name
+        return ["-m", name]
+    if sys.argv and sys.argv[0] and Path(sys.argv[0]).is_file():
+        return [str(Path(sys.argv[0]).resolve())]
+    raise RuntimeError("cannot tell how this program was started to relaunch it under mpiexec; pass program=")
+
+
+def relaunch_under_mpiexec(
+    num_ranks: int, argv: list[str], *, log_dir: Path | None, program: list[str] | None = None
+) -> int:
+    """Run ``mpiexec -n num_ranks python <program> <argv without --ranks>``; return its exit code.
+
+    ``argv``: the program's arguments (``sys.argv[1:]``); ``program``: what follows ``python``
+    (default: this process's own ``-m module`` or script). ``log_dir``: per-rank logs
+    ``rank<R>.log`` (see the module docstring), or None for all ranks on the terminal.
+    """
+    if num_ranks < 1:
+        raise ValueError(f"--ranks={num_ranks} is not allowed; use a number of ranks >= 1")
+    mpiexec = find_mpiexec()
+    flavour = mpi_flavour(mpiexec)
+    flags: list[str] = []
+    environ = dict(os.environ)
+    environ[RELAUNCHED_VAR] = "1"
+    if flavour == "openmpi":
+        flags.append("--oversubscribe")
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            environ["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+            environ["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    if log_dir is not None:
+        log_dir = Path(log_dir).resolve()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        environ[LOG_DIR_VAR] = str(log_dir)
+    else:
+        environ.pop(LOG_DIR_VAR, None)
+    command = [str(mpiexec), *flags, "-n", str(num_ranks), sys.executable, *(program or current_program()), *strip_ranks_option(argv)]
+    logger.info("launching %d ranks: %s", num_ranks, " ".join(command))
+    process = subprocess.Popen(command, env=environ)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached mpiexec too (same process group); wait for it to stop the ranks
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def maybe_relaunch(args_ranks: int | None, argv: list[str], *, log_dir: Path | None = None, program: list[str] | None = None) -> int | None:
+    """For the CLI: the exit code of a relaunch under mpiexec, or None to go on in this process.
+
+    None when ``--ranks`` was not given, is 1, or this process already is a rank (started by
+    mpiexec/mpirun/srun or by a relaunch); a ``--ranks`` that disagrees with the launcher's number of
+    ranks is then ignored with a warning (the launcher decides).
+    """
+    if args_ranks is None:
+        return None
+    if args_ranks < 1:
+        raise ValueError(f"--ranks={args_ranks} is not allowed; use a number of ranks >= 1")
+    if under_mpi_launcher() or os.environ.get(RELAUNCHED_VAR) == "1":
+        launched = _launcher_world_size()
+        if launched is not None and launched != args_ranks:
+            logger.warning("--ranks=%d ignored: the MPI launcher started %d ranks", args_ranks, launched)
+        return None
+    if args_ranks == 1:
+        return None
+    return relaunch_under_mpiexec(args_ranks, argv, log_dir=log_dir, program=program)
+
+
+def _launcher_world_size() -> int | None:
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+class _Tee:
+    """A text stream that writes to the terminal stream and the log file."""
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@dataclass(kw_only=True)
+class RankOutput:
+    """Where a rank's output went; :meth:`close` flushes (and on rank 0 restores sys.stdout/stderr)."""
+
+    path: Path
+    log: TextIO
+    teed: bool
+
+    def close(self) -> None:
+        if self.teed:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        else:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self.log.flush()
+
+
+def redirect_rank_output(env: RankEnv, log_dir: Path | str | None = None) -> RankOutput | None:
+    """Send this rank's output to ``log_dir/rank<R>.log`` (rank 0: also to the terminal).
+
+    ``log_dir`` None: the folder from :data:`LOG_DIR_VAR` (set by :func:`relaunch_under_mpiexec`);
+    neither: nothing changes and None is returned. Call it once, right after ``init_rank_env``.
+    """
+    log_dir = log_dir if log_dir is not None else os.environ.get(LOG_DIR_VAR)
+    if not log_dir:
+        return None
+    path = Path(log_dir) / f"rank{env.rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "w", buffering=1, encoding="utf-8", errors="replace")  # line-buffered; closed at exit
+    if env.rank == 0:
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        return RankOutput(path=path, log=log, teed=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    for stream in (sys.stdout, sys.stderr):  # a file is block-buffered: keep lines even if the rank is killed
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    return RankOutput(path=path, log=log, teed=False)

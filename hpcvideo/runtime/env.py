@@ -1,0 +1,283 @@
+"""The rank environment: who this process is, which device it drives, how ranks talk.
+
+Rank layout (one MPI rank per GPU; ranks are numbered node by node, as mpiexec/srun place them by
+default). Worked example, 2 nodes x 4 GPUs, ``srun -N 2 --ntasks-per-node 4 --mpi=pmix``::
+
+    node     rank  local_rank  device   world_size  local_world_size
+    gpu-a      0       0       cuda:0       8              4
+    gpu-a      1       1       cuda:1       8              4
+    gpu-a      2       2       cuda:2       8              4
+    gpu-a      3       3       cuda:3       8              4
+    gpu-b      4       0       cuda:0       8              4
+    gpu-b      5       1       cuda:1       8              4
+    gpu-b      6       2       cuda:2       8              4
+    gpu-b      7       3       cuda:3       8              4
+
+``rank``/``world_size`` come from MPI COMM_WORLD, ``local_rank``/``local_world_size`` from the
+shared-memory split of COMM_WORLD (the ranks of one node). The device is
+``cuda:<local_rank % torch.cuda.device_count()>``, so 8 ranks on a node that shows 4 GPUs share
+them two by two (correct, but slow); on a CPU machine every rank uses ``cpu``.
+
+Two channels: mpi4py COMM_WORLD (``env.comm``) for control (rendezvous, failure notices, small
+Python objects) and torch.distributed for tensors (NCCL on GPU, gloo on CPU). The torch process
+group is the default (global) group; it exists only when ``world_size > 1``.
+
+Rendezvous: rank 0 chooses an address (``MASTER_ADDR`` if set, else the IP its hostname resolves
+to, or when that is a loopback address the address of the interface of the default route) and a
+free TCP port (``MASTER_PORT`` if set, else one the kernel hands out), and broadcasts both over
+MPI; every rank then joins ``init_process_group(init_method="tcp://addr:port")``. Nothing assumes
+one host.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # torch is imported when a rank env is built, so launchers stay light
+    import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# Variables a process launcher sets in every rank it starts. srun sets SLURM_PROCID in every task
+# but also in the batch shell of an allocation, so it counts only together with SLURM_NTASKS and
+# SLURM_STEP_ID (set in job steps, i.e. under srun, not in the batch script itself).
+_LAUNCHER_VARS = (
+    ("PMI_RANK", "PMI_SIZE"),  # MPICH hydra (mpiexec), Intel MPI, srun --mpi=pmi2
+    ("OMPI_COMM_WORLD_SIZE",),  # Open MPI mpirun/mpiexec
+    ("PMIX_RANK",),  # PMIx launchers (prterun, srun --mpi=pmix)
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"),  # srun
+)
+
+
+def under_mpi_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """True when this process was started by mpiexec/mpirun/srun (so it must not spawn ranks itself).
+
+    MPICH hydra sets ``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WORLD_SIZE``, PMIx launchers
+    ``PMIX_RANK``, srun ``SLURM_PROCID`` + ``SLURM_NTASKS`` (+ ``SLURM_STEP_ID`` in a job step).
+    """
+    environ = os.environ if environ is None else environ
+    return any(all(var in environ for var in group) for group in _LAUNCHER_VARS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankEnv:
+    """One rank's place in the job; built once by :func:`init_rank_env` and passed by keyword."""
+
+    rank: int  # global rank in [0, world_size)
+    local_rank: int  # rank among the ranks of this node, in [0, local_world_size)
+    world_size: int  # number of ranks in the job
+    local_world_size: int  # number of ranks on this node
+    node: str  # hostname of this rank's node
+    device: torch.device  # cuda:<local_rank % visible GPUs> with GPUs, else cpu
+    backend: str | None  # "nccl" | "gloo"; None when world_size == 1 (no process group)
+    comm: Any  # mpi4py COMM_WORLD; None in a plain single process without an MPI library
+    master_addr: str | None = None  # rendezvous address chosen by rank 0 (None: no process group)
+    master_port: int | None = None  # rendezvous TCP port chosen by rank 0
+    peers: tuple[tuple[str, int], ...] = ()  # (node, pid) of every rank, indexed by rank
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints progress and changes store metadata."""
+        return self.rank == 0
+
+
+def _import_mpi():
+    """mpi4py's MPI module (initialises MPI), or None outside a launcher when no MPI library loads."""
+    try:
+        from mpi4py import MPI
+    except ImportError as error:  # mpi4py missing, or libmpi.so not found (mpi4py without an MPI wheel)
+        if under_mpi_launcher():
+            raise RuntimeError(
+                f"this process was started by an MPI launcher but mpi4py cannot load MPI ({error}); "
+                "install an MPI library that matches the launcher (pip install mpich, or load the cluster's MPI module)"
+            ) from error
+        return None
+    return MPI
+
+
+def check_world_size(world_size: int, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a COMM_WORLD whose size disagrees with what the launcher started (the singleton trap).
+
+    A launcher whose process-management interface the MPI library does not speak (``srun --mpi=none``
+    or the wrong ``--mpi`` flavour; an ``mpiexec`` of another MPI library) starts N processes that
+    each initialise MPI alone as a world of 1. They would all compute rank 0's work and overwrite
+    each other's output, so this is an error before anything starts.
+    """
+    environ = os.environ if environ is None else environ
+    for var, what in (
+        ("PMI_SIZE", "the mpiexec/PMI launcher"),
+        ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+    ):
+        if environ.get(var, "").isdigit() and int(environ[var]) != world_size:
+            raise RuntimeError(
+                f"{what} started {environ[var]} ranks ({var}={environ[var]}) but MPI COMM_WORLD has size "
+                f"{world_size}: the launcher belongs to a different MPI library than the one mpi4py loaded "
+                f"(mpi4py uses: {_mpi_library_name()}); use that library's mpiexec (with the mpich wheel: "
+                "the mpiexec next to python in the venv)"
+            )
+        if var in environ:
+            return  # the launcher's own count agrees; SLURM_NTASKS may describe hydra's proxies
+    ntasks = environ.get("SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in environ else None
+    ntasks = ntasks or environ.get("SLURM_NTASKS")
+    if ntasks and ntasks.isdigit() and int(ntasks) > 1 and int(ntasks) != world_size:
+        raise RuntimeError(
+            f"SLURM started {ntasks} tasks (SLURM_NTASKS={ntasks}) but MPI COMM_WORLD has size {world_size}: "
+            "every task initialised MPI as a singleton because srun's PMI does not match the MPI library "
+            f"(mpi4py uses: {_mpi_library_name()}). Launch with `srun --mpi=pmi2` for MPICH (the mpich wheel, "
+            "Intel MPI) or `srun --mpi=pmix` for Open MPI; `srun --mpi=list` shows what this cluster offers"
+        )
+
+
+def _mpi_library_name() -> str:
+    try:
+        from mpi4py import MPI
+
+        return MPI.Get_library_version().splitlines()[0].strip()
+    except Exception:  # noqa: BLE001 - only used inside an error message
+        return "unknown MPI library"
+
+
+def _default_route_addr() -> str | None:
+    """IPv4 address of the interface the kernel would use to reach a non-local address (no packet is sent)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("198.51.100.1", 9))  # TEST-NET-2: routed by the default route unless a route exists
+        return probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
+def choose_master_addr(*, single_node: bool, environ: Mapping[str, str] | None = None) -> str:
+    """Rendezvous address of rank 0: ``MASTER_ADDR``, else its hostname's IP, else the default-route IP.
+
+    A hostname that resolves to loopback (Debian's 127.0.1.1, containers' 127.0.0.1) is useless to
+    other nodes, so the default-route interface is preferred then; loopback is kept only when all
+    ranks are on this node and there is no route.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("MASTER_ADDR"):
+        return environ["MASTER_ADDR"]
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = None
+    if addr is None or addr.startswith("127."):
+        routed = _default_route_addr()
+        if routed is not None:
+            return routed
+        if addr is None or not single_node:
+            raise RuntimeError(
+                f"cannot find an address of {socket.gethostname()!r} that other nodes can reach "
+                f"(hostname resolves to {addr}, no default route); set MASTER_ADDR to rank 0's cluster IP"
+            )
+    return addr
+
+
+def choose_master_port(environ: Mapping[str, str] | None = None) -> int:
+    """``MASTER_PORT``, else a TCP port that is free now (bind to port 0)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("MASTER_PORT"):
+        return int(environ["MASTER_PORT"])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    import torch
+
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_rank_env(*, device: str = "auto", timeout_s: float = 60.0, announce: bool = True) -> RankEnv:
+    """Initialise MPI (via mpi4py), bind the device, and join the torch.distributed process group.
+
+    Works under mpiexec, under srun (``--mpi=pmi2`` for MPICH, ``--mpi=pmix`` for Open MPI) and in
+    a plain single process (mpi4py singleton, world 1; ``comm`` is None if no MPI library loads).
+    ``device``: "auto" (cuda when torch sees a GPU, else cpu) | "cpu" | "cuda". ``timeout_s``: the
+    torch.distributed timeout of every collective (a peer that stops answering raises after it).
+    Backend: nccl on cuda, gloo on cpu (chosen at run time: the CPU wheel has neither NCCL nor MPI).
+    ``announce``: rank 0 prints the rank table (rank -> pid on node) to stderr when world_size > 1,
+    so that a launcher's "BAD TERMINATION ... PID p RUNNING AT node" can be mapped to a rank.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} is not allowed; use one of {', '.join(DEVICES)}")
+    node = socket.gethostname()
+    MPI = _import_mpi()
+    if MPI is None:
+        comm, rank, world_size, local_rank, local_world_size = None, 0, 1, 0, 1
+        peers = ((node, os.getpid()),)
+    else:
+        comm = MPI.COMM_WORLD
+        rank, world_size = comm.Get_rank(), comm.Get_size()
+        check_world_size(world_size)
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the ranks of this node, ordered by rank
+        local_rank, local_world_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        peers = tuple(comm.allgather((node, os.getpid())))
+    import torch
+
+    torch_device = _resolve_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    backend = master_addr = master_port = None
+    if world_size > 1:
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        if rank == 0:
+            endpoint = (choose_master_addr(single_node=local_world_size == world_size), choose_master_port())
+        else:
+            endpoint = None
+        master_addr, master_port = comm.bcast(endpoint, root=0)
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        if announce and rank == 0:
+            sys.stderr.write(f"hpcvideo: {world_size} ranks, {backend} via tcp://{master_addr}:{master_port}; {rank_table(peers)}\n")
+            sys.stderr.flush()
+    return RankEnv(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        node=node,
+        device=torch_device,
+        backend=backend,
+        comm=comm,
+        master_addr=master_addr,
+        master_port=master_port,
+        peers=peers,
+    )
+
+
+def rank_table(peers: tuple[tuple[str, int], ...]) -> str:
+    """``"node vm: rank 0 pid 101, rank 1 pid 102; node vm2: ..."`` (one entry per node, in rank order)."""
+    by_node: dict[str, list[str]] = {}
+    for rank, (node, pid) in enumerate(peers):
+        by_node.setdefault(node, []).append(f"rank {rank} pid {pid}")
+    return "; ".join(f"node {node}: {', '.join(entries)}" for node, entries in by_node.items())
+
+
+def shutdown_rank_env(env: RankEnv) -> None:
+    """Destroy the torch.distributed process group (idempotent; MPI itself is finalised at exit by mpi4py)."""
+    import torch.distributed as dist
+
+    if env.backend is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,212 @@
+"""No hangs: when one rank fails, every rank exits non-zero within seconds, naming the failed rank.
+
+Three ways a rank can go, and what the others see:
+
+* **It raises** (inside :func:`abort_on_failure`): it logs ``rank R failed: <traceback>`` to
+  stderr, sends a notice ``(R, message)`` with tag :data:`FAIL_TAG` to every other rank
+  (non-blocking), waits up to ``notice_wait_s`` (2 s) for the notices to go out, then calls
+  ``comm.Abort(1)``, which makes the launcher kill the whole job, so no rank stays blocked in a
+  gloo/NCCL collective. The others' failure monitors (:func:`start_failure_monitor`) print
+  ``rank Q: stopping because rank R failed: ...`` and leave with ``os._exit(1)`` before that.
+* **It is killed** (SIGKILL, OOM killer, node loss): it says nothing. MPICH's mpiexec (hydra)
+  notices the dead process, prints ``BAD TERMINATION ... PID p RUNNING AT node ... EXIT CODE: 9``
+  and SIGKILLs the other ranks within ~10 ms (measured: all gone 0.04-0.06 s after the kill), too
+  soon for them to say anything. Beware: the PID in hydra's message is *a* process of the job, not
+  reliably the dead one (seen: any of ranks 0-2 for a kill of rank 2); rank 0's start-up line
+  (``init_rank_env(announce=True)``) maps PIDs to ranks. Under srun, ``--kill-on-bad-exit=1`` does
+  the clean-up and srun names the task (``task 2: Killed``). Where no launcher cleans up (srun
+  without it; ``mpiexec -disable-auto-cleanup``, which also sends SIGUSR1 to the survivors, and that
+  kills a Python process silently), torch.distributed calls on the peers of a dead rank raise
+  (gloo: "Connection closed by peer") or time out after ``timeout_s``; inside
+  :func:`abort_on_failure` this becomes the first case, and the message names the peers of this
+  node that are no longer running (:func:`gone_peers`).
+* **It exits non-zero** (``sys.exit(3)``): inside :func:`abort_on_failure` a ``SystemExit`` with
+  a non-zero code is a failure like any exception. Outside it, mpi4py still finalises MPI at exit
+  and hydra does *not* end the job (measured: the other rank went on for its full 20 s), so peers
+  waiting on that rank in an MPI call would hang: keep the whole of a rank's work in the guard.
+
+The raising case ends fast because the peers' ``os._exit(1)`` is itself a bad termination for
+hydra, which then kills the failing rank before its own Abort (measured: all 3 ranks gone 0.35 s
+after the raise).
+
+Threads: mpi4py initialises MPI with ``MPI_THREAD_MULTIPLE`` by default (``mpi4py.rc.thread_level
+= "multiple"``; ``MPI.Query_thread()`` returns ``MPI.THREAD_MULTIPLE`` with the mpich wheel), which
+the monitor thread needs: it calls ``Iprobe`` while the main thread may sit in ``bcast``. If the
+MPI library grants less, :func:`start_failure_monitor` warns and runs no monitor (the launcher's
+kill and ``Abort`` still end the job; the peers then die without their own message).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .env import RankEnv
+
+logger = logging.getLogger(__name__)
+
+FAIL_TAG = 31_000  # MPI tag of failure notices (below 32767, the smallest MPI_TAG_UB the standard allows)
+
+
+@dataclass(kw_only=True)
+class FailureMonitor:
+    """A daemon thread that ends this process when another rank reports a failure (:data:`FAIL_TAG`).
+
+    It does not watch peers' processes: a "this rank ended cleanly" message from every rank would be
+    needed to tell a clean exit from a silent death, and messages left unreceived when a rank
+    finalises made MPICH kill clean 4-rank jobs (signal 9, measured); the launcher's clean-up and
+    the torch.distributed errors cover silent deaths instead (module docstring).
+    """
+
+    env: RankEnv
+    poll_s: float = 0.2
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        from mpi4py import MPI
+
+        comm = self.env.comm
+        status = MPI.Status()
+        while not self._stop.is_set():
+            # Iprobe, not a posted irecv: nothing is left pending (to cancel) when the monitor stops.
+            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=FAIL_TAG, status=status):
+                failed_rank, message = comm.recv(source=status.Get_source(), tag=FAIL_TAG)
+                _stderr(f"rank {self.env.rank}: stopping because rank {failed_rank} failed: {message}")
+                os._exit(1)
+            self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        """Stop polling (clean end of the run); returns when the thread is gone. Idempotent."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2) -> FailureMonitor:
+    """Start watching for failure notices of other ranks (a no-op monitor when world_size == 1)."""
+    monitor = FailureMonitor(env=env, poll_s=poll_s)
+    if env.comm is None or env.world_size == 1:
+        return monitor
+    from mpi4py import MPI
+
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        logger.warning(
+            "MPI granted thread level %d < MPI_THREAD_MULTIPLE; no failure monitor thread "
+            "(peers of a failed rank are still killed by the launcher, without their own message)",
+            MPI.Query_thread(),
+        )
+        return monitor
+    monitor._thread = threading.Thread(target=monitor._run, name=f"hpcvideo-failure-monitor-{env.rank}", daemon=True)
+    monitor._thread.start()
+    return monitor
+
+
+def stop_failure_monitor(monitor: FailureMonitor) -> None:
+    """Stop the monitor at the clean end of a run (no barrier, no message, no receive left posted)."""
+    monitor.stop()
+
+
+def notify_failure(env: RankEnv, message: str, *, wait_s: float = 2.0) -> None:
+    """Send ``(env.rank, message)`` to every other rank and wait up to ``wait_s`` for the sends to complete."""
+    if env.comm is None or env.world_size == 1:
+        return
+    deadline = time.monotonic() + wait_s
+    _wait_all([env.comm.isend((env.rank, message), dest=peer, tag=FAIL_TAG) for peer in range(env.world_size) if peer != env.rank], wait_s)
+    # Give the receivers' monitors (polling every ~0.2 s) time to print before Abort kills them.
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+def _wait_all(requests: list, wait_s: float) -> bool:
+    """Test the requests until all completed or ``wait_s`` passed; True when all completed."""
+    deadline = time.monotonic() + wait_s
+    pending = list(requests)
+    while pending and time.monotonic() < deadline:
+        pending = [request for request in pending if not request.Test()]
+        if pending:
+            time.sleep(0.01)
+    return not pending
+
+
+@contextmanager
+def abort_on_failure(env: RankEnv, *, notice_wait_s: float = 2.0) -> Iterator[None]:
+    """Run a rank's main work; on any exception tell the other ranks and abort the whole MPI job.
+
+    ``SystemExit(0)``/``SystemExit(None)`` pass through (a clean early exit). In a single process
+    (world 1, or no MPI) the exception propagates unchanged.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if isinstance(error, SystemExit) and error.code in (0, None):
+            raise
+        if env.comm is None or env.world_size == 1:
+            raise
+        detail = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+        _stderr(f"rank {env.rank} failed: {detail}")
+        gone = gone_peers(env)
+        deadline = time.monotonic() + 1.0  # a killed peer's sockets close before it is reaped: look again briefly
+        while not gone and _looks_like_lost_peer(error) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            gone = gone_peers(env)
+        suspects = "".join(
+            f"; rank {peer} (pid {env.peers[peer][1]} on {env.peers[peer][0]}) is no longer running: it failed first"
+            for peer in gone
+        )
+        if suspects:
+            _stderr(f"rank {env.rank}: {suspects[2:]}")
+        summary = f"{type(error).__name__}: {error}"[:2000] + suspects
+        try:
+            notify_failure(env, summary, wait_s=notice_wait_s)
+        finally:
+            _stderr(f"rank {env.rank}: aborting the MPI job (MPI_Abort)")
+            env.comm.Abort(1)
+
+
+def _looks_like_lost_peer(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("connection closed", "connection reset", "broken pipe", "timed out", "timeout"))
+
+
+def gone_peers(env: RankEnv) -> list[int]:
+    """Ranks on this node whose process no longer runs (gone or a zombie); remote ranks cannot be checked.
+
+    When a peer dies without a word (SIGKILL, OOM killer) the first sign on the others is a
+    torch.distributed error ("Connection closed by peer") or a timeout; this names the culprit.
+    """
+    gone = []
+    for peer, (node, pid) in enumerate(env.peers):
+        if peer == env.rank or node != env.node:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+                state = stat.read().rsplit(")", 1)[-1].split()[0]
+            alive = state not in ("Z", "X")
+        except FileNotFoundError:
+            alive = False
+        except OSError:  # no /proc (macOS): existence only
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+        if not alive:
+            gone.append(peer)
+    return gone
+
+
+def _stderr(text: str) -> None:
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: nothing else to say it with
+        pass

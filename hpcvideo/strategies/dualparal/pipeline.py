@@ -1,0 +1,185 @@
+"""DualParal across ranks: layer-split pipeline stages over the block queue (arXiv 2505.21070).
+
+Rank layout (world_size N, L transformer blocks, stage r = rank r)::
+
+    rank 0   stage 0: patch embedding + blocks [0, l0)       owns the queue: latents, schedulers,
+                                                               noise, checkpoints, decode, store
+    rank r   stage r: blocks [l_{r-1}, l_r)                    stateless between ticks
+    rank N-1 stage N-1: blocks [.., L) + output head + CFG     sends noise_pred back to rank 0
+
+    e.g. 30 blocks on 4 ranks: 8/8/7/7 (remainder to the first stages), or ``runtime.stage_layers``.
+
+Per tick every rank derives the same work list from :func:`.queue.tick_plan` — (block, CFG branch)
+items, newest block first — so no schedule is ever sent. Hidden states (1, S, D) of each item flow
+rank r -> r+1 (isend/irecv, the next receive posted before the current item is computed, so transfers
+overlap compute); the last stage sends each block's CFG-combined noise_pred (1, C, n, h, w) to rank
+0 on a second process group; rank 0 applies the scheduler steps after all forwards of the tick, as
+the reference does. The feature cache lives on the stage whose layers use it: block j+1's K/V are
+recorded on stage r and read by block j on stage r in the same tick. Every stage runs exactly the
+operations the single-process reference runs on the same inputs, so the result is bit-identical
+(tested for 1-4 ranks on CPU); which context a block reads is fixed by the plan, never by timing.
+
+Messages per tick (bytes, b = bytes per element, T_w = (c_ctx + n) * tokens_per_frame):
+rank r -> r+1: sum over items of T_w * D * b; rank N-1 -> 0: blocks_in_flight * C * n * h * w * b.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from . import forward as wan_forward
+from .attention import CachePlan
+from .reference import DualParalReference
+
+
+def split_layers(num_layers: int, num_stages: int, stage_layers: list[int] | None = None) -> list[range]:
+    """Contiguous layer ranges per stage: the remainder goes to the first stages, or ``stage_layers``
+    (counts per stage) when given. Raises ValueError naming the key when they do not fit."""
+    if stage_layers:
+        if len(stage_layers) != num_stages or sum(stage_layers) != num_layers or min(stage_layers) < 1:
+            raise ValueError(
+                f"runtime.stage_layers={list(stage_layers)} does not split {num_layers} transformer blocks over "
+                f"{num_stages} ranks: give {num_stages} positive counts summing to {num_layers}, or leave it unset"
+            )
+        counts = list(stage_layers)
+    else:
+        if num_stages > num_layers:
+            raise ValueError(f"{num_stages} ranks cannot split {num_layers} transformer blocks: use at most {num_layers} ranks")
+        base, extra = divmod(num_layers, num_stages)
+        counts = [base + (1 if r < extra else 0) for r in range(num_stages)]
+    starts = [sum(counts[:r]) for r in range(num_stages)]
+    return [range(s, s + n) for s, n in zip(starts, counts)]
+
+
+class DualParalPipeline(DualParalReference):
+    """The block queue on ``env.world_size`` ranks, one pipeline stage per rank.
+
+    Takes the arguments of :class:`DualParalReference` (the queue, CFG, noise, scheduler) plus
+    ``env`` (:class:`hpcvideo.runtime.RankEnv`), ``layers`` (this rank's block range, the
+    ``transformer`` holds at least these blocks) and ``latent_shape`` (C, h, w). Queue state lives on
+    rank 0; ``run_tick`` on other ranks returns [] and their ``state_dict`` is never needed.
+    """
+
+    def __init__(self, *, env, layers: range, latent_shape: tuple[int, int, int], **kwargs) -> None:
+        super().__init__(device=env.device, **kwargs)
+        self.env = env
+        self.rank, self.num_stages = env.rank, env.world_size
+        self.layers = layers
+        self.latent_shape = latent_shape
+        self.hidden_dtype = self.transformer.patch_embedding.weight.dtype
+        self.hidden_dim = self.transformer.patch_embedding.out_channels
+        self.forward_group = self.feedback_group = None
+        if self.num_stages > 1:
+            # two groups: hidden states go r -> r+1, noise predictions N-1 -> 0 (separate NCCL
+            # communicators, so the two directions never wait on each other)
+            self.forward_group = dist.new_group(list(range(self.num_stages)))
+            self.feedback_group = dist.new_group(list(range(self.num_stages)))
+        # one message counter per stream (r-1 -> r received here, r -> r+1 sent here, N-1 -> 0):
+        # both ends of a stream count its messages in the same order, so the tags match
+        self._recv_seq = self._send_seq = self._feedback_seq = 0
+
+    # -- messages ---------------------------------------------------------------------------
+    def _tag(self, kind: str) -> int:
+        attr = f"_{kind}_seq"
+        seq = getattr(self, attr)
+        setattr(self, attr, seq + 1)
+        return seq % (1 << 20)
+
+    def _window_frames(self, work) -> int:
+        return (self.context_latent_frames if work.context_from is not None else 0) + self.block_latent_frames
+
+    def _post_recv_hidden(self, work) -> tuple[torch.Tensor, object]:
+        channels, height, width = self.latent_shape
+        tokens = self._window_frames(work) * (height // 2) * (width // 2)
+        buffer = torch.empty((1, tokens, self.hidden_dim), dtype=self.hidden_dtype, device=self.device)
+        request = dist.irecv(buffer, src=self.rank - 1, group=self.forward_group, tag=self._tag("recv"))
+        return buffer, request
+
+    # -- one tick ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_tick(self) -> list[tuple[int, torch.Tensor]]:
+        if self.done:
+            raise RuntimeError("the queue has finished")
+        first, last = self.rank == 0, self.rank == self.num_stages - 1
+        plan = self._plan()
+        if first:
+            self._enter(plan)
+        branches = ["cond", "uncond"] if self.do_cfg else ["cond"]
+        items = [(work, branch) for work in plan for branch in branches]
+        channels, height, width = self.latent_shape
+        tokens_per_frame = (height // 2) * (width // 2)
+
+        feedback = {}
+        if first and self.num_stages > 1:  # all of this tick's noise predictions, posted up front
+            for work in plan:
+                buffer = torch.empty((1, channels, self.block_latent_frames, height, width),
+                                     dtype=self.hidden_dtype, device=self.device)
+                request = dist.irecv(buffer, src=self.num_stages - 1, group=self.feedback_group, tag=self._tag("feedback"))
+                feedback[work.block_index] = (buffer, request)
+        incoming = deque()
+        if not first and items:
+            incoming.append(self._post_recv_hidden(items[0][0]))
+        sends = []
+        noise_preds = {}
+        outputs = []
+        self.cache.begin_tick()
+        for k, (work, branch) in enumerate(items):
+            num_context = self._window_frames(work) - self.block_latent_frames
+            window_shape = (1, channels, self._window_frames(work), height, width)
+            timestep = self.timesteps[work.step_index].expand(1)
+            prompt_embeds = (
+                self.prompt_embeds[self.prompt_index_for_block(work.block_index)] if branch == "cond"
+                else self.negative_prompt_embeds
+            )
+            extra = self.context_latent_frames if work.append else 0
+            inputs = wan_forward.block_inputs(self.transformer, window_shape, timestep, prompt_embeds, extra_key_frames=extra)
+            if first:
+                block = self.blocks[work.block_index]
+                context = self._context(work)
+                window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
+                hidden_states = wan_forward.patchify(self.transformer, window.to(self.dtype))
+            else:
+                hidden_states, request = incoming.popleft()
+                if k + 1 < len(items):  # the next transfer runs while this item computes
+                    incoming.append(self._post_recv_hidden(items[k + 1][0]))
+                request.wait()
+            record = None
+            if work.record:
+                start = num_context * tokens_per_frame
+                record = (start, start + self.context_latent_frames * tokens_per_frame)
+            self.cache.plan = CachePlan(
+                branch=branch, record_tokens=record, append=work.append, key_rotary_emb=inputs.key_rotary_emb
+            )
+            hidden_states = wan_forward.run_blocks(self.transformer, hidden_states, inputs, self.layers)
+            self.cache.plan = None
+            if not last:
+                sends.append(dist.isend(hidden_states, dst=self.rank + 1, group=self.forward_group, tag=self._tag("send")))
+            else:
+                outputs.append(wan_forward.head(self.transformer, hidden_states, inputs)[:, :, num_context:])
+            if branch == branches[-1]:
+                self.cache.end_block()
+                if last:
+                    noise_pred = outputs[0]
+                    if self.do_cfg:
+                        noise_uncond = outputs[1]
+                        noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
+                    outputs = []
+                    if first:
+                        noise_preds[work.block_index] = noise_pred
+                    else:
+                        sends.append(dist.isend(noise_pred.contiguous(), dst=0, group=self.feedback_group,
+                                                tag=self._tag("feedback")))
+        for request in sends:
+            request.wait()
+        finished = []
+        if first:
+            for block_index, (buffer, request) in feedback.items():
+                request.wait()
+                noise_preds[block_index] = buffer
+            finished = self._apply_steps(plan, noise_preds)
+        else:
+            self.tick += 1
+        return finished
