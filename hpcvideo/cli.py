@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate (or resume, or extend) a video into a run store")
     _add_config_args(gen)
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument(
+        "--ranks", type=int, default=None,
+        help="start N local MPI ranks (mpiexec of the installed MPI) when not already under mpiexec/srun; "
+        "one DualParal pipeline stage per rank; per-rank logs in RUN.zarr.logs/",
+    )
 
     status = sub.add_parser("status", help="progress of a run store (works while the run is going)")
     status.add_argument("store")
@@ -50,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_generate(args) -> int:
     from .config import load_config
+    from .launch.local import maybe_relaunch
 
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
+    code = maybe_relaunch(args.ranks, args.argv, log_dir=Path(f"{cfg.store.path}.logs"))  # after validation
+    if code is not None:
+        return code
     from .generate import generate
 
     status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty())
@@ -93,7 +103,9 @@ COMMANDS = {"generate": _cmd_generate, "status": _cmd_status, "export": _cmd_exp
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,8 @@ from .models import encode_prompts, ensure_tiny_wan, load_wan, load_wan_transfor
 from .noise import block_noise
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
-from .runtime.control import bcast_object
+from .launch.local import LOG_DIR_VAR, redirect_rank_output
+from .runtime.control import bcast_object, gather_object
 from .runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
 from .strategies.dualparal.pipeline import DualParalPipeline, split_layers
 from .writer import BlockSink
@@ -155,6 +158,8 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     (:mod:`hpcvideo.runtime.failure`).
     """
     env = init_rank_env(device=cfg.runtime.device)
+    if env.world_size > 1:  # logs per rank: RUN.zarr.logs/rank<R>.log (rank 0 also on the terminal)
+        redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env)
     try:
         setup = _prepare(cfg, env)
@@ -329,8 +334,13 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
         executor.close()
         if sink is not None:
             sink.close()
+    rank_stats = gather_object(env, {
+        "rank": env.rank, "layers": [layers.start, layers.stop], **executor.stats,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
     if not main:
         return None
+    store.update_attrs(rank_stats=rank_stats)
     checkpoint("resume")
     timings.store_s, timings.decode_s = sink.wait_s, sink.decode_s
     timings.store_background_s = sink.write_s

@@ -29,3 +29,28 @@ def bcast_object(env, obj: Any = None, *, root: int = 0, poll_s: float = 0.01) -
     while not comm.Iprobe(source=root, tag=BCAST_TAG):
         time.sleep(poll_s)
     return comm.recv(source=root, tag=BCAST_TAG)
+
+
+GATHER_TAG = 7103
+
+
+def gather_object(env, obj: Any, *, root: int = 0, poll_s: float = 0.01) -> list[Any] | None:
+    """``comm.gather(obj, root)`` without busy-waiting: the list of every rank's ``obj`` on ``root``
+    (in rank order), None elsewhere. World 1 returns ``[obj]``."""
+    if env.comm is None or env.world_size == 1:
+        return [obj]
+    comm = env.comm
+    if env.rank != root:
+        request = comm.isend(obj, dest=root, tag=GATHER_TAG)
+        while not request.Test():
+            time.sleep(poll_s)
+        return None
+    gathered = []
+    for peer in range(env.world_size):
+        if peer == root:
+            gathered.append(obj)
+            continue
+        while not comm.Iprobe(source=peer, tag=GATHER_TAG):
+            time.sleep(poll_s)
+        gathered.append(comm.recv(source=peer, tag=GATHER_TAG))
+    return gathered

@@ -25,6 +25,7 @@ rank r -> r+1: sum over items of T_w * D * b; rank N-1 -> 0: blocks_in_flight * 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -80,6 +81,8 @@ class DualParalPipeline(DualParalReference):
         # one message counter per stream (r-1 -> r received here, r -> r+1 sent here, N-1 -> 0):
         # both ends of a stream count its messages in the same order, so the tags match
         self._recv_seq = self._send_seq = self._feedback_seq = 0
+        # measured per rank: bytes sent/received, seconds blocked on messages, seconds computing
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "wait_s": 0.0, "tick_s": 0.0, "ticks": 0}
 
     # -- messages ---------------------------------------------------------------------------
     def _tag(self, kind: str) -> int:
@@ -103,6 +106,7 @@ class DualParalPipeline(DualParalReference):
     def run_tick(self) -> list[tuple[int, torch.Tensor]]:
         if self.done:
             raise RuntimeError("the queue has finished")
+        tick_start = time.perf_counter()
         first, last = self.rank == 0, self.rank == self.num_stages - 1
         plan = self._plan()
         if first:
@@ -145,7 +149,10 @@ class DualParalPipeline(DualParalReference):
                 hidden_states, request = incoming.popleft()
                 if k + 1 < len(items):  # the next transfer runs while this item computes
                     incoming.append(self._post_recv_hidden(items[k + 1][0]))
+                waited = time.perf_counter()
                 request.wait()
+                self.stats["wait_s"] += time.perf_counter() - waited
+                self.stats["bytes_received"] += hidden_states.numel() * hidden_states.element_size()
             record = None
             if work.record:
                 start = num_context * tokens_per_frame
@@ -157,6 +164,7 @@ class DualParalPipeline(DualParalReference):
             self.cache.plan = None
             if not last:
                 sends.append(dist.isend(hidden_states, dst=self.rank + 1, group=self.forward_group, tag=self._tag("send")))
+                self.stats["bytes_sent"] += hidden_states.numel() * hidden_states.element_size()
             else:
                 outputs.append(wan_forward.head(self.transformer, hidden_states, inputs)[:, :, num_context:])
             if branch == branches[-1]:
@@ -172,6 +180,8 @@ class DualParalPipeline(DualParalReference):
                     else:
                         sends.append(dist.isend(noise_pred.contiguous(), dst=0, group=self.feedback_group,
                                                 tag=self._tag("feedback")))
+                        self.stats["bytes_sent"] += noise_pred.numel() * noise_pred.element_size()
+        waited = time.perf_counter()
         for request in sends:
             request.wait()
         finished = []
@@ -179,7 +189,12 @@ class DualParalPipeline(DualParalReference):
             for block_index, (buffer, request) in feedback.items():
                 request.wait()
                 noise_preds[block_index] = buffer
+                self.stats["bytes_received"] += buffer.numel() * buffer.element_size()
+        self.stats["wait_s"] += time.perf_counter() - waited
+        if first:
             finished = self._apply_steps(plan, noise_preds)
         else:
             self.tick += 1
+        self.stats["tick_s"] += time.perf_counter() - tick_start
+        self.stats["ticks"] += 1
         return finished
