@@ -1,0 +1,148 @@
+"""DualParal across MPI ranks (gloo on CPU): bit-identical to the single-process reference executor
+for 1-4 ranks, resume on another rank count, and failures that stop every rank without hanging."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hpcvideo.config import load_config
+from hpcvideo.models import encode_prompts, ensure_tiny_wan, load_wan
+from hpcvideo.noise import block_noise
+from hpcvideo.schedulers import make_scheduler
+from hpcvideo.store import RunStore
+from hpcvideo.strategies.dualparal.pipeline import split_layers
+from hpcvideo.strategies.dualparal.reference import DualParalReference
+
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")]
+
+
+def run(num_ranks, *args, fault=None, timeout=240, launcher="mpiexec"):
+    env = dict(os.environ)
+    env.pop("HPCVIDEO_FAULT", None)
+    if fault:
+        env["HPCVIDEO_FAULT"] = fault
+    cli = [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", *map(str, args)]
+    if launcher == "relaunch":
+        command = [*cli, "--ranks", str(num_ranks)]
+    else:
+        command = [MPIEXEC, "-n", str(num_ranks), *cli] if num_ranks > 1 else cli
+    start = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    result.elapsed_s = time.monotonic() - start
+    return result
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference_latents(tiny_model_dir):
+    """tiny-test through the single-process reference executor: latents (L, C, h, w) float32."""
+    cfg = load_config("tiny-test", check_paths=False)
+    s, strategy = cfg.sampling, cfg.strategy
+    components = load_wan(tiny_model_dir, dtype=torch.float32)
+    embeds, negative = encode_prompts(
+        components, [p.prompt for p in s.prompts], negative_prompt=s.negative_prompt,
+        max_sequence_length=s.max_sequence_length, device="cpu", dtype=torch.float32,
+    )
+    shape = dict(latent_channels=4, latent_height=cfg.video.height // 8, latent_width=cfg.video.width // 8)
+    executor = DualParalReference(
+        transformer=components.transformer,
+        scheduler_template=make_scheduler(s.scheduler, scheduler_config=components.scheduler_config,
+                                          flow_shift=s.flow_shift, num_inference_steps=s.num_inference_steps),
+        prompt_embeds=embeds, negative_prompt_embeds=negative, prompt_index_for_block=cfg.prompt_index_for_block,
+        guidance_scale=s.guidance_scale, num_blocks=cfg.num_blocks, block_latent_frames=strategy.block_latent_frames,
+        context_latent_frames=strategy.context_latent_frames, feature_cache=strategy.feature_cache,
+        noise_fn=lambda j: block_noise(seed=s.seed, block_index=j, block_latent_frames=strategy.block_latent_frames,
+                                       context_latent_frames=strategy.context_latent_frames, **shape),
+    )
+    blocks = {}
+    while not executor.done:
+        blocks.update(executor.run_tick())
+    executor.close()
+    return torch.cat([blocks[j][0] for j in range(cfg.num_blocks)], dim=1).permute(1, 0, 2, 3).numpy()
+
+
+def store_arrays(path):
+    store = RunStore.open(path)
+    assert store.status_dict()["complete"]
+    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+
+
+@pytest.fixture(scope="module")
+def one_rank_frames(tmp_path_factory, reference_latents):
+    path = tmp_path_factory.mktemp("one") / "run.zarr"
+    ok(run(1, "--output", path))
+    latents, frames = store_arrays(path)
+    assert np.array_equal(latents, reference_latents)
+    return frames
+
+
+@pytest.mark.parametrize("num_ranks,launcher", [(2, "mpiexec"), (3, "relaunch"), (4, "mpiexec")])
+def test_ranks_are_bit_identical_to_the_reference(tmp_path, reference_latents, one_rank_frames, num_ranks, launcher):
+    path = tmp_path / "run.zarr"
+    ok(run(num_ranks, "--output", path, launcher=launcher))
+    latents, frames = store_arrays(path)
+    assert np.array_equal(latents, reference_latents)
+    assert np.array_equal(frames, one_rank_frames)
+    stats = RunStore.open(path).attrs["rank_stats"]
+    assert [s["rank"] for s in stats] == list(range(num_ranks))
+    assert [tuple(s["layers"]) for s in stats] == [(r.start, r.stop) for r in split_layers(4, num_ranks)]
+    assert sorted(p.name for p in (tmp_path / "run.zarr.logs").iterdir()) == [f"rank{r}.log" for r in range(num_ranks)]
+
+
+def test_a_given_stage_split_is_used_and_bad_splits_are_refused(tmp_path, reference_latents):
+    path = tmp_path / "run.zarr"
+    ok(run(2, "--output", path, "--set", "runtime.stage_layers=[3, 1]"))
+    assert np.array_equal(store_arrays(path)[0], reference_latents)
+    assert [s["layers"] for s in RunStore.open(path).attrs["rank_stats"]] == [[0, 3], [3, 4]]
+    refused = run(2, "--output", tmp_path / "bad.zarr", "--set", "runtime.stage_layers=[2, 1]")
+    assert refused.returncode == 2
+    assert "runtime.stage_layers=[2, 1]" in refused.stderr
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_split_layers():
+    assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
+    assert split_layers(4, 1) == [range(0, 4)]
+    assert split_layers(5, 2, [1, 4]) == [range(0, 1), range(1, 5)]
+    with pytest.raises(ValueError, match="at most 4 ranks"):
+        split_layers(4, 5)
+    with pytest.raises(ValueError, match=r"runtime.stage_layers=\[2, 2\]"):
+        split_layers(5, 2, [2, 2])
+
+
+@pytest.mark.parametrize("first,second,fault", [(3, 2, "tick:3"), (1, 4, "tick:4"), (2, 3, "frames:1")])
+def test_resume_on_another_number_of_ranks(tmp_path, reference_latents, one_rank_frames, first, second, fault):
+    path = tmp_path / "run.zarr"
+    killed = run(first, "--output", path, fault=fault)
+    assert killed.returncode != 0
+    assert not RunStore.open(path).status_dict()["complete"]
+    ok(run(second, "--output", path))
+    latents, frames = store_arrays(path)
+    assert np.array_equal(latents, reference_latents) and np.array_equal(frames, one_rank_frames)
+
+
+@pytest.mark.parametrize("fault,needle", [("raise:tick:2@1", "rank 1 failed"), ("tick:2@2", "")])
+def test_a_failed_rank_stops_every_rank_and_the_run_resumes(tmp_path, reference_latents, fault, needle):
+    """A rank that raises (or is SIGKILLed) ends the whole job non-zero within 60 s; nothing hangs;
+    the store stays consistent and the same command resumes to the reference result."""
+    path = tmp_path / "run.zarr"
+    failed = run(3, "--output", path, fault=fault, timeout=120)
+    assert failed.returncode != 0
+    assert failed.elapsed_s < 60 + 20  # 60 s budget after the failure, + start-up of 3 ranks on 2 cores
+    logs = failed.stdout + failed.stderr + "".join(p.read_text() for p in (tmp_path / "run.zarr.logs").glob("*.log"))
+    assert needle in logs
+    if needle:
+        assert "stopping because rank 1 failed" in logs  # the peers say which rank failed
+    ok(run(3, "--output", path))
+    assert np.array_equal(store_arrays(path)[0], reference_latents)
