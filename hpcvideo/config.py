@@ -159,6 +159,10 @@ class RuntimeConfig:
     # null = contiguous split with the remainder to the first stages. Not part of the run's identity:
     # a run may resume on another number of ranks.
     stage_layers: list[int] | None = None
+    # seconds a rank waits on a peer (torch.distributed timeout) before it gives up and the job is
+    # aborted: covers a hung, not a dead, peer (a dead one is noticed at once). Must exceed the
+    # longest pause of one rank between messages (rank 0: checkpoint + decode flush).
+    timeout_s: float = 600.0
 
 
 @dataclass(kw_only=True)
@@ -459,6 +463,7 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
 
     one_of("runtime.device", cfg.runtime.device, DEVICES)
     at_least("runtime.num_threads", cfg.runtime.num_threads, 0)
+    positive("runtime.timeout_s", cfg.runtime.timeout_s)
 
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
         at_least(f"cluster.{key}", getattr(cfg.cluster, key), 1)

@@ -51,14 +51,6 @@ def resolve_model_path(cfg: RunConfig) -> Path:
     return Path(cfg.model.path).expanduser().resolve()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device='cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 @dataclass
 class Timings:
     """Wall seconds by phase (written to the store's attrs)."""
@@ -157,7 +149,7 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     unavailable). A failure after that aborts the whole job with a message naming the failed rank
     (:mod:`hpcvideo.runtime.failure`).
     """
-    env = init_rank_env(device=cfg.runtime.device)
+    env = init_rank_env(device=cfg.runtime.device, timeout_s=cfg.runtime.timeout_s)
     if env.world_size > 1:  # logs per rank: RUN.zarr.logs/rank<R>.log (rank 0 also on the terminal)
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env)
