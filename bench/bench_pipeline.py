@@ -172,6 +172,40 @@ def check_bytes(w: dict, run: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- parts
+def item_costs_ms(w: dict, repeats: int = 30) -> dict:
+    """In-process, 1 thread: milliseconds per (block, branch) item of the workload's window: the part
+    every stage repeats (block_inputs: condition embedding + rotary tables) vs all transformer layers."""
+    import torch
+
+    from hpcvideo.models import ensure_tiny_wan, load_wan_transformer_stage
+    from hpcvideo.strategies.dualparal import forward as wan_forward
+
+    torch.set_num_threads(1)
+    transformer = load_wan_transformer_stage(ensure_tiny_wan(), range(0, 4))
+    n, c, size = w["strategy.block_latent_frames"], w["strategy.context_latent_frames"], w["video.height"]
+    shape = (1, transformer.config.in_channels, c + n, size // 8, size // 8)
+    timestep, prompt = torch.tensor([500.0]), torch.randn(1, 512, transformer.config.text_dim)
+
+    def best_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(min(times) * 1000, 3)
+
+    with torch.no_grad():
+        inputs = wan_forward.block_inputs(transformer, shape, timestep, prompt, extra_key_frames=c)
+        hidden = wan_forward.patchify(transformer, torch.randn(shape))
+        out = {"block_inputs_every_stage": best_ms(lambda: wan_forward.block_inputs(
+                   transformer, shape, timestep, prompt, extra_key_frames=c)),
+               "all_layers": best_ms(lambda: wan_forward.run_blocks(transformer, hidden, inputs, range(4))),
+               "patchify_first_stage": best_ms(lambda: wan_forward.patchify(transformer, torch.randn(shape))),
+               "head_last_stage": best_ms(lambda: wan_forward.head(transformer, hidden, inputs))}
+    return out
+
+
 def bench_speedup(w: dict, repeats: int, checks: list) -> dict:
     import numpy as np
 
@@ -202,11 +236,17 @@ def bench_speedup(w: dict, repeats: int, checks: list) -> dict:
         "goal_denoise_speedup": 1.8, "identical": identical, "frames_identical": frames_identical,
         "transformer_share_1rank": round(t1["denoise_s"] / (t1["denoise_s"] + t1["decode_s"]), 3),
         "wait_fraction_per_rank_2ranks": wait_fractions(best[2]),
+        # compute per rank (tick_s - wait_s) over the 1-rank compute: 0.5 would be a perfect halving
+        "busy_fraction_of_1rank_per_rank_2ranks": [round((r["tick_s"] - r["wait_s"]) / best[1]["rank_stats"][0]["tick_s"], 4)
+                                                   for r in sorted(best[2]["rank_stats"], key=lambda r: r["rank"])],
+        "item_costs_ms_1thread": item_costs_ms(w),
         "runs": {"1": slim(best[1]), "2": slim(best[2])},
         "note": ("1 rank: the denoise thread and the decode thread have a core each; 2 ranks: two denoise threads + "
                  "rank 0's decode thread share 2 cores, so denoise_speedup <= 2 * D / (D + V) with D, V the CPU seconds "
                  "of denoising and decoding (see transformer_share_1rank); the rest is pipeline fill/drain per tick "
-                 "and per-item work every stage repeats (condition embedding, rotary)"),
+                 "and per-item work every stage repeats (block_inputs in item_costs_ms_1thread); "
+                 "busy_fraction_of_1rank_per_rank_2ranks well above 0.5 means each rank computed slower than on a free "
+                 "core (contention), not that it waited"),
     }
 
 
@@ -229,8 +269,9 @@ def bench_memory(w_base: dict, factors: list[int], checks: list) -> dict:
     return out
 
 
-def bench_bytes(w: dict, checks: list) -> dict:
-    runs = {"cfg_3ranks": check_bytes(w, run_cli(3, w))}
+def bench_bytes(w: dict, checks: list, *, quick: bool = False) -> dict:
+    # --quick: the CFG case is covered by the runs of the other parts (see also_checked_runs_of_other_parts)
+    runs = {} if quick and checks else {"cfg_3ranks": check_bytes(w, run_cli(3, w))}
     w_nocfg = dict(w, **{"sampling.guidance_scale": 1.0})
     runs["no_cfg_2ranks"] = check_bytes(w_nocfg, run_cli(2, w_nocfg))
     others = [check_bytes(cw, run) for cw, run in checks]
@@ -291,7 +332,7 @@ def main() -> None:
         w_speed = workload(size=64, block=4, blocks=4, steps=8)
         w_mem, factors = workload(size=64, block=2, blocks=2, steps=4, checkpoint_every_ticks=8), [1, 4]
         w_bytes = workload(size=64, block=2, blocks=4, steps=3)
-        w_bub, rank_counts = workload(size=64, block=2, blocks=4, steps=4), [2, 4]
+        w_bub, rank_counts = workload(size=64, block=2, blocks=4, steps=4), [2, 3]
     else:
         w_speed = workload(size=64, block=4, blocks=12, steps=16)
         w_mem, factors = workload(size=64, block=2, blocks=8, steps=4, checkpoint_every_ticks=8), [1, 4, 16]
@@ -312,7 +353,7 @@ def main() -> None:
     if "bubbles" in parts:
         report["bubbles"] = bench_bubbles(w_bub, rank_counts, checks)
     if "bytes" in parts:
-        report["bytes"] = bench_bytes(w_bytes, checks)
+        report["bytes"] = bench_bytes(w_bytes, checks, quick=args.quick)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["bench_wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
