@@ -14,6 +14,12 @@ Parts:
   speedup  the same video on 1 and 2 ranks: speed-up of the denoising loop (timings.denoise_s) and of
            the whole run (total_s and the CLI's wall time), best of --repeats; the latents of both stores
            must be exactly equal; per-rank wait fraction wait_s / tick_s. Goal (issue): >= 1.8x.
+           Two workloads: speedup_tiny (the built-in tiny model: hidden 24, so per-item work every stage
+           repeats and rank 0's VAE-decode thread weigh as much as the layers) and speedup_wide (the tiny
+           model folder with a wider transformer, hidden 512 / ffn 2048, built into a temporary folder and
+           passed as --set model.path=...: transformer-dominated, as Wan2.1-1.3B with 30 blocks of hidden
+           1536 is). Each is reported next to the per-tick pipeline ceiling N * sum(k) / sum(k + N - 1),
+           k = blocks in flight x CFG branches at a tick (queue.in_flight replayed over the run).
   memory   peak RSS per rank on 2 ranks at 1x, 4x, 16x the video length; growth 16x/1x - 1 (goal <= 5%).
   bytes    bytes sent per rank vs the message formula of strategies/dualparal/pipeline.py, replayed
            over every tick of queue.tick_plan (must be equal); checked on every multi-rank run of this
@@ -41,10 +47,49 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "tiny-test"
 
+# The wide transformer of speedup_wide: the tiny model's layout (patch (1, 2, 2), 4 layers, in/out channels 4,
+# text_dim 32 = the tiny text encoder's d_model, freq_dim 32) with hidden 8 x 64 = 512 and ffn 2048, so that
+# the layers dominate (>= ~90% of 1-rank CPU time) as in real Wan models.
+WIDE_TRANSFORMER = {"num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048}
+
+
+def build_wide_model(root: Path, *, num_attention_heads: int, attention_head_dim: int, ffn_dim: int) -> Path:
+    """A copy of the tiny model folder (VAE, text encoder, tokenizer, scheduler, model_index.json) under
+    ``root`` whose ``transformer/`` is a wider random-weight WanTransformer3DModel (seed 0)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from hpcvideo.models import ensure_tiny_wan
+
+    folder = root / "wide-wan"
+    shutil.copytree(ensure_tiny_wan(), folder)
+    shutil.rmtree(folder / "transformer")
+    tiny = json.loads((Path(ensure_tiny_wan()) / "transformer" / "config.json").read_text())
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=tuple(tiny["patch_size"]), num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim, in_channels=tiny["in_channels"], out_channels=tiny["out_channels"],
+        text_dim=tiny["text_dim"], freq_dim=tiny["freq_dim"], ffn_dim=ffn_dim, num_layers=tiny["num_layers"],
+        cross_attn_norm=tiny["cross_attn_norm"], qk_norm=tiny["qk_norm"], rope_max_seq_len=tiny["rope_max_seq_len"])
+    transformer.save_pretrained(folder / "transformer")
+    return folder
+
+
+def model_folder(w: dict) -> Path:
+    """The model folder a workload runs (its model.path override, else the built-in tiny model)."""
+    from hpcvideo.models import ensure_tiny_wan
+
+    path = w.get("model.path", "tiny")
+    return Path(ensure_tiny_wan()) if path == "tiny" else Path(path)
+
+
+def transformer_config(w: dict) -> dict:
+    return json.loads((model_folder(w) / "transformer" / "config.json").read_text())
+
 
 # ----------------------------------------------------------------------------- workloads
 def workload(*, size: int, block: int, blocks: int, steps: int, context: int = 1, guidance: float | None = None,
-             checkpoint_every_ticks: int = 1000) -> dict:
+             checkpoint_every_ticks: int = 1000, model_path: Path | None = None) -> dict:
     """Overrides of the tiny-test preset for a video of ``blocks`` blocks of ``block`` latent frames."""
     latent_frames = blocks * block
     num_frames = 4 * (latent_frames - 1) + 1
@@ -53,13 +98,20 @@ def workload(*, size: int, block: int, blocks: int, steps: int, context: int = 1
          "sampling.num_inference_steps": steps, "store.checkpoint_every_ticks": checkpoint_every_ticks}
     if guidance is not None:
         w["sampling.guidance_scale"] = guidance
+    if model_path is not None:
+        w["model.path"] = str(model_path)
     return w
 
 
 def describe(w: dict) -> dict:
     size, n = w["video.height"], w["strategy.block_latent_frames"]
     latent_frames = (w["video.num_frames"] - 1) // 4 + 1
-    return {"preset": PRESET, "overrides": [f"{k}={v}" for k, v in w.items()], "pixels": f"{size}x{size}",
+    t = transformer_config(w)
+    model = {"path": "tiny" if w.get("model.path", "tiny") == "tiny" else "<temporary folder: tiny + wide transformer>",
+             "layers": t["num_layers"], "hidden_dim": t["num_attention_heads"] * t["attention_head_dim"],
+             "heads": t["num_attention_heads"], "ffn_dim": t["ffn_dim"]}
+    overrides = [f"{k}={v}" if k != "model.path" else f"{k}=<wide model folder>" for k, v in w.items()]
+    return {"preset": PRESET, "model": model, "overrides": overrides, "pixels": f"{size}x{size}",
             "num_frames": w["video.num_frames"], "blocks": latent_frames // n, "block_latent_frames": n,
             "steps": w["sampling.num_inference_steps"],
             "tokens_per_window": (w["strategy.context_latent_frames"] + n) * (size // 16) ** 2}
@@ -150,15 +202,13 @@ def predicted_bytes(w: dict, ranks: int, *, hidden_dim: int, latent_channels: in
             "window_tokens": {"with_context": (c + n) * tokens_per_frame, "first_block": n * tokens_per_frame}}
 
 
-def model_dims() -> tuple[int, int]:
-    from hpcvideo.models import ensure_tiny_wan
-
-    config = json.loads((Path(ensure_tiny_wan()) / "transformer" / "config.json").read_text())
+def model_dims(w: dict) -> tuple[int, int]:
+    config = transformer_config(w)
     return config["num_attention_heads"] * config["attention_head_dim"], config["in_channels"]
 
 
 def check_bytes(w: dict, run: dict) -> dict:
-    hidden_dim, channels = model_dims()
+    hidden_dim, channels = model_dims(w)
     ranks = run["ranks"]
     p = predicted_bytes(w, ranks, hidden_dim=hidden_dim, latent_channels=channels)
     measured = [r["bytes_sent"] for r in sorted(run["rank_stats"], key=lambda r: r["rank"])]
@@ -177,11 +227,12 @@ def item_costs_ms(w: dict, repeats: int = 30) -> dict:
     every stage repeats (block_inputs: condition embedding + rotary tables) vs all transformer layers."""
     import torch
 
-    from hpcvideo.models import ensure_tiny_wan, load_wan_transformer_stage
+    from hpcvideo.models import load_wan_transformer_stage
     from hpcvideo.strategies.dualparal import forward as wan_forward
 
     torch.set_num_threads(1)
-    transformer = load_wan_transformer_stage(ensure_tiny_wan(), range(0, 4))
+    layers = range(0, transformer_config(w)["num_layers"])
+    transformer = load_wan_transformer_stage(model_folder(w), layers)
     n, c, size = w["strategy.block_latent_frames"], w["strategy.context_latent_frames"], w["video.height"]
     shape = (1, transformer.config.in_channels, c + n, size // 8, size // 8)
     timestep, prompt = torch.tensor([500.0]), torch.randn(1, 512, transformer.config.text_dim)
@@ -200,7 +251,7 @@ def item_costs_ms(w: dict, repeats: int = 30) -> dict:
         hidden = wan_forward.patchify(transformer, torch.randn(shape))
         out = {"block_inputs_every_stage": best_ms(lambda: wan_forward.block_inputs(
                    transformer, shape, timestep, prompt, extra_key_frames=c)),
-               "all_layers": best_ms(lambda: wan_forward.run_blocks(transformer, hidden, inputs, range(4))),
+               "all_layers": best_ms(lambda: wan_forward.run_blocks(transformer, hidden, inputs, layers)),
                "patchify_first_stage": best_ms(lambda: wan_forward.patchify(transformer, torch.randn(shape))),
                "head_last_stage": best_ms(lambda: wan_forward.head(transformer, hidden, inputs))}
     return out

@@ -162,6 +162,24 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         shutdown_rank_env(env)
 
 
+def check_model_fit(cfg: RunConfig, info: dict) -> list[str]:
+    """Checks that need the model's config (read from JSON, no weights): resolution against the VAE
+    and patch strides, and the attention window against the rotary table."""
+    problems = []
+    stride = info["vae_scale_factor_spatial"] * max(info["patch_size"][1], info["patch_size"][2])
+    for key, value in (("video.height", cfg.video.height), ("video.width", cfg.video.width)):
+        if value % stride:
+            problems.append(f"{key}={value} is not a multiple of {stride} (VAE stride x patch size of {info['model_id']})")
+    n, c = cfg.strategy.block_latent_frames, cfg.strategy.context_latent_frames
+    longest = max(n + 2 * c, cfg.video.height // stride, cfg.video.width // stride)
+    if longest > info["rope_max_seq_len"]:
+        problems.append(
+            f"strategy.block_latent_frames={n} + 2 x strategy.context_latent_frames={c} (or the latent height/width) "
+            f"reach {longest} positions, beyond the model's rotary table of {info['rope_max_seq_len']}"
+        )
+    return problems
+
+
 @dataclass
 class _Setup:
     model_path: Path
@@ -178,10 +196,13 @@ def _prepare(cfg: RunConfig, env) -> _Setup:
         try:
             model_path = resolve_model_path(cfg)
             info = read_model_info(model_path)
+            problems = check_model_fit(cfg, info)
             try:
                 layers = split_layers(info["num_layers"], env.world_size, cfg.runtime.stage_layers)
             except ValueError as error:
-                raise ConfigError([str(error)]) from None
+                problems.append(str(error))
+            if problems:
+                raise ConfigError(problems)
             store, _ = open_or_create_store(cfg, info, info.get("model_id", model_path.name))
             outcome = ("ok", (str(model_path), info, layers))
         except (ConfigError, StoreError, FileNotFoundError) as error:
