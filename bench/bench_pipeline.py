@@ -257,6 +257,32 @@ def item_costs_ms(w: dict, repeats: int = 30) -> dict:
     return out
 
 
+def pipeline_ceiling(w: dict, ranks: int, costs_ms: dict | None = None) -> dict:
+    """Upper bound of the N-rank speed-up from the per-tick pipeline model: rank 0 steps the schedulers
+    after all forwards of a tick, so a tick with k items (blocks in flight x CFG branches) over N equal
+    stages takes k + N - 1 item-stage times instead of k * N on one rank: speed-up <= N * sum(k) /
+    sum(k + N - 1) over the run's ticks (queue.in_flight replayed). With ``costs_ms`` (item_costs_ms),
+    also the bound when every stage repeats block_inputs (E) and the layers (L) split evenly:
+    sum(k) * (E + P + L + H) / sum(k + N - 1) * (E + L / N + max(P, H)) (P patchify, H head)."""
+    from hpcvideo.strategies.dualparal.queue import in_flight, num_ticks
+
+    n = w["strategy.block_latent_frames"]
+    B = ((w["video.num_frames"] - 1) // 4 + 1) // n
+    T = w["sampling.num_inference_steps"]
+    branches = 2 if w.get("sampling.guidance_scale", 5.0) > 1.0 else 1
+    ks = [branches * len(in_flight(t, num_blocks=B, num_inference_steps=T)) for t in range(num_ticks(B, T))]
+    N = ranks
+    out = {"ranks": N, "ticks": len(ks), "cfg_branches": branches, "max_items_per_tick": max(ks),
+           "ceiling": round(N * sum(ks) / sum(k + N - 1 for k in ks), 4),
+           "mean_over_ticks_of_Nk_over_k_plus_N_minus_1": round(sum(N * k / (k + N - 1) for k in ks) / len(ks), 4)}
+    if costs_ms is not None:
+        E, L = costs_ms["block_inputs_every_stage"], costs_ms["all_layers"]
+        P, H = costs_ms["patchify_first_stage"], costs_ms["head_last_stage"]
+        out["ceiling_with_repeated_block_inputs"] = round(
+            sum(ks) * (E + P + L + H) / (sum(k + N - 1 for k in ks) * (E + L / N + max(P, H))), 4)
+    return out
+
+
 def bench_speedup(w: dict, repeats: int, checks: list) -> dict:
     import numpy as np
 
@@ -279,25 +305,31 @@ def bench_speedup(w: dict, repeats: int, checks: list) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     checks.append((w, best[2]))
     t1, t2 = best[1]["timings"], best[2]["timings"]
+    costs = item_costs_ms(w)
+    per_item_ms = sum(costs.values())
     return {
         "workload": describe(w), "repeats": repeats, "best_of": "denoise_s",
         "denoise_speedup": round(t1["denoise_s"] / t2["denoise_s"], 3),
+        "pipeline_ceiling_2ranks": pipeline_ceiling(w, 2, costs),
         "total_speedup": round(t1["total_s"] / t2["total_s"], 3),
         "cli_wall_speedup": round(best[1]["cli_wall_s"] / best[2]["cli_wall_s"], 3),
         "goal_denoise_speedup": 1.8, "identical": identical, "frames_identical": frames_identical,
         "transformer_share_1rank": round(t1["denoise_s"] / (t1["denoise_s"] + t1["decode_s"]), 3),
+        # of one item's forward (1 thread): the share of the layers, which the stages split
+        "layers_share_of_item_forward": round(costs["all_layers"] / per_item_ms, 3),
         "wait_fraction_per_rank_2ranks": wait_fractions(best[2]),
         # compute per rank (tick_s - wait_s) over the 1-rank compute: 0.5 would be a perfect halving
         "busy_fraction_of_1rank_per_rank_2ranks": [round((r["tick_s"] - r["wait_s"]) / best[1]["rank_stats"][0]["tick_s"], 4)
                                                    for r in sorted(best[2]["rank_stats"], key=lambda r: r["rank"])],
-        "item_costs_ms_1thread": item_costs_ms(w),
+        "item_costs_ms_1thread": costs,
         "runs": {"1": slim(best[1]), "2": slim(best[2])},
         "note": ("1 rank: the denoise thread and the decode thread have a core each; 2 ranks: two denoise threads + "
                  "rank 0's decode thread share 2 cores, so denoise_speedup <= 2 * D / (D + V) with D, V the CPU seconds "
                  "of denoising and decoding (see transformer_share_1rank); the rest is pipeline fill/drain per tick "
                  "and per-item work every stage repeats (block_inputs in item_costs_ms_1thread); "
                  "busy_fraction_of_1rank_per_rank_2ranks well above 0.5 means each rank computed slower than on a free "
-                 "core (contention), not that it waited"),
+                 "core (contention), not that it waited; pipeline_ceiling_2ranks.ceiling is the bound from per-tick "
+                 "fill/drain alone (equal stages, no other cost)"),
     }
 
 
@@ -379,13 +411,17 @@ def main() -> None:
     unknown = set(parts) - {"speedup", "memory", "bytes", "bubbles"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; allowed: speedup, memory, bytes, bubbles")
+    wide_root = Path(tempfile.mkdtemp(prefix="bench_pipeline_wide_model_")) if "speedup" in parts else None
+    wide = build_wide_model(wide_root, **WIDE_TRANSFORMER) if wide_root is not None else None
     if args.quick:
         w_speed = workload(size=64, block=4, blocks=4, steps=8)
+        w_wide = workload(size=64, block=4, blocks=4, steps=8, model_path=wide)
         w_mem, factors = workload(size=64, block=2, blocks=2, steps=4, checkpoint_every_ticks=8), [1, 4]
         w_bytes = workload(size=64, block=2, blocks=4, steps=3)
         w_bub, rank_counts = workload(size=64, block=2, blocks=4, steps=4), [2, 3]
     else:
         w_speed = workload(size=64, block=4, blocks=12, steps=16)
+        w_wide = workload(size=64, block=4, blocks=12, steps=16, model_path=wide)
         w_mem, factors = workload(size=64, block=2, blocks=8, steps=4, checkpoint_every_ticks=8), [1, 4, 16]
         w_bytes = workload(size=64, block=2, blocks=6, steps=4)
         w_bub, rank_counts = workload(size=64, block=2, blocks=12, steps=8), [2, 3, 4]
@@ -397,14 +433,19 @@ def main() -> None:
                           "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
               "quick": args.quick, "parts": parts}
     checks: list = []
-    if "speedup" in parts:
-        report["speedup"] = bench_speedup(w_speed, repeats, checks)
-    if "memory" in parts:
-        report["memory"] = bench_memory(w_mem, factors, checks)
-    if "bubbles" in parts:
-        report["bubbles"] = bench_bubbles(w_bub, rank_counts, checks)
-    if "bytes" in parts:
-        report["bytes"] = bench_bytes(w_bytes, checks, quick=args.quick)
+    try:
+        if "speedup" in parts:
+            report["speedup"] = {"speedup_tiny": bench_speedup(w_speed, repeats, checks),
+                                 "speedup_wide": bench_speedup(w_wide, repeats, checks)}
+        if "memory" in parts:
+            report["memory"] = bench_memory(w_mem, factors, checks)
+        if "bubbles" in parts:
+            report["bubbles"] = bench_bubbles(w_bub, rank_counts, checks)
+        if "bytes" in parts:
+            report["bytes"] = bench_bytes(w_bytes, checks, quick=args.quick)  # also checks the wide runs' bytes
+    finally:
+        if wide_root is not None:
+            shutil.rmtree(wide_root, ignore_errors=True)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["bench_wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
