@@ -1,6 +1,6 @@
 """Benchmark of the multi-rank DualParal pipeline (one layer-split stage per MPI rank); prints one JSON object.
 
-    python bench/bench_pipeline.py                         # all parts (about 5-8 minutes on 2 cores)
+    python bench/bench_pipeline.py                         # all parts (about 8-11 minutes on 2 cores; speedup alone ~5)
     python bench/bench_pipeline.py --quick                 # small version of every part (1-2 minutes)
     python bench/bench_pipeline.py --parts speedup,bytes   # some parts
 
