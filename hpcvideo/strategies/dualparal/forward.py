@@ -73,6 +73,58 @@ def block_inputs(
     )
 
 
+class ConditionCache:
+    """Memo of what :func:`block_inputs` computes from the prompt alone, the timestep alone and the
+    window shape alone, so a stage does not redo the text projection (over all text tokens) for every
+    (block, branch) item of every tick. Same modules, same inputs, so the same bits as recomputing
+    (tested against diffusers' forward and WanPipeline).
+
+    Keys are supplied by the caller: ``prompt_key`` identifies the prompt embeddings (e.g. the
+    prompt's index, "negative"), ``step_key`` the timestep (the step index). Memory: one
+    (1, text_len, D) tensor per distinct prompt, one (1, 6, D) per step, one rotary table per shape.
+    """
+
+    def __init__(self, transformer) -> None:
+        self.transformer = transformer
+        self._text: dict = {}
+        self._time: dict = {}
+        self._rope: dict = {}
+
+    def _rotary(self, num_frames: int, height: int, width: int):
+        key = (num_frames, height, width)
+        if key not in self._rope:
+            weight = self.transformer.patch_embedding.weight
+            probe = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(1, 1, num_frames, height, width)
+            self._rope[key] = self.transformer.rope(probe)
+        return self._rope[key]
+
+    def block_inputs(self, latent_shape, timestep, prompt_embeds, *, prompt_key, step_key, extra_key_frames: int = 0) -> BlockInputs:
+        """As :func:`block_inputs`, memoised. Mirrors ``WanTimeTextImageEmbedding.forward``."""
+        batch_size, num_channels, num_frames, height, width = latent_shape
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        embedder = self.transformer.condition_embedder
+        time_key = (step_key, prompt_embeds.dtype)
+        if time_key not in self._time:
+            projected = embedder.timesteps_proj(timestep)
+            time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+            if projected.dtype != time_dtype and time_dtype != torch.int8:
+                projected = projected.to(time_dtype)
+            temb = embedder.time_embedder(projected).type_as(prompt_embeds)
+            timestep_proj = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
+            self._time[time_key] = (temb, timestep_proj)
+        if prompt_key not in self._text:
+            self._text[prompt_key] = embedder.text_embedder(prompt_embeds)
+        temb, timestep_proj = self._time[time_key]
+        return BlockInputs(
+            encoder_hidden_states=self._text[prompt_key],
+            timestep_proj=timestep_proj,
+            temb=temb,
+            rotary_emb=self._rotary(num_frames, height, width),
+            key_rotary_emb=self._rotary(num_frames + extra_key_frames, height, width) if extra_key_frames else None,
+            grid=(num_frames // p_t, height // p_h, width // p_w),
+        )
+
+
 def patchify(transformer, latents: torch.Tensor) -> torch.Tensor:
     """Patch embedding: latents (B, C, F, h, w) -> hidden_states (B, S, D), S = F * h/2 * w/2."""
     hidden_states = transformer.patch_embedding(latents)

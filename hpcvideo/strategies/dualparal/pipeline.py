@@ -72,6 +72,7 @@ class DualParalPipeline(DualParalReference):
         self.latent_shape = latent_shape
         self.hidden_dtype = self.transformer.patch_embedding.weight.dtype
         self.hidden_dim = self.transformer.patch_embedding.out_channels
+        self.conditions = wan_forward.ConditionCache(self.transformer)  # text/time/rope per prompt, step, shape
         self.forward_group = self.feedback_group = None
         if self.num_stages > 1:
             # two groups: hidden states go r -> r+1, noise predictions N-1 -> 0 (separate NCCL
@@ -139,7 +140,11 @@ class DualParalPipeline(DualParalReference):
                 else self.negative_prompt_embeds
             )
             extra = self.context_latent_frames if work.append else 0
-            inputs = wan_forward.block_inputs(self.transformer, window_shape, timestep, prompt_embeds, extra_key_frames=extra)
+            prompt_key = self.prompt_index_for_block(work.block_index) if branch == "cond" else "negative"
+            inputs = self.conditions.block_inputs(
+                window_shape, timestep, prompt_embeds, prompt_key=prompt_key, step_key=work.step_index,
+                extra_key_frames=extra,
+            )
             if first:
                 block = self.blocks[work.block_index]
                 context = self._context(work)
