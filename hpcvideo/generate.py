@@ -301,6 +301,8 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
         executor.tick = resume_tick
 
     def checkpoint(kind: str) -> None:
+        for block_index, latents in executor.drain():  # the state at the tick boundary
+            sink.submit(block_index, latents)
         sink.flush()  # a checkpoint covers every block that left the queue before it
         t = time.perf_counter()
         blob = _dump({"executor": executor.state_dict(), "decoder": sink.decoder.state_dict()})

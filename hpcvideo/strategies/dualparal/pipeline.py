@@ -84,6 +84,11 @@ class DualParalPipeline(DualParalReference):
         self._recv_seq = self._send_seq = self._feedback_seq = 0
         # measured per rank: bytes sent/received, seconds blocked on messages, seconds computing
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "wait_s": 0.0, "tick_s": 0.0, "ticks": 0}
+        # rank 0: block index -> (work, noise_pred buffer, irecv) of a step not applied yet (at most one
+        # per block); blocks that left the queue since the last return; sends not known complete
+        self._pending: dict[int, tuple] = {}
+        self._finished: list[tuple[int, torch.Tensor]] = []
+        self._sends: deque = deque()
 
     # -- messages ---------------------------------------------------------------------------
     def _tag(self, kind: str) -> int:
@@ -102,32 +107,114 @@ class DualParalPipeline(DualParalReference):
         request = dist.irecv(buffer, src=self.rank - 1, group=self.forward_group, tag=self._tag("recv"))
         return buffer, request
 
+    # -- rank 0: steps applied as their noise predictions arrive --------------------------------
+    def _settle(self, block_index: int) -> None:
+        """Apply block ``block_index``'s pending scheduler step (waiting for its noise_pred from the
+        last stage) if one is pending; a block that took its last step leaves the queue."""
+        pending = self._pending.pop(block_index, None)
+        if pending is None:
+            return
+        work, buffer, request = pending
+        waited = time.perf_counter()
+        request.wait()
+        self.stats["wait_s"] += time.perf_counter() - waited
+        self.stats["bytes_received"] += buffer.numel() * buffer.element_size()
+        self._step_block(work, buffer)
+
+    def _settle_arrived(self) -> None:
+        """Apply the pending steps whose noise_pred has arrived, and every step older than the last
+        tick (a block nobody reads again, e.g. one that left without a successor reading its context)."""
+        for block_index in self._pending_in_order():
+            work, _, request = self._pending[block_index]
+            if work.block_index + work.step_index <= self.tick - 2 or request.is_completed():
+                self._settle(block_index)
+            else:
+                break  # in message order: keep blocks leaving in order
+
+    def _step_block(self, work, noise_pred: torch.Tensor) -> None:
+        block = self.blocks[work.block_index]
+        assert block.steps_done == work.step_index, (block.steps_done, work)
+        t = self.timesteps[work.step_index]
+        block.latents = block.scheduler.step(noise_pred, t, block.latents, return_dict=False)[0]
+        block.steps_done += 1
+        if work.finishes:  # one block leaves per tick, oldest first, so tail only moves forward
+            assert self.tail is None or self.tail[0] < block.index, (self.tail[0], block.index)
+            del self.blocks[work.block_index]
+            self.tail = (block.index, block.latents)
+            self._finished.append((block.index, block.latents))
+
+    def drain(self) -> list[tuple[int, torch.Tensor]]:
+        """Finish every tick issued so far: wait for this rank's sends and (rank 0) the outstanding
+        noise predictions, apply their steps and return the blocks that left the queue (oldest
+        first). After it the state is the one at the start of tick ``self.tick``, as
+        :meth:`state_dict` needs."""
+        self._complete()
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _complete(self) -> None:
+        waited = time.perf_counter()
+        for request, _ in self._sends:
+            request.wait()
+        self._sends.clear()
+        self.stats["wait_s"] += time.perf_counter() - waited
+        for block_index in self._pending_in_order():
+            self._settle(block_index)
+
+    def _pending_in_order(self) -> list[int]:
+        """Pending blocks by (tick of the step, block index): the oldest block of a tick leaves first."""
+        return sorted(self._pending, key=lambda j: (self._pending[j][0].step_index + j, j))
+
+    @property
+    def done(self) -> bool:
+        return self.tick >= self.num_ticks and not self._pending
+
+    def state_dict(self) -> dict:
+        if self._pending:
+            raise RuntimeError("state_dict() between ticks only: call drain() first")
+        return super().state_dict()
+
+    def _send(self, tensor: torch.Tensor, *, dst: int, group, kind: str) -> None:
+        """isend, kept (with its tensor) until completed; completed sends are pruned as we go."""
+        self._sends.append((dist.isend(tensor, dst=dst, group=group, tag=self._tag(kind)), tensor))
+        self.stats["bytes_sent"] += tensor.numel() * tensor.element_size()
+        while self._sends and self._sends[0][0].is_completed():
+            self._sends.popleft()
+
     # -- one tick ---------------------------------------------------------------------------
     @torch.no_grad()
     def run_tick(self) -> list[tuple[int, torch.Tensor]]:
-        if self.done:
+        """Issue one tick on this stage; returns the blocks that left the queue meanwhile (rank 0).
+
+        Rank 0 does not wait for the tick's noise predictions: block j's step is applied when a later
+        forward first reads block j (its own window, or block j+1's context) or at :meth:`drain`, so
+        stage 0 starts tick t+1 while the last stage still finishes tick t (no per-tick fill/drain).
+        The values are those of the reference: block j's latents are read at tick t only by block j
+        and block j+1, both forwarded before block j's step of tick t can be applied.
+        """
+        if self.tick >= self.num_ticks:
             raise RuntimeError("the queue has finished")
         tick_start = time.perf_counter()
         first, last = self.rank == 0, self.rank == self.num_stages - 1
         plan = self._plan()
-        if first:
-            self._enter(plan)
         branches = ["cond", "uncond"] if self.do_cfg else ["cond"]
         items = [(work, branch) for work in plan for branch in branches]
         channels, height, width = self.latent_shape
         tokens_per_frame = (height // 2) * (width // 2)
 
+        if first:
+            self._settle_arrived()
+            self._enter(plan)
         feedback = {}
         if first and self.num_stages > 1:  # all of this tick's noise predictions, posted up front
             for work in plan:
                 buffer = torch.empty((1, channels, self.block_latent_frames, height, width),
                                      dtype=self.hidden_dtype, device=self.device)
                 request = dist.irecv(buffer, src=self.num_stages - 1, group=self.feedback_group, tag=self._tag("feedback"))
-                feedback[work.block_index] = (buffer, request)
+                feedback[work.block_index] = (work, buffer, request)
         incoming = deque()
         if not first and items:
             incoming.append(self._post_recv_hidden(items[0][0]))
-        sends = []
         noise_preds = {}
         outputs = []
         self.cache.begin_tick()
@@ -146,6 +233,9 @@ class DualParalPipeline(DualParalReference):
                 extra_key_frames=extra,
             )
             if first:
+                self._settle(work.block_index)  # its own latents and its context: after last tick's steps
+                if work.context_from is not None:
+                    self._settle(work.context_from)
                 block = self.blocks[work.block_index]
                 context = self._context(work)
                 window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
@@ -168,8 +258,7 @@ class DualParalPipeline(DualParalReference):
             hidden_states = wan_forward.run_blocks(self.transformer, hidden_states, inputs, self.layers)
             self.cache.plan = None
             if not last:
-                sends.append(dist.isend(hidden_states, dst=self.rank + 1, group=self.forward_group, tag=self._tag("send")))
-                self.stats["bytes_sent"] += hidden_states.numel() * hidden_states.element_size()
+                self._send(hidden_states, dst=self.rank + 1, group=self.forward_group, kind="send")
             else:
                 outputs.append(wan_forward.head(self.transformer, hidden_states, inputs)[:, :, num_context:])
             if branch == branches[-1]:
@@ -183,23 +272,18 @@ class DualParalPipeline(DualParalReference):
                     if first:
                         noise_preds[work.block_index] = noise_pred
                     else:
-                        sends.append(dist.isend(noise_pred.contiguous(), dst=0, group=self.feedback_group,
-                                                tag=self._tag("feedback")))
-                        self.stats["bytes_sent"] += noise_pred.numel() * noise_pred.element_size()
-        waited = time.perf_counter()
-        for request in sends:
-            request.wait()
-        finished = []
+                        self._send(noise_pred.contiguous(), dst=0, group=self.feedback_group, kind="feedback")
+        self.tick += 1
         if first:
-            for block_index, (buffer, request) in feedback.items():
-                request.wait()
-                noise_preds[block_index] = buffer
-                self.stats["bytes_received"] += buffer.numel() * buffer.element_size()
-        self.stats["wait_s"] += time.perf_counter() - waited
-        if first:
-            finished = self._apply_steps(plan, noise_preds)
-        else:
-            self.tick += 1
+            if self.num_stages == 1:  # one rank: the reference's order, nothing to overlap
+                for work in plan:
+                    self._step_block(work, noise_preds[work.block_index])
+            else:
+                for work in plan:
+                    self._pending[work.block_index] = feedback[work.block_index]
+        if self.tick >= self.num_ticks:  # the last tick: nothing left to overlap with
+            self._complete()
+        finished, self._finished = self._finished, []
         self.stats["tick_s"] += time.perf_counter() - tick_start
         self.stats["ticks"] += 1
         return finished
