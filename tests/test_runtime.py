@@ -193,6 +193,28 @@ def test_a_killed_rank_stops_every_rank():
     assert latency_s < 60
 
 
+def test_the_failure_monitor_names_a_dead_local_peer(tmp_path):
+    """Where no launcher kills the survivors (srun without --kill-on-bad-exit), the failure monitor of
+    a rank sees a peer's process on its node gone, names it and ends the rank with exit code 1."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    script = f"""
+import os, time, torch
+from mpi4py import MPI
+from hpcvideo.runtime import RankEnv, start_failure_monitor
+env = RankEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, node="n", device=torch.device("cpu"),
+              backend="gloo", comm=MPI.COMM_SELF, peers=(("n", os.getpid()), ("n", {dead.pid})))
+start_failure_monitor(env, poll_s=0.05)
+time.sleep(30)
+print("unexpected: still running")
+"""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env(), cwd=ROOT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"rank 0: stopping because rank 1 (pid {dead.pid} on n) is no longer running" in result.stderr
+    assert "unexpected" not in result.stdout and time.monotonic() - start < 20
+
+
 def test_gone_peers_names_a_dead_local_rank():
     """The check the peers of a silently killed rank use (gloo error path and monitor) to name it."""
     import torch

@@ -13,13 +13,17 @@ Three ways a rank can go, and what the others see:
   and SIGKILLs the other ranks within ~10 ms (measured: all gone 0.04-0.06 s after the kill), too
   soon for them to say anything. Beware: the PID in hydra's message is *a* process of the job, not
   reliably the dead one (seen: any of ranks 0-2 for a kill of rank 2); rank 0's start-up line
-  (``init_rank_env(announce=True)``) maps PIDs to ranks. Under srun, ``--kill-on-bad-exit=1`` does
-  the clean-up and srun names the task (``task 2: Killed``). Where no launcher cleans up (srun
-  without it; ``mpiexec -disable-auto-cleanup``, which also sends SIGUSR1 to the survivors, and that
-  kills a Python process silently), torch.distributed calls on the peers of a dead rank raise
-  (gloo: "Connection closed by peer") or time out after ``timeout_s``; inside
-  :func:`abort_on_failure` this becomes the first case, and the message names the peers of this
-  node that are no longer running (:func:`gone_peers`).
+  (``init_rank_env(announce=True)``) maps PIDs to ranks. ``mpiexec -disable-auto-cleanup`` does not
+  help: hydra sends the survivors SIGUSR1 (whose default action ends Python silently) and, even with
+  it ignored, they were still SIGKILLed within ~10-50 ms in 3 of 4 runs (measured). Under srun,
+  ``--kill-on-bad-exit=1`` does the clean-up and srun names the task (``task 2: Killed``). Where no
+  launcher cleans up (srun's default), every rank's failure monitor watches the processes of its
+  node's peers (``/proc``, every ``poll_s``): a peer gone before the run's clean end
+  (:func:`stop_failure_monitor` is a barrier, so no rank leaves early) makes it print ``rank Q:
+  stopping because rank R (pid p on node) is no longer running`` and exit 1. Peers on other nodes
+  cannot be watched: torch.distributed calls on them raise (gloo: "Connection closed by peer") or
+  time out after ``timeout_s``; inside :func:`abort_on_failure` this becomes the first case, and
+  the message names the peers of this node that are no longer running (:func:`gone_peers`).
 * **It exits non-zero** (``sys.exit(3)``): inside :func:`abort_on_failure` a ``SystemExit`` with
   a non-zero code is a failure like any exception. Outside it, mpi4py still finalises MPI at exit
   and hydra does *not* end the job (measured: the other rank went on for its full 20 s), so peers
@@ -57,16 +61,18 @@ FAIL_TAG = 31_000  # MPI tag of failure notices (below 32767, the smallest MPI_T
 
 @dataclass(kw_only=True)
 class FailureMonitor:
-    """A daemon thread that ends this process when another rank reports a failure (:data:`FAIL_TAG`).
+    """A daemon thread that ends this process when another rank reports a failure (:data:`FAIL_TAG`)
+    or when a peer on this node is no longer running (killed without a word; ``watch_peers``).
 
-    It does not watch peers' processes: a "this rank ended cleanly" message from every rank would be
-    needed to tell a clean exit from a silent death, and messages left unreceived when a rank
-    finalises made MPICH kill clean 4-rank jobs (signal 9, measured); the launcher's clean-up and
-    the torch.distributed errors cover silent deaths instead (module docstring).
+    A peer's process ending is a failure only before the run's clean end: :func:`stop_failure_monitor`
+    waits for every rank (a barrier) before it stops watching, so no rank exits while another still
+    watches it. (A "this rank ended cleanly" MPI message per rank would also work, but messages left
+    unreceived when a rank finalises made MPICH kill clean 4-rank jobs, measured.)
     """
 
     env: RankEnv
     poll_s: float = 0.2
+    watch_peers: bool = True
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -76,6 +82,14 @@ class FailureMonitor:
         comm = self.env.comm
         status = MPI.Status()
         while not self._stop.is_set():
+            # the peers' processes first, before an MPI call that may end this process once a peer died
+            gone = gone_peers(self.env) if self.watch_peers else []
+            if gone and not self._stop.is_set():
+                for peer in gone:
+                    node, pid = self.env.peers[peer]
+                    _stderr(f"rank {self.env.rank}: stopping because rank {peer} (pid {pid} on {node}) is no longer "
+                            "running: it was killed or died without a word (SIGKILL, out of memory?)")
+                os._exit(1)
             # Iprobe, not a posted irecv: nothing is left pending (to cancel) when the monitor stops.
             if comm.Iprobe(source=MPI.ANY_SOURCE, tag=FAIL_TAG, status=status):
                 failed_rank, message = comm.recv(source=status.Get_source(), tag=FAIL_TAG)
@@ -90,9 +104,10 @@ class FailureMonitor:
             self._thread.join()
 
 
-def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2) -> FailureMonitor:
-    """Start watching for failure notices of other ranks (a no-op monitor when world_size == 1)."""
-    monitor = FailureMonitor(env=env, poll_s=poll_s)
+def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2, watch_peers: bool = True) -> FailureMonitor:
+    """Start watching for failure notices of other ranks and for this node's peers' processes (a
+    no-op monitor when world_size == 1). Every rank must end it with :func:`stop_failure_monitor`."""
+    monitor = FailureMonitor(env=env, poll_s=poll_s, watch_peers=watch_peers)
     if env.comm is None or env.world_size == 1:
         return monitor
     from mpi4py import MPI
@@ -110,7 +125,15 @@ def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2) -> FailureMonito
 
 
 def stop_failure_monitor(monitor: FailureMonitor) -> None:
-    """Stop the monitor at the clean end of a run (no barrier, no message, no receive left posted)."""
+    """At the clean end of a run, on every rank (a collective): wait until every rank got here
+    (without spinning; the monitor keeps watching meanwhile, so a rank that dies now is still
+    noticed), then stop the monitor. No receive is left posted."""
+    env = monitor.env
+    if monitor._thread is not None and env.comm is not None and env.world_size > 1:
+        from .control import bcast_object, gather_object
+
+        gather_object(env, None)
+        bcast_object(env, None)
     monitor.stop()
 
 
