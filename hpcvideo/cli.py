@@ -1,4 +1,4 @@
-"""Command line: ``hpcvideo generate | status | export | tiny-model``.
+"""Command line: ``hpcvideo generate | submit | plan | status | export | tiny-model``.
 
 Every command validates its input first and exits with status 2 and a one-screen message naming
 the key, the value and what is allowed; nothing is created or submitted before that.
@@ -42,15 +42,41 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="progress of a run store (works while the run is going)")
     status.add_argument("store")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--seams", action="store_true",
+                        help="also compute the seam metric (reads every ready frame once; hpcvideo.metrics)")
 
     export = sub.add_parser("export", help="write the frames of a run store to an mp4 (PyAV)")
     export.add_argument("store")
     export.add_argument("output")
     export.add_argument("--fps", type=float, default=None, help="frames per second (default: the run's video.fps)")
 
+    submit = sub.add_parser("submit", help="check, plan, create the store, and submit to SLURM (submitit; requeued on timeout)")
+    _add_config_args(submit)
+    submit.add_argument("--prompts", metavar="FILE", help="one prompt per line: a job array, one store per prompt")
+    submit.add_argument("--wait", action="store_true", help="wait for the job(s) and report the result or the failure")
+
+    sbatch = sub.add_parser("sbatch", help="print a plain sbatch script for the config (srun --mpi=... hpcvideo generate; requeues)")
+    _add_config_args(sbatch)
+
+    plan = sub.add_parser("plan", help="memory, bytes and time per tick per rank, without loading weights")
+    _add_config_args(plan)
+    plan.add_argument("--ranks", type=int, default=None, help="ranks (default: cluster.nodes x cluster.gpus_per_node)")
+    plan.add_argument("--tflops", type=float, default=None, help="effective throughput per GPU, TFLOP/s (time per tick)")
+    plan.add_argument("--from-store", default=None, metavar="RUN.zarr", help="take the throughput measured by a finished run")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+
+    shm = sub.add_parser("clean-shm", help="remove this SLURM job's stale MPICH shared-memory segments "
+                         "(before srun in a requeued job; the scripts of submit/sbatch run it)")
+    shm.add_argument("--job-id", default=None, help="default: $SLURM_JOB_ID")
+
     tiny = sub.add_parser("tiny-model", help="build (or find) the cached tiny random-weight Wan model; prints its path")
     tiny.add_argument("--path", default=None, help="build into this folder instead of the cache")
     tiny.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("train-demo", help="train the small demo Wan model on synthetic motion clips (hpcvideo.demo)")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     return parser
 
 
@@ -63,8 +89,15 @@ def _cmd_generate(args) -> int:
     if code is not None:
         return code
     from .generate import generate
+    from .runtime.preempt import EXIT_REQUEUE, Preempted, install_stop_handler
 
-    status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    if os.environ.get("SLURM_JOB_ID"):  # USR2 before the time limit: stop at a tick, exit 75 (slurm/*.sbatch requeue)
+        install_stop_handler()
+    try:
+        status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    except Preempted as stop:
+        print(f"hpcvideo generate: {stop} (exit {EXIT_REQUEUE})", file=sys.stderr)
+        return EXIT_REQUEUE
     if status is None:  # not rank 0
         return 0
     print(f"{status['path']}: {status['num_frames_written']}/{status['num_frames']} frames, complete={status['complete']}")
@@ -72,14 +105,13 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .store import RunStore
+    from .progress import format_status, run_status
 
-    status = RunStore.open(args.store, mode="r").status_dict()
+    status = run_status(args.store, seams=args.seams)  # store + per-rank heartbeats (+ seams)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
         return 0
-    for key in sorted(status):
-        print(f"{key}: {status[key]}")
+    print(format_status(status))
     return 0
 
 
@@ -99,7 +131,76 @@ def _cmd_tiny(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "tiny-model": _cmd_tiny}
+def _cmd_train_demo(args) -> int:
+    from .demo.train import run_from_args
+
+    print(run_from_args(args))
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from .launch.slurm import load_submit_config, submit
+
+    cfg = load_submit_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
+    prompts = None
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    submitted = submit(cfg, prompts=prompts)
+    for item in submitted:
+        print(f"job {item.job_id}: store {item.store_path}  logs {item.log_folder}")
+    if not args.wait:
+        return 0
+    code = 0
+    for item in submitted:
+        try:
+            status = item.job.results()[0]  # rank 0's return value (every task returns; the others None)
+            print(f"job {item.job_id}: {status['path']}: {status['num_frames_written']}/{status['num_frames']} frames, "
+                  f"complete={status['complete']}")
+        except Exception as error:  # noqa: BLE001 - submitit's UncompletedJobError/FailedJobError carry the logs
+            print(f"job {item.job_id} failed: {error}", file=sys.stderr)
+            code = 1
+    return code
+
+
+def _cmd_sbatch(args) -> int:
+    from .config import load_config
+    from .launch.sbatch import render_sbatch
+
+    cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
+    config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
+    if cfg.store.path:
+        cfg.store.path = str(Path(cfg.store.path).resolve())
+    overrides = list(args.overrides) + [f"video.num_frames={cfg.video.num_frames}", f"sampling.seed={cfg.sampling.seed}"]
+    sys.stdout.write(render_sbatch(cfg, config=config, overrides=overrides))
+    return 0
+
+
+def _cmd_clean_shm(args) -> int:
+    from .runtime.shm import main as clean_shm
+
+    return clean_shm(args.job_id)
+
+
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import check_fits, format_plan, make_plan, throughput_from_store
+
+    cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output,
+                      check_paths=False)
+    tflops = args.tflops
+    if args.from_store:
+        tflops = throughput_from_store(cfg, args.from_store)
+    plan = make_plan(cfg, num_ranks=args.ranks, throughput_tflops=tflops)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(format_plan(plan, cfg.cluster.gpu_mem_gb))
+    check_fits(plan, cfg)  # exit 2 with what would fit
+    return 0
+
+
+COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "plan": _cmd_plan, "clean-shm": _cmd_clean_shm, "generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "tiny-model": _cmd_tiny,
+            "train-demo": _cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

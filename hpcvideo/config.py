@@ -27,6 +27,7 @@ import copy
 import difflib
 import math
 import os
+import re
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,13 +45,22 @@ __all__ = [
 ]
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent / "demo" / "weights"  # model.path: demo (hpcvideo.demo.model)
 
-MODEL_FAMILIES = ("wan",)  # "unet3d" (ModelScope/Zeroscope/VideoCrafter2) comes with Video-Infinity
+MODEL_FAMILIES = ("wan", "unet3d")  # unet3d: ModelScope/Zeroscope/VideoCrafter2 (Video-Infinity only)
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("unipc", "flow_euler")  # same names as hpcvideo.schedulers.SCHEDULERS
-STRATEGIES = ("dualparal",)
+STRATEGIES = ("dualparal", "videoinfinity")
+UNET3D_SCHEDULERS = ("ddim", "dpmsolver")  # same names as strategies.videoinfinity.run
 NOISE_MODES = ("coordinated", "independent")  # same names as hpcvideo.noise.NOISE_MODES
 DEVICES = ("auto", "cpu", "cuda")
+CLUSTER_MPI = ("pmi2", "pmix")  # srun --mpi=...: pmi2 for MPICH-based MPI (the mpich wheel), pmix for Open MPI
+# sbatch options derived from the cluster section (or set by the launcher): not allowed in cluster.sbatch_options
+SBATCH_OPTIONS_SET = (
+    "nodes", "ntasks-per-node", "ntasks", "gpus-per-node", "gres", "cpus-per-task", "mem", "time", "partition",
+    "account", "qos", "constraint", "signal", "requeue", "job-name", "output", "error", "array", "open-mode",
+)
+_SBATCH_OPTION_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 SEED_LIMIT = 2**63
 
 # Wan2.1's standard negative prompt (the English version used in its model cards).
@@ -95,9 +105,14 @@ class PromptEntry:
 class ModelConfig:
     """``model``: which diffusion model to load."""
 
-    family: str = "wan"  # model family; "wan" (Wan2.1/2.2 DiT in diffusers format) only, for now
-    path: str = "tiny"  # "tiny": built-in tiny random-weight Wan (built on first use); else a local diffusers folder
+    family: str = "wan"  # "wan" (Wan2.1/2.2 DiT, diffusers format) | "unet3d" (ModelScope/Zeroscope/VideoCrafter2 UNet3D)
+    # "tiny": built-in tiny random-weight Wan (built on first use); "demo": the small trained Wan shipped in
+    # the package (hpcvideo/demo/weights, 64 x 64 pixels, see hpcvideo.demo); else a local diffusers folder
+    path: str = "tiny"
     dtype: str = "bfloat16"  # compute dtype of the transformer: float32 | bfloat16 | float16
+    # unet3d only: frames-per-second condition of a VideoCrafter2 conversion (its unet weights carry an
+    # fps_embedding; VideoCrafter2 / Video-Infinity use 24); null = no fps condition (ModelScope/Zeroscope)
+    fps_condition: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -133,11 +148,17 @@ class SamplingConfig:
 class StrategyConfig:
     """``strategy``: how the video is split and denoised (DualParal block-wise denoising)."""
 
-    name: str = "dualparal"  # "dualparal" only, for now
+    name: str = "dualparal"  # dualparal (Wan only) | videoinfinity (wan or unet3d)
     block_latent_frames: int = 8  # latent frames per block (n); must divide num_latent_frames
     context_latent_frames: int = 2  # latent frames of the previous block prepended to a block (c); 0 <= c <= n
     feature_cache: bool = True  # reuse the next block's self-attention keys/values instead of recomputing
     noise_init: str = "coordinated"  # coordinated (reshuffled base window) | independent
+    # --- videoinfinity (arXiv 2406.16260): rank r denoises clip r; world size = num_latent_frames / clip_latent_frames
+    clip_latent_frames: int = 16  # latent frames per rank (unet3d: latent frames = pixel frames); must divide num_latent_frames
+    local_frames: int = 8  # frames each side of a query frame in its local attention window (paper: 8 + 8)
+    global_frames: int = 16  # frames in the global set shared by all ranks (paper: 16); 0 = none
+    switch_timestep: float = 800.0  # t >= this: global keys favoured by global_bias; below: local keys (paper: 800)
+    global_bias: float = 10.0  # logit bias of the favoured scope (paper: 10)
 
 
 @dataclass(kw_only=True)
@@ -147,6 +168,7 @@ class StoreConfig:
     path: str | None = None  # run store folder, e.g. runs/x.zarr (relative to the caller's CWD); required to run
     checkpoint_every_ticks: int = 4  # save queue state at least every this many ticks
     checkpoint_every_s: float = 300.0  # ... and at least every this many seconds of wall time
+    heartbeat_every_s: float = 5.0  # each rank's heartbeat for `hpcvideo status`: at most this often (s)
 
 
 @dataclass(kw_only=True)
@@ -176,6 +198,16 @@ class ClusterConfig:
     timeout_min: int = 240  # wall-time limit of one job, minutes (the run requeues and resumes after it)
     partition: str | None = None  # SLURM partition; None = the cluster's default
     account: str | None = None  # SLURM account; None = the user's default
+    qos: str | None = None  # SLURM quality of service; None = the default
+    constraint: str | None = None  # SLURM node features, e.g. "a100&ib"; None = any node
+    request_gpus: bool = True  # ask SLURM for gpus_per_node GPUs per node; false: CPU nodes (ranks only)
+    mpi: str = "pmi2"  # srun --mpi flavour: pmi2 (MPICH, the mpich wheel, Intel MPI) | pmix (Open MPI)
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun, e.g. "module load cuda/12.4"
+    sbatch_options: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, e.g. {mail-type: END}
+    signal_delay_s: int = 120  # USR2 comes this many seconds before the time limit (must exceed one tick + checkpoint)
+    max_timeouts: int = 20  # requeues after hitting timeout_min before the job gives up (preemptions do not count)
+    log_folder: str | None = None  # submitit logs; None = <store.path>.slurm
+    gpu_mem_gb: float | None = None  # memory of one GPU, GiB (e.g. 80 for an H100); None = not checked by submit/plan
 
 
 @dataclass(kw_only=True)
@@ -192,13 +224,17 @@ class RunConfig:
 
     @property
     def num_latent_frames(self) -> int:
-        """Latent frames of the video: (num_frames - 1) // 4 + 1 (Wan VAE, first frame alone)."""
+        """Latent frames of the video: (num_frames - 1) // 4 + 1 (Wan VAE, first frame alone);
+        num_frames for the unet3d family (per-frame 2-D VAE)."""
+        if self.model.family == "unet3d":
+            return self.video.num_frames
         return (self.video.num_frames - 1) // 4 + 1
 
     @property
     def num_blocks(self) -> int:
-        """Number of DualParal blocks: num_latent_frames // block_latent_frames."""
-        return self.num_latent_frames // self.strategy.block_latent_frames
+        """Number of DualParal blocks: num_latent_frames // block_latent_frames (videoinfinity: clips,
+        num_latent_frames // clip_latent_frames, which is also the number of ranks)."""
+        return self.num_latent_frames // self._unit_latent_frames
 
     def block_first_frame(self, j: int) -> int:
         """First pixel frame of block ``j``: 0 for j == 0, else 4 * (j * n - 1) + 1 (n = block_latent_frames).
@@ -208,7 +244,15 @@ class RunConfig:
         """
         if j < 0:
             raise ValueError(f"block index j={j} must be >= 0")
-        return 0 if j == 0 else 4 * (j * self.strategy.block_latent_frames - 1) + 1
+        if self.model.family == "unet3d":  # videoinfinity clip j, one pixel frame per latent frame
+            return j * self._unit_latent_frames
+        return 0 if j == 0 else 4 * (j * self._unit_latent_frames - 1) + 1
+
+    @property
+    def _unit_latent_frames(self) -> int:
+        """Latent frames of a block (dualparal) or a clip (videoinfinity)."""
+        s = self.strategy
+        return s.clip_latent_frames if s.name == "videoinfinity" else s.block_latent_frames
 
     def prompt_index_for_block(self, j: int) -> int:
         """Index into ``sampling.prompts`` of the last entry with from_frame <= block_first_frame(j)."""
@@ -356,6 +400,8 @@ def _build_section(name: str, value: Any, errors: list[str], bad: set[str]) -> A
             if parsed is None:
                 bad.add(dotted)
                 continue
+        elif dotted in ("cluster.setup", "cluster.sbatch_options"):
+            parsed, err = _parse_cluster_list_or_map(dotted, raw)
         elif dotted == "runtime.stage_layers":
             parsed, err = raw, None
             if raw is not None and not (
@@ -410,8 +456,16 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     one_of("model.dtype", m.dtype, DTYPES)
     if ok("model.path") and not m.path:
         fail("model.path", "model.path='' is empty; allowed: 'tiny' or a diffusers-format model folder")
+    if ok("model.fps_condition", "model.family") and m.fps_condition is not None:
+        if m.family != "unet3d":
+            fail("model.fps_condition", f"model.fps_condition={m.fps_condition!r} is for model.family='unet3d' "
+                 f"(VideoCrafter2), not {m.family!r}; allowed: null")
+        elif not m.fps_condition > 0:
+            fail("model.fps_condition", f"model.fps_condition={m.fps_condition!r} is out of range; allowed: > 0 or null")
 
-    if ok("video.num_frames") and (v.num_frames < 1 or (v.num_frames - 1) % 4):
+    if ok("video.num_frames", "model.family") and m.family == "unet3d" and v.num_frames < 1:
+        fail("video.num_frames", f"video.num_frames={v.num_frames} is out of range; allowed: >= 1")
+    if ok("video.num_frames", "model.family") and m.family == "wan" and (v.num_frames < 1 or (v.num_frames - 1) % 4):
         nearest = _nearest(v.num_frames, 4, 1, 1)
         fail("video.num_frames", f"video.num_frames={v.num_frames} is not of the form 4k+1; nearest allowed: {nearest}")
     for key in ("height", "width"):
@@ -427,7 +481,7 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     if ok("sampling.guidance_scale") and s.guidance_scale < 0:
         fail("sampling.guidance_scale",
              f"sampling.guidance_scale={s.guidance_scale!r} is out of range; allowed: >= 0 (<= 1 disables guidance)")
-    one_of("sampling.scheduler", s.scheduler, SCHEDULERS)
+    one_of("sampling.scheduler", s.scheduler, UNET3D_SCHEDULERS if m.family == "unet3d" else SCHEDULERS)
     positive("sampling.flow_shift", s.flow_shift)
     at_least("sampling.max_sequence_length", s.max_sequence_length, 1)
     if ok("sampling.prompts"):
@@ -443,7 +497,12 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
             f"strategy.context_latent_frames={c} is larger than strategy.block_latent_frames={n} "
             f"(the context is taken from the previous block); allowed: 0 <= strategy.context_latent_frames <= {n}"
         )
-    if ok("video.num_frames", "strategy.block_latent_frames") and cfg.num_latent_frames % n:
+    if ok("strategy.name", "model.family") and st.name == "dualparal" and m.family != "wan":
+        fail("strategy.name", f"strategy.name='dualparal' needs model.family='wan', not {m.family!r}; "
+             "allowed for this family: 'videoinfinity'")
+    if ok("strategy.name") and st.name == "videoinfinity":
+        errors.extend(_check_videoinfinity(cfg, ok, fail))
+    elif ok("video.num_frames", "strategy.block_latent_frames") and cfg.num_latent_frames % n:
         num_latent = cfg.num_latent_frames
         k = num_latent // n
         options = [4 * (kk * n - 1) + 1 for kk in (k, k + 1) if kk >= 1]
@@ -460,6 +519,7 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
         fail("store.path", "store.path='' is empty; allowed: a folder path such as runs/NAME.zarr, or null")
     at_least("store.checkpoint_every_ticks", cfg.store.checkpoint_every_ticks, 1)
     positive("store.checkpoint_every_s", cfg.store.checkpoint_every_s)
+    positive("store.heartbeat_every_s", cfg.store.heartbeat_every_s)
 
     one_of("runtime.device", cfg.runtime.device, DEVICES)
     at_least("runtime.num_threads", cfg.runtime.num_threads, 0)
@@ -467,9 +527,78 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
 
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
         at_least(f"cluster.{key}", getattr(cfg.cluster, key), 1)
-    for key in ("partition", "account"):
+    for key in ("partition", "account", "qos", "constraint"):
         if ok(f"cluster.{key}") and getattr(cfg.cluster, key) == "":
             fail(f"cluster.{key}", f"cluster.{key}='' is empty; allowed: a name, or null for the default")
+    for key in ("partition", "account", "qos", "constraint", "log_folder"):
+        value = getattr(cfg.cluster, key)
+        if ok(f"cluster.{key}") and value is not None and ("\n" in value or "\0" in value):
+            fail(f"cluster.{key}", f"cluster.{key}={value!r} contains a line break; allowed: one line")
+    one_of("cluster.mpi", cfg.cluster.mpi, CLUSTER_MPI)
+    if ok("cluster.gpu_mem_gb") and cfg.cluster.gpu_mem_gb is not None:
+        positive("cluster.gpu_mem_gb", cfg.cluster.gpu_mem_gb)
+    at_least("cluster.signal_delay_s", cfg.cluster.signal_delay_s, 1)
+    at_least("cluster.max_timeouts", cfg.cluster.max_timeouts, 0)
+    if ok("cluster.signal_delay_s", "cluster.timeout_min") and cfg.cluster.signal_delay_s >= cfg.cluster.timeout_min * 60:
+        fail("cluster.signal_delay_s", f"cluster.signal_delay_s={cfg.cluster.signal_delay_s} is not shorter than "
+             f"cluster.timeout_min={cfg.cluster.timeout_min} minutes; allowed: < {cfg.cluster.timeout_min * 60}")
+    if ok("runtime.device") and cfg.runtime.device == "cuda" and not cfg.cluster.request_gpus:
+        fail("cluster.request_gpus", "cluster.request_gpus=False with runtime.device='cuda': the ranks would get no GPU; "
+             "allowed: true, or runtime.device cpu/auto")
+    return errors
+
+
+def _parse_cluster_list_or_map(key: str, raw: Any) -> tuple[Any, str | None]:
+    """``cluster.setup``: a list of one-line shell commands; ``cluster.sbatch_options``: {option: value}
+    where option is an sbatch long option without ``--`` that the cluster section does not set
+    itself, and value is text, a number or true (a flag such as ``exclusive: true``)."""
+    if key == "cluster.setup":
+        allowed = "a list of one-line shell commands, e.g. ['module load cuda/12.4']"
+        if not isinstance(raw, list) or not all(isinstance(line, str) for line in raw):
+            return None, _wrong_type(key, raw, allowed)
+        for i, line in enumerate(raw):
+            if "\n" in line or "\r" in line or "\0" in line:
+                return None, f"{key}[{i}]={line!r} contains a line break; allowed: {allowed}"
+        return list(raw), None
+    allowed = ("a mapping {option: value} of sbatch long options without '--' (e.g. {mail-type: END, exclusive: true}), "
+               f"not one the cluster section sets ({', '.join(SBATCH_OPTIONS_SET)})")
+    if not isinstance(raw, Mapping):
+        return None, _wrong_type(key, raw, allowed)
+    out = {}
+    for option, value in raw.items():
+        name = str(option).replace("_", "-")
+        if not isinstance(option, str) or not _SBATCH_OPTION_RE.match(name):
+            return None, f"{key}: option {option!r} is not an sbatch long option name; allowed: {allowed}"
+        if name in SBATCH_OPTIONS_SET:
+            return None, f"{key}: option {option!r} is set by the cluster section itself; allowed: {allowed}"
+        if value is False or value is None or isinstance(value, (list, dict)) or (
+            isinstance(value, str) and ("\n" in value or "\r" in value or "\0" in value)
+        ):
+            return None, f"{key}.{option}={value!r} is not allowed; allowed: one-line text, a number, or true for a flag"
+        out[name] = value
+    return out, None
+
+
+def _check_videoinfinity(cfg: RunConfig, ok, fail) -> list[str]:
+    """strategy.* keys of Video-Infinity and the clip arithmetic (ranks = num_latent_frames / clip_latent_frames)."""
+    st, errors = cfg.strategy, []
+    for key in ("clip_latent_frames", "local_frames", "global_frames"):
+        low = 1 if key == "clip_latent_frames" else 0
+        if ok(f"strategy.{key}") and getattr(st, key) < low:
+            fail(f"strategy.{key}", f"strategy.{key}={getattr(st, key)!r} is out of range; allowed: >= {low}")
+    if ok("strategy.global_bias") and st.global_bias < 0:
+        fail("strategy.global_bias", f"strategy.global_bias={st.global_bias!r} is out of range; allowed: >= 0")
+    n = st.clip_latent_frames
+    if ok("video.num_frames", "strategy.clip_latent_frames", "model.family") and n >= 1 and cfg.num_latent_frames % n:
+        k = max(1, cfg.num_latent_frames // n)
+        if cfg.model.family == "unet3d":
+            options, form = [k * n, (k + 1) * n], f"k*{n}"
+        else:
+            options, form = [4 * (k * n - 1) + 1, 4 * ((k + 1) * n - 1) + 1], f"4*(k*{n}-1)+1"
+        fail("video.num_frames",
+             f"video.num_frames={cfg.video.num_frames} gives {cfg.num_latent_frames} latent frames, not a multiple of "
+             f"strategy.clip_latent_frames={n} (one clip per rank); nearest allowed video.num_frames: "
+             f"{' or '.join(map(str, options))} ({form} for k ranks)")
     return errors
 
 
@@ -514,8 +643,11 @@ def _check_paths(cfg: RunConfig, bad: set[str]) -> list[str]:
     """model.path exists as a diffusers folder; store.path is set and creatable. Creates nothing."""
     errors = []
     path = cfg.model.path
-    if "model.path" not in bad and path != "tiny":
-        allowed = ("allowed: 'tiny' (built-in tiny random-weight model) "
+    if "model.path" not in bad and path == "demo" and not (DEMO_WEIGHTS_DIR / "model_index.json").is_file():
+        errors.append(f"model.path='demo': the shipped demo weights are missing ({DEMO_WEIGHTS_DIR}); "
+                      "reinstall hpcvideo or run `hpcvideo train-demo`")
+    if "model.path" not in bad and path not in ("tiny", "demo"):
+        allowed = ("allowed: 'tiny' (built-in tiny random-weight model), 'demo' (shipped trained demo model) "
                    "or a diffusers-format model folder containing model_index.json")
         p = Path(path)
         if not p.exists():

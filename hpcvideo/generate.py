@@ -30,10 +30,12 @@ from .decode import StreamingDecoder
 from .faults import fault
 from .models import encode_prompts, ensure_tiny_wan, load_wan, load_wan_transformer_stage, read_model_info
 from .noise import block_noise
+from .progress import Heartbeat
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
 from .launch.local import LOG_DIR_VAR, redirect_rank_output
 from .runtime.control import bcast_object, gather_object
+from .runtime.preempt import Preempted, should_stop
 from .runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
 from .strategies.dualparal.pipeline import DualParalPipeline, split_layers
 from .writer import BlockSink
@@ -45,9 +47,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
-    """``model.path`` as a folder: "tiny" builds/caches the tiny random-weight model."""
+    """``model.path`` as a folder: "tiny" builds/caches the tiny random-weight model; "demo" is the
+    trained demo model shipped in the package (:mod:`hpcvideo.demo`)."""
     if cfg.model.path == "tiny":
         return Path(ensure_tiny_wan())
+    if cfg.model.path == "demo":
+        from .config import DEMO_WEIGHTS_DIR
+
+        return DEMO_WEIGHTS_DIR
     return Path(cfg.model.path).expanduser().resolve()
 
 
@@ -154,6 +161,10 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env)
     try:
+        if cfg.strategy.name == "videoinfinity":  # clip parallelism: its own prepare/run (abort_on_failure inside)
+            from .strategies.videoinfinity.run import run_videoinfinity
+
+            return run_videoinfinity(cfg, env, progress=progress)
         setup = _prepare(cfg, env)
         with abort_on_failure(env):
             return _run(cfg, env, setup, progress=progress)
@@ -316,12 +327,19 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
         bar = tqdm(total=executor.num_ticks, initial=executor.tick, unit="tick", desc="denoise", dynamic_ncols=True)
     last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
     first_tick, loop_start, last_log = executor.tick, time.perf_counter(), time.monotonic()
+    heartbeat = Heartbeat(cfg.store.path, rank=env.rank, num_ticks=executor.num_ticks,
+                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None)
+    heartbeat.beat(executor.tick)  # per-rank record for `hpcvideo status`, throttled (hpcvideo.progress)
     try:
         while True:
             if main and executor.tick == num_blocks:
                 checkpoint("extend")
             if executor.done:
                 break
+            if should_stop(env):  # SLURM's USR2 on any rank: every rank stops at this tick (runtime.preempt)
+                if main:
+                    checkpoint("resume")
+                raise Preempted(executor.tick)
             if main and (executor.tick - last_checkpoint_tick >= cfg.store.checkpoint_every_ticks or (
                 time.monotonic() - last_checkpoint_time >= cfg.store.checkpoint_every_s
             )):
@@ -332,6 +350,7 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
             finished = executor.run_tick()
             timings.denoise_s += time.perf_counter() - t
             timings.ticks += 1
+            heartbeat.beat(executor.tick, tick_s=time.perf_counter() - t)
             for block_index, latents in finished:
                 sink.submit(block_index, latents)
             if bar is not None:
@@ -349,6 +368,7 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
         executor.close()
         if sink is not None:
             sink.close()
+        heartbeat.beat(executor.tick, force=True, state="finished" if executor.done else "stopped")
     rank_stats = gather_object(env, {
         "rank": env.rank, "layers": [layers.start, layers.stop], **executor.stats,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -84,3 +84,20 @@ def block_noise(
     base = torch.randn(shape, generator=_generator(seed, 2), dtype=torch.float32)
     index = torch.tensor(_coordinated_indices(int(seed), int(block_index), n, c))
     return base[:, :, index].contiguous()
+
+
+def frame_noise(
+    *, seed: int, start: int, stop: int, latent_channels: int, latent_height: int, latent_width: int
+) -> torch.Tensor:
+    """Initial noise of latent frames [start, stop) of the video (Video-Infinity clips).
+
+    Every frame has its own generator, seeded from (seed, frame index), so a clip's noise does not
+    depend on how the video is split into clips (or on the number of ranks). Returns a float32 CPU
+    tensor of shape (1, latent_channels, stop - start, latent_height, latent_width). Raises
+    ValueError for a negative or empty range.
+    """
+    if not 0 <= start < stop:
+        raise ValueError(f"frame range [{start}, {stop}) must satisfy 0 <= start < stop")
+    shape = (latent_channels, latent_height, latent_width)
+    frames = [torch.randn(shape, generator=_generator(seed, 3, f), dtype=torch.float32) for f in range(start, stop)]
+    return torch.stack(frames, dim=1).unsqueeze(0)

@@ -10,6 +10,8 @@ Layout (``L`` = num_latent_frames, ``n`` = block_latent_frames, ``F = 4*(L-1)+1`
       done/frames              (L // n,) uint8, chunks (1,)
       state/<kind>             group; its attrs are the checkpoint pointer (see save_state)
       state/<kind>_0, _1       (nbytes,) uint8, the two checkpoint slots
+      heartbeat/rank<R>        per-rank heartbeat (plain JSON, see hpcvideo.progress)
+      heartbeat/ticks          (num_ticks, 2) float64 per tick [wall s, end time], see record_ticks
 
 Block j holds latent frames ``[j*n, (j+1)*n)`` and pixel frames ``[0, 4n-3)`` for j = 0,
 ``[4jn-3, 4(j+1)n-3)`` for j > 0 (Wan's causal VAE decodes the first latent frame to one frame and
@@ -54,7 +56,7 @@ from .config import config_diff, format_diff
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: pixel frames per latent frame (after the first)
 STATUSES = ("created", "running", "complete", "failed")
 DONE_KINDS = ("latents", "frames")
-_RESERVED_ATTRS = ("format_version", "config", "model_id", "fps", "block_latent_frames", "status")
+_RESERVED_ATTRS = ("format_version", "config", "model_id", "fps", "block_latent_frames", "status", "vae_temporal_stride")
 # zarr/storage/_local.py: path.with_suffix(f".{uuid.uuid4().hex}.partial")
 _PARTIAL_RE = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")
 _KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -76,18 +78,18 @@ class ConfigMismatchError(StoreError):
         )
 
 
-def num_frames_for(num_latent_frames: int) -> int:
+def num_frames_for(num_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> int:
     """Pixel frames decoded from ``num_latent_frames`` latent frames: 4*(L-1)+1."""
-    return VAE_TEMPORAL_STRIDE * (num_latent_frames - 1) + 1
+    return temporal_stride * (num_latent_frames - 1) + 1
 
 
-def block_frame_range(block_index: int, block_latent_frames: int) -> tuple[int, int]:
+def block_frame_range(block_index: int, block_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> tuple[int, int]:
     """Pixel frames [start, stop) decoded from block ``block_index`` of ``block_latent_frames``."""
     if block_index < 0:
         raise ValueError(f"block_index must be >= 0, got {block_index}")
-    f = VAE_TEMPORAL_STRIDE * block_latent_frames
-    start = 0 if block_index == 0 else f * block_index - (VAE_TEMPORAL_STRIDE - 1)
-    return start, f * (block_index + 1) - (VAE_TEMPORAL_STRIDE - 1)
+    f = temporal_stride * block_latent_frames
+    start = 0 if block_index == 0 else f * block_index - (temporal_stride - 1)
+    return start, f * (block_index + 1) - (temporal_stride - 1)
 
 
 def _normalise_config(config: dict) -> dict:
@@ -122,12 +124,15 @@ class RunStore:
     @classmethod
     def create(cls, path, *, config: dict, num_latent_frames: int, block_latent_frames: int,
                latent_channels: int, latent_height: int, latent_width: int,
-               height: int, width: int, fps: float, model_id: str) -> "RunStore":
+               height: int, width: int, fps: float, model_id: str,
+               vae_temporal_stride: int = VAE_TEMPORAL_STRIDE) -> "RunStore":
         """Make a new run store at ``path`` (refused if a run store is already there).
 
         latents: (num_latent_frames, latent_channels, latent_height, latent_width) float32;
         frames: (4*(num_latent_frames-1)+1, height, width, 3) uint8. ``num_latent_frames`` must be
-        a multiple of ``block_latent_frames``. A directory left by an interrupted create (a zarr
+        a multiple of ``block_latent_frames``. ``vae_temporal_stride``: pixel frames per latent frame
+        after the first (4: Wan's causal VAE; 1: a per-frame 2-D VAE, UNet3D models, where
+        num_frames = num_latent_frames). A directory left by an interrupted create (a zarr
         group without format_version) is overwritten with a warning.
         """
         n = _positive_int("block_latent_frames", block_latent_frames)
@@ -157,14 +162,16 @@ class RunStore:
                 raise StoreError(f"{path} exists, is not empty and is not a run store; refusing to overwrite")
 
         zstore = LocalStore(path)
+        stride = _positive_int("vae_temporal_stride", vae_temporal_stride)
+        extra = {"vae_temporal_stride": stride} if stride != VAE_TEMPORAL_STRIDE else {}
         root = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={
             "config": config, "model_id": model_id, "fps": float(fps),
-            "block_latent_frames": n, "status": "created"})
+            "block_latent_frames": n, "status": "created", **extra})
         root.create_array("latents", shape=(L, C, h, w), chunks=(n, C, h, w), dtype="float32",
                           fill_value=0.0,
                           dimension_names=("latent_frame", "channel", "latent_height", "latent_width"))
-        root.create_array("frames", shape=(num_frames_for(L), H, W, 3),
-                          chunks=(VAE_TEMPORAL_STRIDE * n, H, W, 3), dtype="uint8", fill_value=0,
+        root.create_array("frames", shape=(num_frames_for(L, stride), H, W, 3),
+                          chunks=(stride * n, H, W, 3), dtype="uint8", fill_value=0,
                           dimension_names=("frame", "height", "width", "rgb"))
         done = root.create_group("done")
         for kind in DONE_KINDS:
@@ -216,7 +223,7 @@ class RunStore:
             raise StoreError(f"run store {self._path} is missing array {e}") from e
         self._root, self._attrs = root, attrs
         n, L = attrs["block_latent_frames"], self._latents.shape[0]
-        if (self._frames.shape[0] < num_frames_for(L)
+        if (self._frames.shape[0] < num_frames_for(L, self.vae_temporal_stride)
                 or any(a.shape[0] < L // n for a in self._done.values())):
             warnings.warn(f"run store {self._path}: arrays disagree on length (an interrupted "
                           f"resize?); call resize({L}) or larger to finish it", stacklevel=2)
@@ -230,7 +237,9 @@ class RunStore:
     model_id = property(lambda self: self._attrs["model_id"])
     status = property(lambda self: self._attrs["status"], doc="as of open/refresh/set_status")
     num_latent_frames = property(lambda self: int(self._latents.shape[0]))
-    num_frames = property(lambda self: num_frames_for(self.num_latent_frames))
+    num_frames = property(lambda self: num_frames_for(self.num_latent_frames, self.vae_temporal_stride))
+    vae_temporal_stride = property(lambda self: int(self._attrs.get("vae_temporal_stride", VAE_TEMPORAL_STRIDE)),
+                                   doc="pixel frames per latent frame (4: Wan; 1: per-frame VAE)")
     num_blocks = property(lambda self: self.num_latent_frames // self.block_latent_frames)
     latent_shape = property(lambda self: tuple(self._latents.shape[1:]), doc="(C, h, w)")
     frame_shape = property(lambda self: tuple(self._frames.shape[1:3]), doc="(H, W)")
@@ -240,7 +249,7 @@ class RunStore:
         """Pixel frames [start, stop) of block ``block_index`` (0 <= block_index < num_blocks)."""
         if not 0 <= block_index < self.num_blocks:
             raise IndexError(f"block_index={block_index} out of range [0, {self.num_blocks})")
-        return block_frame_range(block_index, self.block_latent_frames)
+        return block_frame_range(block_index, self.block_latent_frames, self.vae_temporal_stride)
 
     # ---------------------------------------------------------------- config / attrs
     def check_config(self, config: dict, ignore: Iterable[str] = ()) -> None:
@@ -296,7 +305,7 @@ class RunStore:
         if L < old:
             raise StoreError(f"cannot shrink run store {self._path} from {old} to {L} latent frames")
         for arr, length in [*((a, L // n) for a in self._done.values()),
-                            (self._frames, num_frames_for(L)), (self._latents, L)]:
+                            (self._frames, num_frames_for(L, self.vae_temporal_stride)), (self._latents, L)]:
             if arr.shape[0] < length:
                 arr.resize((length, *arr.shape[1:]))
         self.refresh()  # reopen every array with its new shape
@@ -332,7 +341,7 @@ class RunStore:
         Read-modify-writes the chunk shared with the previous block: one frames writer only.
         """
         self._require_writable()
-        start, stop = block_frame_range(block_index, self.block_latent_frames)
+        start, stop = block_frame_range(block_index, self.block_latent_frames, self.vae_temporal_stride)
         self._check_covers("frames", self._frames, start, stop, f"block {block_index}")
         frames = np.asarray(frames)
         expected = (stop - start, *self.frame_shape, 3)
@@ -387,7 +396,7 @@ class RunStore:
         """Frames of the leading run of blocks whose frames are marked done (what iter_frames yields)."""
         done = self.done("frames")
         k = len(done) if done.all() else int(np.argmin(done))
-        return block_frame_range(k - 1, self.block_latent_frames)[1] if k else 0
+        return block_frame_range(k - 1, self.block_latent_frames, self.vae_temporal_stride)[1] if k else 0
 
     def iter_frames(self, batch_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, uint8 (b, H, W, 3)) batches of done frames in order; stops at the first
@@ -491,6 +500,37 @@ class RunStore:
                     os.remove(p)
                     removed.append(p)
         return sorted(removed)
+
+    # ---------------------------------------------------------------- per-tick log (hpcvideo.progress)
+    TICKS_PATH, TICKS_CHUNK = "heartbeat/ticks", 4096
+
+    def record_ticks(self, ticks: np.ndarray, values: np.ndarray) -> None:
+        """Write per-tick figures: ``values`` (k, 2) float64 = [wall s, end time unix s] of tick indices
+        ``ticks`` (k,) into ``heartbeat/ticks`` (grown as needed). One writer (rank 0)."""
+        self._require_writable()
+        ticks, values = np.asarray(ticks, dtype=np.int64), np.asarray(values, dtype=np.float64)
+        if ticks.ndim != 1 or values.shape != (len(ticks), 2) or (ticks < 0).any():
+            raise ValueError(f"record_ticks needs ticks (k,) >= 0 and values (k, 2), got {ticks.shape}, {values.shape}")
+        if not len(ticks):
+            return
+        try:
+            arr = zarr.open_array(self._zstore, path=self.TICKS_PATH, mode="r+", zarr_format=3)
+        except FileNotFoundError:
+            arr = self._root.create_array(self.TICKS_PATH, shape=(0, 2), chunks=(self.TICKS_CHUNK, 2),
+                                          dtype="float64", fill_value=np.nan, dimension_names=("tick", "field"))
+        if arr.shape[0] <= ticks.max():
+            arr.resize((int(ticks.max()) + 1, 2))
+        lo, hi = int(ticks.min()), int(ticks.max()) + 1
+        block = arr[lo:hi]
+        block[ticks - lo] = values
+        arr[lo:hi] = block
+
+    def tick_times(self) -> np.ndarray:
+        """(num_ticks_recorded, 2) float64 [wall s, end time unix s] per tick; NaN rows not run (yet)."""
+        try:
+            return zarr.open_array(self._zstore, path=self.TICKS_PATH, mode="r", zarr_format=3)[:]
+        except FileNotFoundError:
+            return np.empty((0, 2))
 
     def status_dict(self) -> dict:
         """Progress summary (JSON-serialisable) for ``hpcvideo status`` and notebooks.

@@ -26,3 +26,10 @@ def tiny_model_dir(hpcvideo_cache):
     from hpcvideo.models import ensure_tiny_wan
 
     return ensure_tiny_wan()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet3d_dir(hpcvideo_cache):
+    from hpcvideo.models.unet3d import ensure_tiny_unet3d
+
+    return ensure_tiny_unet3d()

@@ -259,7 +259,8 @@ def test_unknown_keys_at_every_level():
 
 def test_unknown_key_without_close_match():
     msg = one_error(with_(store={"zzzzzz": 1}))
-    assert msg == "unknown key 'store.zzzzzz' (valid keys in 'store': path, checkpoint_every_ticks, checkpoint_every_s)"
+    assert msg == ("unknown key 'store.zzzzzz' (valid keys in 'store': path, checkpoint_every_ticks, checkpoint_every_s, "
+                   "heartbeat_every_s)")
 
 
 @pytest.mark.parametrize(
@@ -359,10 +360,10 @@ def test_context_larger_than_block():
 @pytest.mark.parametrize(
     "section, key, value, allowed",
     [
-        ("model", "family", "unet3d", "'wan'"),
+        ("model", "family", "unet2d", "'wan', 'unet3d'"),
         ("model", "dtype", "fp16", "'float32', 'bfloat16', 'float16'"),
         ("sampling", "scheduler", "ddim", "'unipc', 'flow_euler'"),
-        ("strategy", "name", "videoinfinity", "'dualparal'"),
+        ("strategy", "name", "videoinfinite", "'dualparal', 'videoinfinity'"),
         ("strategy", "noise_init", "random", "'coordinated', 'independent'"),
         ("runtime", "device", "gpu", "'auto', 'cpu', 'cuda'"),
     ],

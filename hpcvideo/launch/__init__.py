@@ -1,4 +1,4 @@
-"""Launchers: local (re-run under mpiexec); slurm (submitit) comes in launch/slurm.py."""
+"""Launchers: local (re-run under mpiexec); slurm (submitit, launch/slurm.py); plain sbatch scripts (launch/sbatch.py)."""
 
 from .local import LOG_DIR_VAR, maybe_relaunch, redirect_rank_output, relaunch_under_mpiexec
 

@@ -1,1 +1,1 @@
-"""Parallel strategies: dualparal/ (block queue + layer pipeline); videoinfinity/ comes later."""
+"""Parallel strategies: dualparal/ (block queue + layer pipeline); videoinfinity/ (clip parallelism, dual-scope attention)."""

@@ -1,0 +1,29 @@
+"""A small Wan2.1 text-to-video model that hpcvideo trains itself, shipped in the package.
+
+No real checkpoint can be downloaded on the CPU machines, so this subpackage makes one: synthetic
+motion clips with captions (:mod:`.data`), the model's small configs (:mod:`.model`) and the
+training command ``hpcvideo train-demo`` (:mod:`.train`). The trained diffusers folder lives in
+``hpcvideo/demo/weights`` (``model.path: demo``; preset ``configs/demo-cpu.yaml``).
+
+This module imports neither torch nor numpy (the CLI builds its parser from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the shipped diffusers folder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hpcvideo train-demo`` options (defaults: about 50 min on one busy CPU thread)."""
+    parser.add_argument("--output", default=str(WEIGHTS_DIR),
+                        help="diffusers folder to write (default: the package's shipped weights folder)")
+    parser.add_argument("--work-dir", default=None, help="checkpoints and cached latents (default: OUTPUT.work); "
+                        "rerun the same command to continue an interrupted training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=250)
+    parser.add_argument("--num-clips", type=int, default=384, help="clips encoded for the transformer stage")
+    parser.add_argument("--transformer-steps", type=int, default=1500)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

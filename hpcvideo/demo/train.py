@@ -1,0 +1,303 @@
+"""Train the demo model on synthetic motion clips (``hpcvideo train-demo``); CPU in well under an hour.
+
+Three stages, each checkpointed under ``--work-dir`` so an interrupted run continues where it stopped
+(rerun the same command):
+
+1. **VAE** (AutoencoderKLWan, :mod:`hpcvideo.demo.model`): MSE reconstruction of the decoded posterior
+   mean (decoded without the output clamp, see :func:`_decode_unclamped`) + a small KL term (weight
+   1e-4, bounds the latent scale), on random 32 x 32 crops of 5-frame windows (1 + 4 frames: the
+   causal first frame and one temporal chunk) of the 64 x 64 clips; biases start at zero
+   (:func:`_init_vae_for_training`). Convolutional, so it then works on whole frames of any size.
+2. **Latents**: the posterior means of ``num_clips`` whole clips (21 frames, 64 x 64 -> 6 x 8 x 8),
+   normalised per channel; the statistics become the VAE's ``latents_mean`` / ``latents_std`` (as
+   in Wan2.1), so ``WanPipeline`` and :mod:`hpcvideo.decode` un-normalise them.
+3. **Transformer** (WanTransformer3DModel): rectified-flow matching as Wan2.1 is trained. Timesteps
+   are drawn with diffusers' ``compute_density_for_timestep_sampling`` (logit-normal) over the
+   shifted sigmas of ``FlowMatchEulerDiscreteScheduler(shift=3)``; ``x_t = (1 - sigma) x_0 + sigma
+   noise``; the target is ``noise - x_0`` (what a Wan transformer predicts, ``flow_prediction``).
+   Text goes through the model's own tokenizer + UMT5 encoder via ``WanPipeline.encode_prompt``
+   (exactly what inference does); 10% of captions are replaced by "" so that classifier-free
+   guidance with the empty negative prompt works. An EMA of the weights is what gets saved.
+
+Deterministic from ``--seed``: data indices, crops, noise and timesteps come from generators seeded
+by (seed, stage, step); with one torch thread, reruns give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, model
+
+log = logging.getLogger("hpcvideo.demo")
+
+
+def _gen(seed: int, *keys: int) -> torch.Generator:
+    """A torch generator that is a pure function of (seed, keys)."""
+    mixed = int(np.random.default_rng([seed, *keys]).integers(2**62))
+    return torch.Generator().manual_seed(mixed)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------- VAE
+
+
+@torch.no_grad()
+def _init_vae_for_training(vae, *, bottleneck_gain: float = 5.0) -> None:
+    """Zero every bias and scale the 1x1 convolutions around the latent by ``bottleneck_gain``.
+
+    At diffusers' default init the Wan VAE's per-pixel RMS norms see features dominated by the
+    (input-independent) biases and the latent carries a tiny signal (across-image std 0.02 of 0.16):
+    the small VAE then sat at a constant output (L1 0.27) for hundreds of steps. With this init it
+    starts using the latent after ~80 steps (measured on one batch)."""
+    for name, param in vae.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+    vae.quant_conv.weight.mul_(bottleneck_gain)
+    vae.post_quant_conv.weight.mul_(bottleneck_gain)
+
+
+def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(z).sample`` without its final clamp to [-1, 1]: (B, z, T, h, w) -> (B, 3, 1 + 4 (T - 1), 8h, 8w).
+
+    The clamp has zero gradient outside [-1, 1]; early in training whole regions saturate there and
+    the small VAE never recovers (constant output). Same frame-by-frame causal decode as diffusers'
+    ``AutoencoderKLWan._decode`` (the decoder's own feature cache), so inference equals training."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+def train_vae(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, work_dir: Path,
+              kl_weight: float = 1e-4, crop_px: int = 32, window_frames: int = 5, log_every: int = 25) -> list:
+    """Train ``vae`` in place; returns the loss log [(step, l1, kl, seconds)]. Checkpoints every 100 steps."""
+    ckpt_path = work_dir / "vae_ckpt.pt"
+    _init_vae_for_training(vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step, history = 0, []
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["opt"])
+        step, history = ckpt["step"], ckpt["history"]
+        log.info("vae: resumed at step %d", step)
+    vae.train()
+    t0 = time.time() - (history[-1][3] if history else 0.0)
+    while step < num_steps:
+        rng = np.random.default_rng([seed, 1, step])
+        indices = rng.integers(0, 2**31, size=batch_size)
+        video, _ = data.make_batch(seed, indices, num_frames=data_frames(window_frames))
+        f0 = rng.integers(0, video.shape[2] - window_frames + 1)
+        y0, x0 = rng.integers(0, video.shape[3] - crop_px + 1, size=2)
+        x = torch.from_numpy(np.ascontiguousarray(
+            video[:, :, f0:f0 + window_frames, y0:y0 + crop_px, x0:x0 + crop_px])).float()  # (B, 3, T, h, w)
+        for group in opt.param_groups:  # cosine decay to 10%
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
+        posterior = vae.encode(x).latent_dist
+        # Decode the posterior mean (what encode_latents gives the transformer). Sampling z with the
+        # initial posterior std of ~1 drowned the small initial means and collapsed the posterior in
+        # a first try (constant output after 100 steps); the KL term still bounds the latents' scale.
+        recon = _decode_unclamped(vae, posterior.mean)
+        l1 = (recon - x).abs().mean()  # logged
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+        # MSE, not L1: at the start the decoder outputs one colour, where L1's gradient (the sign of
+        # the error) balances out at the median and the small VAE stayed there for 250+ steps
+        ((recon - x).pow(2).mean() + kl_weight * kl).backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % log_every == 0 or step == num_steps:
+            history.append((step, l1.item(), kl.item(), round(time.time() - t0, 1)))
+            log.info("vae step %d/%d  l1 %.4f  kl %.3f  %.0fs", step, num_steps, *history[-1][1:3], time.time() - t0)
+        if step % 100 == 0 or step == num_steps:
+            _save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, ckpt_path)
+    return history
+
+
+def data_frames(window_frames: int) -> int:
+    """Frames rendered per VAE training clip: the window plus room for a random start."""
+    return window_frames + 4
+
+
+@torch.no_grad()
+def encode_latents(vae, *, seed: int, num_clips: int, batch_size: int = 8):
+    """Posterior means of clips 0..num_clips-1 (native window): ((N, z, 6, 8, 8) float32, N captions)."""
+    vae.eval()
+    latents, captions = [], []
+    for start in range(0, num_clips, batch_size):
+        video, caps = data.make_batch(seed, range(start, min(start + batch_size, num_clips)),
+                                      num_frames=model.NUM_FRAMES, height=model.HEIGHT, width=model.WIDTH)
+        latents.append(vae.encode(torch.from_numpy(video).float()).latent_dist.mean)
+        captions += caps
+    return torch.cat(latents), captions
+
+
+# ------------------------------------------------------------------------------------- transformer
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions) -> dict:
+    """{caption: (max_sequence_length, text_dim) tensor} through ``WanPipeline.encode_prompt`` (as inference)."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=model.build_scheduler(),
+                       transformer=None)
+    out = {}
+    for caption in sorted(set(captions)):
+        embeds, _ = pipe.encode_prompt(prompt=caption, do_classifier_free_guidance=False,
+                                       max_sequence_length=model.MAX_SEQUENCE_LENGTH, device="cpu",
+                                       dtype=torch.float32)
+        out[caption] = embeds[0]
+    return out
+
+
+def train_transformer(transformer, latents, captions, embeds, *, seed: int, num_steps: int, batch_size: int,
+                      lr: float, work_dir: Path, drop_caption: float = 0.1, log_every: int = 100,
+                      ema_decay: float = 0.999):
+    """Flow-matching training of ``transformer`` on normalised ``latents`` (N, z, T, h, w).
+
+    Returns (EMA model with the averaged weights copied into a transformer, loss log [(step, loss, s)]).
+    Checkpoints every 250 steps.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    timesteps, sigmas = sched.timesteps.clone(), sched.sigmas[:-1].clone()  # (1000,) each, sigma 1 -> ~0
+    ckpt_path = work_dir / "transformer_ckpt.pt"
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    ema = EMAModel(transformer.parameters(), decay=ema_decay)
+    step, history = 0, []
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        transformer.load_state_dict(ckpt["transformer"])
+        opt.load_state_dict(ckpt["opt"])
+        ema.load_state_dict(ckpt["ema"])
+        step, history = ckpt["step"], ckpt["history"]
+        log.info("transformer: resumed at step %d", step)
+    empty = embeds[""]
+    transformer.train()
+    t0 = time.time() - (history[-1][2] if history else 0.0)
+    running = []
+    while step < num_steps:
+        g = _gen(seed, 3, step)
+        idx = torch.randint(0, latents.shape[0], (batch_size,), generator=g)
+        x0 = latents[idx]  # (B, z, T, h, w)
+        drop = torch.rand(batch_size, generator=g) < drop_caption
+        text = torch.stack([empty if d else embeds[captions[i]] for i, d in zip(idx.tolist(), drop.tolist())])
+        u = compute_density_for_timestep_sampling("logit_normal", batch_size, logit_mean=0.0, logit_std=1.0,
+                                                  generator=g)
+        k = (u * len(timesteps)).long().clamp(max=len(timesteps) - 1)
+        sigma = sigmas[k].view(-1, 1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = (1.0 - sigma) * x0 + sigma * noise
+        warm = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
+        pred = transformer(noisy, timestep=timesteps[k], encoder_hidden_states=text, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(transformer.parameters())
+        step += 1
+        running.append(loss.item())
+        if step % log_every == 0 or step == num_steps:
+            history.append((step, float(np.mean(running)), round(time.time() - t0, 1)))
+            running = []
+            log.info("transformer step %d/%d  loss %.4f  %.0fs", step, num_steps, history[-1][1], time.time() - t0)
+        if step % 250 == 0 or step == num_steps:
+            _save_atomic({"transformer": transformer.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
+                          "step": step, "history": history}, ckpt_path)
+    ema.copy_to(transformer.parameters())
+    return transformer.eval(), history
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 250, num_clips: int = 384,
+               transformer_steps: int = 1500, vae_batch_size: int = 8, batch_size: int = 16, vae_lr: float = 3e-3,
+               lr: float = 1e-3, num_threads: int = 1) -> Path:
+    """Run the three stages and save the diffusers folder at ``output``; returns its path.
+
+    Writes ``training_log.json`` (losses, seconds, settings) next to the weights. The defaults are
+    what made the shipped weights (about 50 minutes on one shared CPU thread).
+    """
+    torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    output = Path(output)
+    work_dir = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".work")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(seed=seed, vae_steps=vae_steps, num_clips=num_clips, transformer_steps=transformer_steps,
+                    vae_batch_size=vae_batch_size, batch_size=batch_size, vae_lr=vae_lr, lr=lr)
+    t_start = time.time()
+
+    vae = model.build_vae(seed=seed)
+    vae_history = train_vae(vae, seed=seed, num_steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr,
+                            work_dir=work_dir)
+    t_vae = time.time() - t_start
+
+    latents_path = work_dir / "latents.pt"
+    if latents_path.is_file():
+        cached = torch.load(latents_path, weights_only=False)
+        latents, captions = cached["latents"], cached["captions"]
+    else:
+        latents, captions = encode_latents(vae, seed=seed + 1, num_clips=num_clips)  # clips unseen by the VAE
+        _save_atomic({"latents": latents, "captions": captions}, latents_path)
+    mean = latents.mean(dim=(0, 2, 3, 4))  # (z,)
+    std = latents.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=[round(float(m), 5) for m in mean],
+                           latents_std=[round(float(s), 5) for s in std])
+    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    t_latents = time.time() - t_start - t_vae
+
+    tokenizer = model.build_tokenizer()
+    text_encoder = model.build_text_encoder(len(tokenizer), seed=seed)
+    embeds = encode_captions(tokenizer, text_encoder, list(captions) + [""])
+    transformer = model.build_transformer(seed=seed)
+    transformer, dit_history = train_transformer(transformer, latents, captions, embeds, seed=seed,
+                                                 num_steps=transformer_steps, batch_size=batch_size, lr=lr,
+                                                 work_dir=work_dir)
+    t_dit = time.time() - t_start - t_vae - t_latents
+
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_folder(tmp, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), transformer=transformer)
+    (tmp / "training_log.json").write_text(json.dumps({
+        "settings": settings, "torch_threads": num_threads,
+        "seconds": {"vae": round(t_vae, 1), "latents": round(t_latents, 1), "transformer": round(t_dit, 1)},
+        "vae_loss": [{"step": s, "l1": round(a, 5), "kl": round(b, 4), "s": t} for s, a, b, t in vae_history],
+        "transformer_loss": [{"step": s, "mse": round(a, 5), "s": t} for s, a, t in dit_history],
+    }, indent=1))
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.replace(output)
+    log.info("saved %s (%.0f s)", output, time.time() - t_start)
+    return output
+
+
+def run_from_args(args) -> Path:
+    """``hpcvideo train-demo``: options of :func:`hpcvideo.demo.add_arguments`."""
+    return train_demo(args.output, work_dir=args.work_dir, seed=args.seed, vae_steps=args.vae_steps,
+                      num_clips=args.num_clips, transformer_steps=args.transformer_steps, num_threads=args.threads)

@@ -1,0 +1,230 @@
+"""Submit runs to SLURM with submitit: one job (or a job array, one store per prompt), requeued on
+timeout or preemption, resuming from the run store.
+
+Resources, from the ``cluster`` section (one MPI rank per GPU; submitit starts the ranks with srun)::
+
+    cluster key       submitit parameter            sbatch
+    nodes             nodes                         --nodes
+    gpus_per_node     tasks_per_node (+ gpus_per_node when request_gpus)
+                                                    --ntasks-per-node, --gpus-per-node
+    cpus_per_task     cpus_per_task                 --cpus-per-task
+    mem_gb            mem_gb                        --mem=<mem_gb>GB (per node)
+    timeout_min       timeout_min                   --time
+    partition/account/qos/constraint  slurm_<same>  --partition ...
+    setup             slurm_setup                   shell lines before srun (module load ...), then
+                                                    ``hpcvideo clean-shm`` on every node (runtime/shm.py)
+    mpi               slurm_srun_args ["--mpi=X"]   srun --mpi=pmi2|pmix
+    sbatch_options    slurm_additional_parameters   any other #SBATCH --key=value
+    signal_delay_s    slurm_signal_delay_s          --signal=USR2@<s>
+    max_timeouts      slurm_max_num_timeout         (submitit: requeues after a timeout)
+
+Preemption and time limits (:mod:`hpcvideo.runtime.preempt`): :class:`GenerateJob` replaces
+submitit's USR2 handler on every rank by one that only sets a flag; the tick loop asks all ranks
+at each tick boundary whether any got the signal; then rank 0 writes a "resume" checkpoint, every
+rank raises ``Preempted``, and rank 0 hands over to submitit's own handler, which calls
+:meth:`GenerateJob.checkpoint` (the same job again: the store holds the state), requeues the job
+(``scontrol requeue``) and exits. The requeued job resumes from the store, so a run spread over
+several allocations ends bit-identical to an uninterrupted one.
+
+Everything is checked on the login node before ``sbatch``: the whole config, the model's JSON
+configs against the video shape and the stage split over ``nodes * gpus_per_node`` ranks, the
+memory plan against ``cluster.gpu_mem_gb`` (:mod:`hpcvideo.plan`), and the run store is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ..config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger(__name__)
+
+WAIT_FOR_REQUEUE_S = 300.0  # ranks other than 0 wait this long for SLURM to end the job after a stop
+
+
+def num_ranks(cfg: RunConfig) -> int:
+    """Ranks of a job: nodes x gpus_per_node (one rank per GPU)."""
+    return cfg.cluster.nodes * cfg.cluster.gpus_per_node
+
+
+def log_folder(cfg: RunConfig) -> Path:
+    """submitit's folder (job pickles, stdout/stderr per task): ``cluster.log_folder`` or ``<store>.slurm``."""
+    return Path(cfg.cluster.log_folder or f"{cfg.store.path}.slurm").absolute()
+
+
+def executor_parameters(cfg: RunConfig) -> dict[str, Any]:
+    """submitit ``AutoExecutor.update_parameters`` keywords for ``cfg.cluster`` (table in the module doc)."""
+    c = cfg.cluster
+    params: dict[str, Any] = {
+        "name": "hpcvideo",
+        "nodes": c.nodes,
+        "tasks_per_node": c.gpus_per_node,
+        "cpus_per_task": c.cpus_per_task,
+        "mem_gb": c.mem_gb,
+        "timeout_min": c.timeout_min,
+        "slurm_srun_args": [f"--mpi={c.mpi}", "--kill-on-bad-exit=1"],
+        "slurm_signal_delay_s": c.signal_delay_s,
+    }
+    if c.request_gpus:
+        params["gpus_per_node"] = c.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(c, key) is not None:
+            params[f"slurm_{key}"] = getattr(c, key)
+    # then, before the MPI step: this job's stale MPICH segments from an earlier allocation (runtime/shm.py)
+    params["slurm_setup"] = [*c.setup, clean_shm_line(c.nodes, python=sys.executable)]
+    if c.sbatch_options:
+        params["slurm_additional_parameters"] = dict(c.sbatch_options)
+    return params
+
+
+def clean_shm_line(nodes: int | str, *, python: str | None = None) -> str:
+    """The srun line that runs ``hpcvideo clean-shm`` once per node (a requeued job reuses its job
+    id and step ids, and MPICH would open the segments the killed allocation left behind)."""
+    command = f"{shlex.quote(python)} -m hpcvideo.cli clean-shm" if python else "hpcvideo clean-shm"
+    return f"srun --ntasks={nodes} --ntasks-per-node=1 --mpi=none --kill-on-bad-exit=1 {command}"
+
+
+def make_executor(cfg: RunConfig, *, folder: Path | None = None):
+    """A submitit executor for SLURM with the resources of ``cfg.cluster``."""
+    executor = submitit.AutoExecutor(
+        folder=folder or log_folder(cfg), cluster="slurm", slurm_max_num_timeout=cfg.cluster.max_timeouts
+    )
+    executor.update_parameters(**executor_parameters(cfg))
+    return executor
+
+
+class GenerateJob(submitit.helpers.Checkpointable):
+    """The callable submitit runs in every task (rank): ``generate`` on the stored config.
+
+    Checkpointable (submitit requeues it after a timeout or preemption): the state lives in the run
+    store, so the inherited ``checkpoint`` (resubmit this same callable) is all a requeue needs; see
+    the module docstring for the stop path.
+    Returns the store's status dict on rank 0, None on the other ranks.
+    """
+
+    def __init__(self, config: dict):
+        self.config = config  # RunConfig.to_dict(): plain data, pickled by submitit
+
+    def __call__(self) -> dict | None:
+        from ..generate import generate
+        from ..runtime.preempt import Preempted, install_stop_handler, uninstall_stop_handler
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        cfg = RunConfig.from_dict(self.config)
+        request = install_stop_handler((signal.SIGUSR2,))
+        try:
+            return generate(cfg, progress=False)
+        except Preempted as stop:
+            rank = int(os.environ.get("SLURM_PROCID", "0"))
+            log.warning("rank %d: %s", rank, stop)
+            if rank == 0:  # submitit's handler: checkpoint() -> dump -> scontrol requeue -> sys.exit
+                request.call_previous(signal.SIGUSR2)
+            time.sleep(WAIT_FOR_REQUEUE_S)  # the requeue ends every task of the job
+            raise RuntimeError(f"rank {rank}: stopped for a requeue but SLURM did not end the job in {WAIT_FOR_REQUEUE_S} s")
+        finally:
+            uninstall_stop_handler()
+
+
+def prepare_store(cfg: RunConfig) -> dict:
+    """Login-node checks of a run before it is submitted, then create (or check) its store.
+
+    Reads the model's JSON configs (no weights), checks the video shape and the stage split over the
+    job's ranks, and opens or creates ``cfg.store.path``. Raises ConfigError / StoreError. Returns
+    the model info.
+    """
+    if cfg.strategy.name == "videoinfinity":  # clip parallelism: its own checks (one clip per rank) and store
+        from ..strategies.videoinfinity import run as videoinfinity
+
+        path = videoinfinity.model_path(cfg)
+        info = videoinfinity.model_info(cfg, path)
+        problems = videoinfinity.check_fit(cfg, info, num_ranks(cfg))
+        if problems:
+            raise ConfigError(problems)
+        videoinfinity._open_store(cfg, info)
+        return info
+    from ..generate import check_model_fit, open_or_create_store, resolve_model_path
+    from ..models import read_model_info
+    from ..strategies.dualparal.pipeline import split_layers
+
+    model_path = resolve_model_path(cfg)
+    info = read_model_info(model_path)
+    problems = check_model_fit(cfg, info)
+    try:
+        split_layers(info["num_layers"], num_ranks(cfg), cfg.runtime.stage_layers)
+    except ValueError as error:
+        problems.append(f"{error} (cluster.nodes={cfg.cluster.nodes} x cluster.gpus_per_node="
+                        f"{cfg.cluster.gpus_per_node} = {num_ranks(cfg)} ranks)")
+    if problems:
+        raise ConfigError(problems)
+    store, _ = open_or_create_store(cfg, info, info.get("model_id", model_path.name))
+    del store
+    return info
+
+
+def array_configs(cfg: RunConfig, prompts: list[str]) -> list[RunConfig]:
+    """One config per prompt for a job array: ``runs/x.zarr`` -> ``runs/x-000.zarr``, ``runs/x-001.zarr``, ..."""
+    base = str(cfg.store.path)
+    stem = base[: -len(".zarr")] if base.endswith(".zarr") else base
+    out = []
+    for i, prompt in enumerate(prompts):
+        d = cfg.to_dict()
+        d["sampling"]["prompts"] = [{"from_frame": 0, "prompt": prompt}]
+        d["store"]["path"] = f"{stem}-{i:03d}.zarr"
+        if cfg.cluster.log_folder is None:
+            d["cluster"]["log_folder"] = f"{base}.slurm"
+        out.append(RunConfig.from_dict(d))
+    return out
+
+
+@dataclass(kw_only=True)
+class Submitted:
+    """What ``hpcvideo submit`` prints: one entry per job (array task)."""
+
+    job: Any  # submitit Job
+    store_path: str
+    log_folder: Path
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.job_id)
+
+
+def submit(cfg: RunConfig, *, prompts: list[str] | None = None, check_memory: bool = True) -> list[Submitted]:
+    """Validate, plan, create the store(s), then submit one job, or a job array with one store per
+    prompt. Nothing is submitted when any check fails (ConfigError / StoreError)."""
+    if prompts is not None and not prompts:
+        raise ConfigError(["--prompts file holds no prompt; allowed: one prompt per non-empty line"])
+    configs = array_configs(cfg, prompts) if prompts else [cfg]
+    if check_memory and cfg.cluster.gpu_mem_gb is not None and cfg.strategy.name != "dualparal":
+        log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan covers strategy dualparal only",
+                    cfg.cluster.gpu_mem_gb)
+    elif check_memory and cfg.cluster.gpu_mem_gb is not None:
+        from ..plan import check_fits, make_plan
+
+        check_fits(make_plan(cfg), cfg)
+    for c in configs:
+        prepare_store(c)
+    executor = make_executor(cfg, folder=log_folder(configs[0]))
+    if len(configs) == 1:
+        jobs = [executor.submit(GenerateJob(configs[0].to_dict()))]
+    else:
+        with executor.batch():
+            jobs = [executor.submit(GenerateJob(c.to_dict())) for c in configs]
+    return [Submitted(job=job, store_path=str(c.store.path), log_folder=log_folder(c)) for job, c in zip(jobs, configs)]
+
+
+def load_submit_config(source: str, overrides: list[str], **shortcuts: Any) -> RunConfig:
+    """``load_config`` with every path checked (the login node must see model and store folders)."""
+    return load_config(source, overrides, check_paths=True, **shortcuts)

@@ -1,0 +1,273 @@
+"""``hpcvideo plan``: memory, traffic and time per rank of a DualParal run, without loading weights.
+
+Per rank r (pipeline stage r, transformer blocks ``layers[r]``; B blocks, T steps, n block and c
+context latent frames, K = min(B, T) blocks in flight, g = 2 CFG branches or 1, D hidden size,
+F FFN size, p = tokens per latent frame = (h/2)(w/2), b = bytes per element of ``model.dtype``)::
+
+    weights      exact parameter bytes of the stage (its blocks + the shared embeddings/head every
+                 stage holds), counted on a meta-device model built from transformer/config.json;
+                 rank 0 also holds the VAE (float32) and, while prompts are encoded, the text encoder
+    activations  one block forward at a time: S = (c + n) p tokens (+ c p cached K/V tokens);
+                 g S (6 D + F) b  (residual, norm, q, k, v, attention out; FFN hidden) + SDPA without
+                 an S x S matrix (fused attention)
+    caches       feature cache (strategies/dualparal/attention.py): K/V of c p tokens per own layer
+                 and branch, for two blocks at a time (the one being appended, the one being
+                 recorded): min(K, 2) g 2 (c p) D b |layers[r]|
+    queue        rank 0, between ticks (the checkpointed state): latents + scheduler state of the
+                 blocks in flight + the tail block, float32: :func:`queue_tensors` x C n h w 4 (UniPC:
+                 4 (K - 1) tensors); within a tick one more block (Q = 4 tensors) is counted under
+                 activations;
+                 every stage: the tick's incoming hidden states, K g S D b
+    bytes/tick   (steady state) rank r -> r+1: sum over the tick's items of g (c_ctx + n) p D b;
+                 rank N-1 -> 0: K C n h w b (noise_pred), the formula of strategies/dualparal/pipeline.py
+                 measured in bench/bench_pipeline.py
+    time/tick    FLOPs of the stage for one tick / throughput (``--tflops`` given, or measured:
+                 ``--from-store RUN.zarr`` divides that run's FLOPs per tick by its seconds per tick)
+
+Memory figures are checked against measured ones in tests/test_plan.py (tiny presets: exact weight
+and queue bytes, bytes per tick equal to the pipeline's counters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# float32 tensors of (C, n, h, w) per block in the queue: latents (+ UniPC: 2 model outputs + last sample)
+QUEUE_TENSORS_PER_BLOCK = {"unipc": 4, "flow_euler": 1}
+
+
+def queue_tensors(scheduler: str, blocks_in_flight: int) -> int:
+    """(C, n, h, w) float32 tensors of rank 0's queue between two ticks (the checkpointed state), at
+    its largest: K - 1 blocks stay in flight across a tick boundary, block j after s steps holds
+    latents + last sample + min(s, 2) model outputs (UniPC), and the tail block's latents stay for
+    context: 4 (K - 1) with UniPC (K >= 2), K with flow_euler (latents only)."""
+    k = blocks_in_flight
+    if scheduler == "flow_euler":
+        return k
+    return 4 * (k - 1) if k >= 2 else 1
+CUDA_CONTEXT_GB = 0.5  # CUDA context + allocator slack per GPU, GiB (added to the fit check)
+
+
+@dataclass(kw_only=True)
+class RankPlan:
+    rank: int
+    layers: tuple[int, int]
+    weights_bytes: int
+    vae_bytes: int
+    text_encoder_bytes: int  # held only while prompts are encoded (rank 0), then freed
+    activations_bytes: int
+    caches_bytes: int
+    queue_bytes: int
+    sent_bytes_per_tick: int  # steady state
+    sent_bytes_total: int  # whole run
+    flops_per_tick: float
+    seconds_per_tick: float | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        steady = self.weights_bytes + self.vae_bytes + self.activations_bytes + self.caches_bytes + self.queue_bytes
+        return max(steady, self.weights_bytes + self.vae_bytes + self.text_encoder_bytes)
+
+
+@dataclass(kw_only=True)
+class Plan:
+    model_id: str
+    num_ranks: int
+    num_blocks: int
+    num_ticks: int
+    blocks_in_flight: int
+    tokens_per_block_forward: int
+    ranks: list[RankPlan] = field(default_factory=list)
+    throughput_tflops: float | None = None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for r, rank in zip(d["ranks"], self.ranks):
+            r["peak_bytes"] = rank.peak_bytes
+        return d
+
+
+def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> dict[str, int]:
+    """Bytes per top-level child (``blocks.<i>`` per block) of a meta-device module."""
+    out: dict[str, int] = {}
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        fp32 = any(k in parts for k in keep_fp32)
+        out[key] = out.get(key, 0) + param.numel() * (4 if fp32 else dtype_bytes)
+    for name, buf in module.named_buffers():
+        key = name.split(".")[0]
+        out[key] = out.get(key, 0) + buf.numel() * buf.element_size()
+    return out
+
+
+def model_bytes(model_path: Path, dtype: str) -> dict:
+    """Exact parameter bytes from the model's JSON configs (meta device: nothing is read or allocated):
+    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes}``."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    b = DTYPE_BYTES[dtype]
+    with init_empty_weights(include_buffers=False):
+        transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(model_path / "transformer"))
+        vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(model_path / "vae"))
+    keep = tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
+    out = {"transformer": _param_bytes(transformer, b, keep), "vae": sum(p.numel() * 4 for p in vae.parameters())}
+    text_config = model_path / "text_encoder" / "config.json"
+    out["text_encoder"] = 0
+    if text_config.is_file():
+        from transformers import AutoConfig, UMT5EncoderModel
+
+        with init_empty_weights(include_buffers=False):
+            encoder = UMT5EncoderModel(AutoConfig.from_pretrained(model_path / "text_encoder"))
+        encoder.tie_weights()  # embed_tokens is shared's tensor once loaded: count it once
+        out["text_encoder"] = sum(p.numel() * b for p in encoder.parameters())
+    return out
+
+
+def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops: float | None = None,
+              model_bytes_cache: dict | None = None) -> Plan:
+    """The per-rank plan of ``cfg`` on ``num_ranks`` ranks (default: cluster.nodes x gpus_per_node)."""
+    from .generate import resolve_model_path
+    from .models import read_model_info
+    from .strategies.dualparal.pipeline import split_layers
+    from .strategies.dualparal.queue import num_ticks, tick_plan
+
+    if cfg.strategy.name != "dualparal" or cfg.model.family != "wan":
+        raise ConfigError([f"strategy.name={cfg.strategy.name!r} (model.family={cfg.model.family!r}): hpcvideo plan "
+                           "covers strategy dualparal with the wan family only, for now"])
+    ranks = num_ranks or cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    model_path = resolve_model_path(cfg)
+    info = read_model_info(model_path)
+    sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(model_path, cfg.model.dtype)
+    try:
+        layers = split_layers(info["num_layers"], ranks, cfg.runtime.stage_layers if num_ranks is None else None)
+    except ValueError as error:
+        raise ConfigError([str(error)]) from None
+    b = DTYPE_BYTES[cfg.model.dtype]
+    st, s = cfg.strategy, cfg.sampling
+    n, c = st.block_latent_frames, st.context_latent_frames
+    scale = info["vae_scale_factor_spatial"]
+    h, w = cfg.video.height // scale, cfg.video.width // scale
+    pt, ph, pw = info["patch_size"]
+    p = (h // ph) * (w // pw)
+    C, D, F = info["latent_channels"], info["hidden_dim"], info["ffn_dim"]
+    g = 2 if s.guidance_scale > 1.0 else 1
+    B, T = cfg.num_blocks, s.num_inference_steps
+    K = min(B, T)
+    S = (c + n) * p
+    cache_tokens = c * p if (st.feature_cache and c > 0) else 0
+    ticks = num_ticks(B, T)
+    # steady-state tick: the fullest tick with every block having its context (as bench_pipeline does)
+    steady = max(range(ticks), key=lambda t: (len(tick_plan(t, num_blocks=B, num_inference_steps=T,
+                                                             context_latent_frames=c, feature_cache=st.feature_cache)), t >= T))
+    items = tick_plan(steady, num_blocks=B, num_inference_steps=T, context_latent_frames=c, feature_cache=st.feature_cache)
+    hidden_bytes = sum(g * ((c if wk.context_from is not None else 0) + n) * p * D * b for wk in items)
+    feedback_bytes = len(items) * C * n * h * w * b
+    tensors = sizes["transformer"]
+    shared = sum(v for k, v in tensors.items() if not k.startswith("blocks."))
+    block_bytes = [tensors[f"blocks.{i}"] for i in range(info["num_layers"])]
+    block_params = [v / b for v in block_bytes]  # ~parameters per block (fp32 norms counted once more: negligible)
+    per_block = QUEUE_TENSORS_PER_BLOCK.get(s.scheduler, 4)
+    total_hidden = total_feedback = 0
+    for t in range(ticks):
+        work = tick_plan(t, num_blocks=B, num_inference_steps=T, context_latent_frames=c, feature_cache=st.feature_cache)
+        total_hidden += sum(g * ((c if wk.context_from is not None else 0) + n) * p * D * b for wk in work)
+        total_feedback += len(work) * C * n * h * w * b
+    plan = Plan(model_id=info["model_id"], num_ranks=ranks, num_blocks=B, num_ticks=ticks, blocks_in_flight=K,
+                tokens_per_block_forward=S, throughput_tflops=throughput_tflops)
+    for r, rng in enumerate(layers):
+        own = len(rng)
+        flops = 0.0
+        for wk in items:
+            tokens = ((c if wk.context_from is not None else 0) + n) * p
+            kv = tokens + (cache_tokens if wk.append else 0)
+            per_layer = 2 * tokens * sum(block_params[i] for i in rng) / max(own, 1) + 4 * tokens * kv * D
+            flops += g * per_layer * own
+        rank = RankPlan(
+            rank=r, layers=(rng.start, rng.stop),
+            weights_bytes=shared + sum(block_bytes[i] for i in rng),
+            vae_bytes=sizes["vae"] if r == 0 else 0,
+            text_encoder_bytes=sizes["text_encoder"] if r == 0 else 0,
+            activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0),
+            caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
+            queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),
+            sent_bytes_per_tick=0 if ranks == 1 else (feedback_bytes if r == ranks - 1 else hidden_bytes),
+            sent_bytes_total=0 if ranks == 1 else (total_feedback if r == ranks - 1 else total_hidden),
+            flops_per_tick=flops,
+            seconds_per_tick=flops / (throughput_tflops * 1e12) if throughput_tflops else None,
+        )
+        plan.ranks.append(rank)
+    return plan
+
+
+def throughput_from_store(cfg: RunConfig, store_path: str) -> float:
+    """Effective TFLOP/s of a finished run (its timings.seconds_per_tick and its own plan)."""
+    from .store import RunStore
+
+    store = RunStore.open(store_path, mode="r")
+    seconds = float(store.attrs["timings"]["seconds_per_tick"])
+    run_cfg = RunConfig.from_dict(store.attrs["config"])
+    run_plan = make_plan(run_cfg, num_ranks=int(store.attrs.get("num_ranks", 1)))
+    return max(r.flops_per_tick for r in run_plan.ranks) / seconds / 1e12
+
+
+def fits(plan: Plan, gpu_mem_gb: float) -> bool:
+    return all(r.peak_bytes + CUDA_CONTEXT_GB * GIB <= gpu_mem_gb * GIB for r in plan.ranks)
+
+
+def check_fits(plan: Plan, cfg: RunConfig) -> None:
+    """ConfigError when a rank's peak exceeds ``cluster.gpu_mem_gb``, naming what would fit."""
+    gpu_gb = getattr(cfg.cluster, "gpu_mem_gb", None)
+    if gpu_gb is None or fits(plan, gpu_gb):
+        return
+    worst = max(plan.ranks, key=lambda r: r.peak_bytes)
+    suggestions = []
+    num_layers = sum(r.layers[1] - r.layers[0] for r in plan.ranks)
+    for ranks in range(plan.num_ranks + 1, num_layers + 1):
+        if fits(make_plan(cfg, num_ranks=ranks), gpu_gb):
+            per_node = cfg.cluster.gpus_per_node
+            suggestions.append(f"{ranks} ranks (cluster.nodes={math.ceil(ranks / per_node)} x cluster.gpus_per_node="
+                               f"{per_node} gives {math.ceil(ranks / per_node) * per_node}; with stage_layers null)")
+            break
+    n = cfg.strategy.block_latent_frames
+    if not suggestions and cfg.model.dtype == "float32":
+        suggestions.append("model.dtype=bfloat16")
+    suggestions.append(f"a smaller strategy.block_latent_frames than {n} or a lower resolution (activations and caches)")
+    raise ConfigError([
+        f"cluster.gpu_mem_gb={gpu_gb} is too small for this layout: rank {worst.rank} needs "
+        f"{worst.peak_bytes / GIB:.2f} GiB + {CUDA_CONTEXT_GB} GiB CUDA context "
+        f"({plan.num_ranks} ranks, model.dtype={cfg.model.dtype}); would fit: " + "; or ".join(suggestions)
+    ])
+
+
+def format_plan(plan: Plan, gpu_mem_gb: float | None = None) -> str:
+    """The table ``hpcvideo plan`` prints (MiB with 2 decimals)."""
+    def gib(x: float) -> str:  # MiB, so that tiny models show figures too
+        return f"{x / 2**20:10.2f}"
+
+    lines = [
+        f"{plan.model_id}: {plan.num_ranks} rank(s), {plan.num_blocks} blocks, {plan.num_ticks} ticks, "
+        f"{plan.blocks_in_flight} blocks in flight, {plan.tokens_per_block_forward} tokens per block forward",
+        "rank  layers     weights       vae  text_enc activations     caches     queue      peak  (MiB)  sent MiB/tick  s/tick",
+    ]
+    for r in plan.ranks:
+        sec = f"{r.seconds_per_tick:7.3f}" if r.seconds_per_tick is not None else "      -"
+        lines.append(
+            f"{r.rank:4d}  {r.layers[0]:3d}-{r.layers[1]:<3d} {gib(r.weights_bytes)}{gib(r.vae_bytes)}{gib(r.text_encoder_bytes)}"
+            f"{gib(r.activations_bytes)} {gib(r.caches_bytes)}{gib(r.queue_bytes)}{gib(r.peak_bytes)}"
+            f"        {r.sent_bytes_per_tick / 2**20:9.2f} {sec}"
+        )
+    if plan.throughput_tflops:
+        lines.append(f"time per tick at {plan.throughput_tflops:.3g} TFLOP/s per GPU: "
+                     f"{max(r.seconds_per_tick or 0 for r in plan.ranks):.3f} s (slowest stage)")
+    if gpu_mem_gb is not None:
+        verdict = "fits" if fits(plan, gpu_mem_gb) else "does NOT fit"
+        lines.append(f"{verdict} in cluster.gpu_mem_gb={gpu_mem_gb} (peak + {CUDA_CONTEXT_GB} GiB CUDA context per rank)")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Under mpiexec -n K: step loop with the stop agreement of hpcvideo.runtime.preempt.
+
+``preempt.py SIGNAL_RANK SIGNAL_STEP``: rank SIGNAL_RANK sends itself USR2 during step SIGNAL_STEP
+(delivered at once, between two bytecodes); every rank must stop at the same boundary, the next
+one. Rank 0 prints one JSON line: the step at which each rank stopped and whether each saw the
+signal itself. A sleep on the other ranks makes them reach the boundary at different times.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+from hpcvideo.runtime import abort_on_failure, init_rank_env, shutdown_rank_env
+from hpcvideo.runtime.control import gather_object
+from hpcvideo.runtime.preempt import Preempted, install_stop_handler, should_stop, uninstall_stop_handler
+
+
+def main() -> None:
+    signal_rank, signal_step = int(sys.argv[1]), int(sys.argv[2])
+    env = init_rank_env(device="cpu", timeout_s=60, announce=False)
+    request = install_stop_handler()
+    stopped = None
+    with abort_on_failure(env):
+        try:
+            for step in range(50):
+                if should_stop(env):
+                    raise Preempted(step)
+                if step == signal_step and env.rank == signal_rank:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(0.05 * (env.rank + 1))  # ranks arrive at each boundary at different times
+        except Preempted as stop:
+            stopped = stop.step
+        uninstall_stop_handler()
+        reports = gather_object(env, {"rank": env.rank, "stopped": stopped, "signalled": request.requested,
+                                      "received": request.received})
+    if env.rank == 0:
+        print(json.dumps(reports), flush=True)
+    shutdown_rank_env(env)
+
+
+if __name__ == "__main__":
+    main()

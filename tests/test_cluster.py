@@ -1,0 +1,173 @@
+"""Real SLURM: jobs submitted with ``hpcvideo submit`` (submitit, 2 MPI ranks over srun --mpi=pmi2,
+mpich wheel) to a single-node SLURM brought up by slurm/lab/up.sh on this machine. One store goes
+through four allocations: a job whose rank 1 crashes (the user gets the rank's error; the store
+stays intact), its resubmission (resumes), stopped twice by SLURM's warning signal (USR2, as before
+a time limit) and requeued each time; ``hpcvideo status`` reads the progress while it runs; the
+result is bit-identical to an uninterrupted run.
+
+Skipped, with the reason, where SLURM's daemons are not installed or cannot start (CI installs
+them: .ci/run). The lab is started once per session and stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcvideo.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+# tiny-test (blocks of 2 latent frames, 4 steps) made longer: 4*(2B - 1) + 1 frames for B blocks;
+# B = 40 -> 317 frames, 43 ticks, long enough to signal the job twice while it runs.
+FRAMES = 4 * (2 * 40 - 1) + 1
+LAB_SETTINGS = [
+    "cluster.request_gpus=false", "cluster.gpus_per_node=2", "cluster.cpus_per_task=1", "cluster.mem_gb=1",
+    "cluster.timeout_min=15", "cluster.signal_delay_s=60",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm_lab(tmp_path_factory):
+    missing = [exe for exe in ("slurmctld", "slurmd", "sbatch") if shutil.which(exe) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing; "
+                    "apt-get install slurmctld slurmd slurm-client munge libpmix-dev, as .ci/run does)")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        pytest.skip("the single-node SLURM lab needs root (slurmd runs the jobs)")
+    lab = tmp_path_factory.mktemp("slurm-lab")
+    result = subprocess.run(["bash", str(ROOT / "slurm/lab/up.sh"), str(lab)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        pytest.skip(f"SLURM could not be started here: {result.stderr.strip()[-500:]}")
+    environ = dict(os.environ)
+    environ["SLURM_CONF"] = str(lab / "slurm.conf")
+    environ["PATH"] = f"{lab / 'bin'}:{os.path.dirname(sys.executable)}:{environ['PATH']}"
+    environ.pop("HPCVIDEO_FAULT", None)
+    for key in [k for k in environ if k.startswith(("SLURM_JOB", "SLURM_STEP", "SLURM_PROCID", "SLURM_NTASKS", "PMI_"))]:
+        environ.pop(key)
+    yield environ
+    subprocess.run(["bash", str(ROOT / "slurm/lab/down.sh"), str(lab)], capture_output=True, timeout=60)
+
+
+def hv(environ, *args, timeout=300, fault=None, check=True):
+    env = dict(environ)
+    if fault:
+        env["HPCVIDEO_FAULT"] = fault  # sbatch exports the submitting environment to the job
+    result = subprocess.run([sys.executable, "-m", "hpcvideo.cli", *map(str, args)], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hpcvideo {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def submit(environ, path, *extra, fault=None):
+    result = hv(environ, "submit", "tiny-test", "--output", path, "--frames", FRAMES, *[f"--set={s}" for s in LAB_SETTINGS],
+                *extra, fault=fault, check=False)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]  # "job 123: store PATH  logs FOLDER"
+    assert line.startswith("job ") and f"store {path}" in line and f"logs {path}.slurm" in line, result.stdout
+    return line.split()[1].rstrip(":")
+
+
+def job_state(environ, job_id):
+    out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], env=environ, capture_output=True,
+                         text=True, timeout=30).stdout.split()
+    return out[0] if out else "UNKNOWN"
+
+
+def wait_for(predicate, what, timeout_s=240, poll_s=0.3):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def release(environ, job_id):
+    """A requeued job is held 120 s (EligibleTime = requeue + 121 s in SLURM 22.05): start it now."""
+    wait_for(lambda: job_state(environ, job_id) == "PENDING", "the job to be pending again")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=environ, check=True, timeout=30)
+
+
+def status(environ, path):
+    result = hv(environ, "status", path, "--json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def final_arrays(path):
+    store = RunStore.open(path)
+    assert store.status_dict()["complete"]
+    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+
+
+@pytest.fixture
+def reference_run(tmp_path, tiny_model_dir):
+    """The same video, uninterrupted, on one local rank (the rank count does not change the result),
+    running in the background while the SLURM jobs wait; stopped (by its PID) if the test ends first."""
+    process = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output",
+                                str(tmp_path / "reference.zarr"), "--frames", str(FRAMES), "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab, reference_run, tmp_path):
+    """One store through four allocations of 2-rank submitit jobs (srun --mpi=pmi2, mpich wheel):
+    rank 1 crashes (the user gets its error, the store stays intact); the resubmitted job resumes,
+    is stopped twice by SLURM's warning signal and requeued each time, and ends bit-identical to an
+    uninterrupted run, with ``hpcvideo status`` reading its progress while it runs."""
+    path = tmp_path / "run.zarr"
+    failed = hv(slurm_lab, "submit", "tiny-test", "--output", path, "--frames", FRAMES,
+                *[f"--set={s}" for s in LAB_SETTINGS], "--wait", fault="raise:tick:5@1", check=False, timeout=400)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "injected fault at tick 5 on rank 1" in failed.stderr  # the rank's own error reaches the user
+    crashed = RunStore.open(path).status_dict()  # intact: readable, checkpointed just before the crash
+    assert not crashed["complete"] and crashed["last_checkpoint_tick"] in (4, 5)
+
+    job_id = submit(slurm_lab, path)  # resubmit: resumes from the store
+    stops = [crashed["last_checkpoint_tick"]]
+    for requeue in range(1, 3):  # SLURM's warning signal (what --signal=USR2@S sends before the time limit), twice
+        # polled in this process (a CLI call takes seconds on a busy machine, ticks take ~0.2 s)
+        wait_for(lambda: (RunStore.open(path).status_dict()["last_checkpoint_tick"] or 0) >= stops[-1] + 3,
+                 "checkpoints of the running job", poll_s=0.05)
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_lab, check=True, timeout=30)
+        progress = status(slurm_lab, path)  # `hpcvideo status` while the job runs (or is stopping)
+        assert progress["status"] == "running" and not progress["complete"]
+        assert stops[-1] + 3 <= progress["last_checkpoint_tick"] < 43
+        # the ranks stop at the next tick, rank 0 checkpoints, submitit requeues: the job runs again from that tick
+        wait_for(lambda: _submitit_out(path, job_id).count("Requeued job") >= requeue, "submitit to requeue the job")
+        release(slurm_lab, job_id)
+        wait_for(lambda: len(_resume_ticks(path)) >= requeue + 1, "the requeued job to resume")
+        stops.append(_resume_ticks(path)[-1])
+        assert stops[-1] >= stops[-2] + 3
+    wait_for(lambda: job_state(slurm_lab, job_id) == "COMPLETED", "the job to complete")
+    output, _ = reference_run.communicate(timeout=300)
+    assert reference_run.returncode == 0, output
+    latents, frames = final_arrays(path)
+    reference = final_arrays(tmp_path / "reference.zarr")
+    assert np.array_equal(latents, reference[0]) and np.array_equal(frames, reference[1])
+    assert _submitit_out(path, job_id).count("Requeued job") == 2 and len(_resume_ticks(path)) == 3
+
+
+def _submitit_out(path, job_id) -> str:
+    """submitit's own log lines of task 0 of ``job_id`` (appended across requeues)."""
+    return Path(f"{path}.slurm/{job_id}_0_log.out").read_text(errors="replace")
+
+
+def _resume_ticks(path) -> list[int]:
+    """Ticks at which rank 0 resumed, in order, from the stderr logs of every job of this store."""
+    text = "".join(p.read_text(errors="replace") for p in sorted(Path(f"{path}.slurm").glob("*_0_log.err")))
+    return [int(line.split(" at tick ")[1].split()[0]) for line in text.splitlines() if "resuming" in line and " at tick " in line]

@@ -1,0 +1,104 @@
+"""The trained demo model (hpcvideo.demo): synthetic data, shipped weights, and that they work.
+
+The behavioural tests generate with the shipped weights and would fail on random weights (the tiny
+model's frames contain no region of a prompted colour, let alone one that moves the prompted way).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hpcvideo.demo import WEIGHTS_DIR, data, model
+
+MIN_TRAVEL_PX = 6.0  # over 21 frames the data moves a shape 16..28 px; ask for a clear fraction of it
+
+
+def test_clips_are_deterministic_and_captioned_from_the_vocabulary():
+    a, caption_a = data.make_clip(7, 3)
+    b, caption_b = data.make_clip(7, 3)
+    c, _ = data.make_clip(7, 4)
+    assert np.array_equal(a, b) and caption_a == caption_b
+    assert not np.array_equal(a, c)
+    assert a.shape == (21, 64, 64, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    for i in range(50):
+        _, caption = data.make_clip(0, i)
+        assert set(caption.split()) <= set(data.VOCABULARY), caption
+    tokenizer = model.build_tokenizer()
+    ids = tokenizer(data.caption_for("orange", "triangle", "up", "purple", kind="textured", turning=True)).input_ids
+    assert 2 not in ids and ids[-1] == 1 and len(ids) <= model.MAX_SEQUENCE_LENGTH  # no [UNK]; ends with </s>
+
+
+@pytest.mark.parametrize("direction", ["left", "right", "up", "down"])
+def test_clip_shape_moves_the_captioned_way(direction):
+    frames = None
+    for i in range(200):  # first clip of this direction with a red shape
+        spec = data.sample_spec(np.random.default_rng([0, i]), num_frames=21, height=64, width=64)
+        if spec.direction == direction and spec.colour == "red":
+            frames = data.render_clip(spec, num_frames=21, height=64, width=64)
+            break
+    assert frames is not None
+    centroids = data.colour_centroids(frames, "red")
+    assert not np.isnan(centroids).any()  # the shape stays in the frame
+    dx, dy = data.DIRECTIONS[direction]
+    travel = (centroids[-1] - centroids[0]) @ np.array([dx, dy])
+    assert travel > 15.0
+
+
+def test_shipped_weights_are_a_small_wan_diffusers_folder():
+    from hpcvideo.models import read_model_info
+
+    info = read_model_info(WEIGHTS_DIR)
+    assert info["latent_channels"] == model.Z_DIM and info["num_layers"] == 4
+    assert info["vae_scale_factor_spatial"] == 8 and info["vae_scale_factor_temporal"] == 4
+    sizes = {p.relative_to(WEIGHTS_DIR).as_posix(): p.stat().st_size for p in WEIGHTS_DIR.rglob("*.safetensors")}
+    assert {"transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors"} <= set(sizes)
+    assert sum(sizes.values()) < 12 * 2**20  # "a few MB"
+    vae_config = json.loads((WEIGHTS_DIR / "vae" / "config.json").read_text())
+    assert vae_config["latents_std"] != [1.0] * model.Z_DIM  # normalisation measured on the training latents
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    from diffusers import WanPipeline
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return WanPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True)
+
+
+def _generate(pipe, prompt: str, seed: int) -> np.ndarray:
+    """(21, 64, 64, 3) float frames in [0, 1] of one native-window video."""
+    out = pipe(prompt=prompt, negative_prompt="", height=64, width=64, num_frames=21, num_inference_steps=12,
+               guidance_scale=4.0, max_sequence_length=model.MAX_SEQUENCE_LENGTH,
+               generator=torch.Generator().manual_seed(seed), output_type="np")
+    return np.asarray(out.frames[0])
+
+
+@pytest.mark.parametrize("colour,direction", [("red", "right"), ("red", "left"), ("yellow", "up"), ("green", "down")])
+def test_generated_shape_has_the_prompted_colour_and_moves_the_prompted_way(demo_pipe, colour, direction):
+    frames = _generate(demo_pipe, data.caption_for(colour, "square", direction, "blue"), seed=1)
+    centroids = data.colour_centroids(frames, colour)
+    assert not np.isnan(centroids).any(), f"no {colour} region in some frames"
+    mask = data.colour_mask(frames, colour)
+    assert 20 < mask.sum(axis=(1, 2)).mean() < 0.25 * 64 * 64  # a shape, not the whole frame
+    dx, dy = data.DIRECTIONS[direction]
+    travel = (centroids[-1] - centroids[0]) @ np.array([dx, dy])
+    across = abs((centroids[-1] - centroids[0]) @ np.array([dy, dx]))
+    assert travel > MIN_TRAVEL_PX and travel > across, (travel, across)
+
+
+def test_train_demo_writes_a_folder_that_load_wan_reads(tmp_path):
+    from hpcvideo.demo.train import train_demo
+    from hpcvideo.models import load_wan
+
+    out = train_demo(tmp_path / "demo", work_dir=tmp_path / "work", seed=0, vae_steps=1, num_clips=2,
+                     transformer_steps=1, vae_batch_size=1, batch_size=2, num_threads=1)
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["settings"]["transformer_steps"] == 1 and len(log["transformer_loss"]) == 1
+    parts = load_wan(out)
+    assert parts.vae.config.latents_std != [1.0] * model.Z_DIM
+    assert parts.tokenizer("a red circle").input_ids[-1] == 1
