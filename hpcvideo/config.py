@@ -880,19 +880,28 @@ def _is_ignored(key: str, ignore: Iterable[str]) -> bool:
     return any(key == i or key.startswith(i + ".") for i in ignore)
 
 
-def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+def config_diff(
+    a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = (), *, defaults: Mapping[str, Any] | None = None
+) -> list[tuple[str, Any, Any]]:
     """Differing dotted keys of two nested dicts, sorted: ``[(key, a_value, b_value), ...]``.
 
-    Lists are compared as whole values; a key absent on one side shows as ``"<missing>"``;
-    ``ignore`` holds dotted keys or section names (``"store"`` ignores ``store.path`` etc.).
+    Lists are compared as whole values; a key absent on one side takes its value from ``defaults``
+    (a nested dict, e.g. ``RunConfig().to_dict()``: a store written before a key existed ran with its
+    default) or else shows as ``"<missing>"``; ``ignore`` holds dotted keys or section names
+    (``"store"`` ignores ``store.path`` etc.).
     """
     ignore = tuple(ignore)
     fa, fb = _flatten(a), _flatten(b)
+    fd = _flatten(defaults) if defaults is not None else {}
     diff = []
     for key in sorted(fa.keys() | fb.keys()):
         if _is_ignored(key, ignore):
             continue
-        va, vb = fa.get(key, MISSING), fb.get(key, MISSING)
+        va, vb = fa.get(key, fd.get(key, MISSING)), fb.get(key, fd.get(key, MISSING))
+        if (key in fa) != (key in fb) and key in fd:
+            if va != vb:
+                diff.append((key, va, vb))
+            continue
         if va != vb or (key in fa) != (key in fb):
             diff.append((key, va, vb))
     return diff

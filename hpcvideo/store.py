@@ -51,7 +51,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from .config import config_diff, format_diff
+from .config import RunConfig, config_diff, format_diff
 
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: pixel frames per latent frame (after the first)
 STATUSES = ("created", "running", "complete", "failed")
@@ -257,7 +257,9 @@ class RunStore:
 
         ``ignore``: dotted keys (a key ignores its whole subtree) not compared, e.g. output paths.
         """
-        diff = config_diff(self._attrs["config"], _normalise_config(config), ignore)
+        # keys added to the config after this store was made compare with their defaults
+        defaults = _normalise_config(RunConfig().to_dict())
+        diff = config_diff(self._attrs["config"], _normalise_config(config), ignore, defaults=defaults)
         if diff:
             raise ConfigMismatchError(self._path, diff)
 

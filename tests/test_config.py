@@ -617,6 +617,21 @@ def test_identity_dict():
     assert config_diff(identity_dict(d), identity_dict(other)) == [("sampling.seed", 0, 1)]
 
 
+def test_config_diff_fills_keys_a_store_predates_from_the_defaults():
+    """A store written before a key existed ran with that key's default: equal unless the command
+    sets another value; a key unknown to the defaults still shows as missing."""
+    defaults = RunConfig().to_dict()
+    old = RunConfig().to_dict()
+    del old["strategy"]["global_frames"], old["store"]["heartbeat_every_s"]
+    old["legacy"] = {"x": 1}
+    new = RunConfig().to_dict()
+    assert config_diff(old, new, defaults=defaults) == [("legacy.x", 1, MISSING)]
+    new["strategy"]["global_frames"] = defaults["strategy"]["global_frames"] + 1
+    assert config_diff(old, new, ignore=("legacy",), defaults=defaults) == [
+        ("strategy.global_frames", defaults["strategy"]["global_frames"], defaults["strategy"]["global_frames"] + 1)]
+    assert ("strategy.global_frames", MISSING, new["strategy"]["global_frames"]) in config_diff(old, new)
+
+
 def test_format_diff():
     text = format_diff([("sampling.seed", 0, 1), ("sampling.scheduler", "unipc", "flow_euler"), ("runtime.device", MISSING, "cpu")])
     assert text.splitlines() == [

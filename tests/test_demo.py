@@ -102,3 +102,13 @@ def test_train_demo_writes_a_folder_that_load_wan_reads(tmp_path):
     parts = load_wan(out)
     assert parts.vae.config.latents_std != [1.0] * model.Z_DIM
     assert parts.tokenizer("a red circle").input_ids[-1] == 1
+
+
+def test_demo_preset_resolves_to_the_shipped_folder(tmp_path):
+    from hpcvideo.config import load_config
+    from hpcvideo.generate import resolve_model_path
+
+    cfg = load_config("demo-cpu", [], output=str(tmp_path / "run.zarr"))  # check_paths: the weights are there
+    assert cfg.model.path == "demo" and cfg.video.num_frames >= 1000
+    assert cfg.strategy.block_latent_frames + cfg.strategy.context_latent_frames <= (model.NUM_FRAMES - 1) // 4 + 1
+    assert resolve_model_path(cfg) == WEIGHTS_DIR

@@ -15,6 +15,7 @@ from hpcvideo.config import load_config
 from hpcvideo.models import encode_prompts, ensure_tiny_wan, load_wan
 from hpcvideo.noise import block_noise
 from hpcvideo.schedulers import make_scheduler
+from hpcvideo.progress import read_heartbeats
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.dualparal.pipeline import split_layers
 from hpcvideo.strategies.dualparal.reference import DualParalReference
@@ -98,6 +99,8 @@ def test_ranks_are_bit_identical_to_the_reference(tmp_path, reference_latents, o
     assert [s["rank"] for s in stats] == list(range(num_ranks))
     assert [tuple(s["layers"]) for s in stats] == [(r.start, r.stop) for r in split_layers(4, num_ranks)]
     assert sorted(p.name for p in (tmp_path / "run.zarr.logs").iterdir()) == [f"rank{r}.log" for r in range(num_ranks)]
+    beats = read_heartbeats(path)  # every rank's last heartbeat, written at the end of the run (hpcvideo.progress)
+    assert [(b["rank"], b["tick"], b["state"]) for b in beats] == [(r, beats[0]["num_ticks"], "finished") for r in range(num_ranks)]
 
 
 def test_a_given_stage_split_is_used_and_bad_splits_are_refused(tmp_path, reference_latents):
