@@ -68,7 +68,8 @@ def test_a_killed_run_resumes_bit_identically(tmp_path, wan_reference):
     killed = run(2, "tiny-vi-wan", *args, fault="tick:2@1")
     assert killed.returncode != 0
     store = RunStore.open(path)
-    assert not store.status_dict()["complete"] and store.load_state("resume")[1]["tick"] == 2
+    # rank 0 may still be writing step 2's checkpoint when the launcher kills it (~10 ms after rank 1)
+    assert not store.status_dict()["complete"] and store.load_state("resume")[1]["tick"] in (1, 2)
     ok(run(2, "tiny-vi-wan", *args))
     latents, frames = arrays(path)
     assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1])

@@ -34,8 +34,10 @@ import torch
 from ...config import IDENTITY_IGNORED, ConfigError, RunConfig
 from ...faults import fault
 from ...noise import frame_noise
+from ...progress import Heartbeat
 from ...runtime import abort_on_failure
 from ...runtime.control import bcast_object, gather_object
+from ...runtime.preempt import Preempted, should_stop
 from ...schedulers import fresh_copy, load_scheduler_state, make_scheduler, scheduler_state
 from ...store import RunStore, StoreError
 from .clips import ClipComm, ClipLayout, DualScope
@@ -288,6 +290,9 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
         bar = tqdm(total=num_steps, initial=step, unit="step", desc="denoise", dynamic_ncols=True)
     denoise_s = checkpoint_s = 0.0
     last_checkpoint = time.monotonic()
+    heartbeat = Heartbeat(cfg.store.path, rank=env.rank, num_ticks=num_steps,
+                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None)
+    heartbeat.beat(step)  # per-rank record for `hpcvideo status` (hpcvideo.progress); a tick = one step here
     try:
         while step < num_steps:
             fault("tick", step, rank=env.rank)
@@ -295,9 +300,12 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
             latents = _denoise_step(cfg, model, scheduler, latents, timesteps[step], prompt_embeds, negative, dtype)
             denoise_s += time.perf_counter() - t0
             step += 1
+            heartbeat.beat(step, tick_s=time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
-            save = step == num_steps or step % cfg.store.checkpoint_every_ticks == 0 or (
+            # SLURM's USR2 on any rank: all ranks checkpoint this step and stop (runtime.preempt; collective)
+            stop = step < num_steps and should_stop(env)
+            save = stop or step == num_steps or step % cfg.store.checkpoint_every_ticks == 0 or (
                 main and time.monotonic() - last_checkpoint >= cfg.store.checkpoint_every_s)
             if env.world_size > 1:
                 save = bcast_object(env, save)  # rank 0's clock decides for everyone
@@ -309,14 +317,18 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
                     store.save_state(_dump({"step": step, "clips": clips}), tick=step, num_blocks=env.world_size)
                 last_checkpoint = time.monotonic()
                 checkpoint_s += time.perf_counter() - t0
+            if stop:
+                raise Preempted(step)
     finally:
         remove(model)
         if bar is not None:
             bar.close()
+        heartbeat.beat(step, force=True, state="stopped" if step < num_steps else "running")
 
     t0 = time.perf_counter()
     _write(cfg, env, store, vae, latents, info)
     write_s = time.perf_counter() - t0
+    heartbeat.beat(step, force=True, state="finished")
     stats = gather_object(env, {"rank": env.rank, "clip": [layout.start, layout.stop], "bytes_sent": comm.bytes_sent,
                                 "bytes_received": comm.bytes_received, "denoise_s": round(denoise_s, 4)})
     if not main:
