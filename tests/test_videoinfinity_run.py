@@ -87,3 +87,41 @@ def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
     np.testing.assert_allclose(l2, l1, atol=2e-4, rtol=0)
     assert np.abs(f2.astype(int) - f1).max() <= 1
     assert RunStore.open(two).frame_range(1) == (8, 16)  # per-frame VAE: clip-aligned frame chunks
+
+
+def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identically(tmp_path):
+    """Under SLURM (SLURM_JOB_ID set) USR2 makes the run checkpoint the next step and exit 75 (the
+    sbatch scripts requeue on it); the rerun ends equal to an uninterrupted run."""
+    import signal
+    import time
+
+    from hpcvideo.runtime.preempt import EXIT_REQUEUE
+
+    args = ("--set", "strategy.clip_latent_frames=8", "--set", "sampling.num_inference_steps=12")
+    whole = tmp_path / "whole.zarr"
+    ok(run(1, "tiny-vi-wan", "--output", whole, *args))
+    path = tmp_path / "run.zarr"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "HYDRA_", "MPI"))}
+    environ.pop("HPCVIDEO_FAULT", None)
+    environ["SLURM_JOB_ID"] = "12345"
+    process = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-vi-wan", "--no-progress",
+                                "--output", str(path), *args], env=environ, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if RunStore.exists(path) and (RunStore.open(path).status_dict()["last_checkpoint_tick"] or 0) >= 2:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGUSR2)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == EXIT_REQUEUE, stderr
+    stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
+    status = RunStore.open(path).status_dict()
+    assert not status["complete"] and status["last_checkpoint_tick"] == stopped_at and 2 <= stopped_at < 12
+    ok(run(1, "tiny-vi-wan", "--output", path, *args))
+    latents, frames = arrays(path)
+    expected = arrays(whole)
+    assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
