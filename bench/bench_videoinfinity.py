@@ -11,11 +11,19 @@ batched [uncond, cond] for UNet3D, two forwards for Wan, as the run loop does):
             2/4/8 ranks at a fixed clip length and for clips of 4/8/16 frames at 4 ranks. Goal: flat in
             the number of ranks and in the video's length (only halos of ``local_frames`` and 4 frames,
             the global set and per-frame GroupNorm sums move).
-  overhead  seconds per step with synchronisation on vs off (``ClipComm(sync=False)``: every rank
-            denoises its clip as a video of its own), 2 ranks x 1 thread, clips of 16 frames: UNet3D
-            with 32x32 latents (256x256 px), the tiny Wan (hidden 24: messages dominate) and "wan-wide"
-            (a random 4-layer Wan of hidden 512, 8x8 tokens per frame). Goal: <= 10% (the paper
-            measured +25-29% on GPUs).
+  overhead  seconds per step, 2 ranks x 1 thread, clips of 16 frames, for UNet3D with 32x32 latents
+            (256x256 px), the tiny Wan (hidden 24: messages dominate) and "wan-wide" (a random 4-layer
+            Wan of hidden 512, 8x8 tokens per frame), in three modes:
+              on        the real run;
+              stand-in  ``ClipComm(sync="stand-in")``: no message is sent, every halo / global set /
+                        sum is replaced by a local tensor of the same shape, so the compute is the
+                        same as "on" -> ``sync_overhead`` = on / stand-in - 1 is the cost of the
+                        synchronisation itself (transfers + waiting for the peer). Goal: <= 10% (the
+                        paper measured +25-29% on GPUs);
+              off       ``ClipComm(sync=False)``: every rank denoises its clip as a video of its own
+                        (no halo or global frames at all) -> ``overhead_vs_independent_clips`` =
+                        on / off - 1 also counts the algorithm's extra compute on halo and global
+                        frames (longer temporal convolutions, attention over more keys).
 
 The tiny random-weight models are used (CPU, gloo over loopback); the figures are about the
 communication pattern, not about GPU speed.
@@ -68,7 +76,7 @@ def worker(args) -> None:
             latents = torch.randn(1, 4, args.clip, args.latent, args.latent, generator=g)
             forwards = [(latents, torch.randn(1, 16, 32, generator=g)), (latents, torch.randn(1, 16, 32, generator=g))]
         layout = ClipLayout(rank=env.rank, world_size=env.world_size, clip_frames=args.clip)
-        comm = ClipComm(layout, sync=not args.no_sync)
+        comm = ClipComm(layout, sync={"on": True, "off": False, "stand-in": "stand-in"}[args.sync])
         scope = DualScope(local_frames=args.local, global_frames=args.globals_, switch_timestep=500.0)
         times = []
         with patched(model, "wan" if args.family == "wan-wide" else args.family, comm=comm, scope=scope):
@@ -112,14 +120,19 @@ def part_bytes() -> dict:
     return out
 
 
-def part_overhead(steps: int) -> dict:
+def part_overhead(steps: int, families) -> dict:
     out = {}
     for family, latent in (("unet3d", 32), ("wan", 16), ("wan-wide", 16)):
+        if family not in families:
+            continue
         common = ("--family", family, "--latent", str(latent), "--clip", "16", "--steps", str(steps), "--warmup", "2")
         on = launch(2, *common)
-        off = launch(2, *common, "--no-sync")
-        out[family] = {"sync_step_s": round(on["step_s"], 5), "no_sync_step_s": round(off["step_s"], 5),
-                       "overhead": round(on["step_s"] / off["step_s"] - 1, 4),
+        stand_in = launch(2, *common, "--sync", "stand-in")
+        off = launch(2, *common, "--sync", "off")
+        out[family] = {"sync_step_s": round(on["step_s"], 5), "stand_in_step_s": round(stand_in["step_s"], 5),
+                       "no_sync_step_s": round(off["step_s"], 5),
+                       "sync_overhead": round(on["step_s"] / stand_in["step_s"] - 1, 4),
+                       "overhead_vs_independent_clips": round(on["step_s"] / off["step_s"] - 1, 4),
                        "bytes_received_per_step": on["bytes_received_per_step"]}
     return out
 
@@ -135,7 +148,8 @@ def main() -> None:
     parser.add_argument("--local", type=int, default=8)
     parser.add_argument("--globals", dest="globals_", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--no-sync", action="store_true")
+    parser.add_argument("--sync", default="on", choices=("on", "stand-in", "off"))
+    parser.add_argument("--families", default="unet3d,wan,wan-wide", help="overhead: which models")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -146,7 +160,7 @@ def main() -> None:
     if "bytes" in parts:
         report["bytes"] = part_bytes()
     if "overhead" in parts:
-        report["overhead"] = part_overhead(args.steps)
+        report["overhead"] = part_overhead(args.steps, args.families.split(","))
     report["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(report, indent=1))
 

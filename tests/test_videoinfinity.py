@@ -36,6 +36,20 @@ def test_layout_and_halo_ranges():
         ClipLayout(rank=4, world_size=4, clip_frames=4)
 
 
+def test_stand_in_exchanges_keep_the_shapes_of_a_synchronised_run_and_send_nothing():
+    # the benchmark's "stand-in" mode (same compute as the real run, no messages): without a process group
+    x = torch.randn(2, 3, 4, 5)  # frames on dim 2
+    for rank, (n_left, n_right) in ((0, (0, 2)), (1, (2, 2)), (3, (2, 0))):
+        comm = ClipComm(ClipLayout(rank=rank, world_size=4, clip_frames=4), sync="stand-in")
+        left, right = comm.halo_async(x, dim=2, before=2, after=2).wait()
+        assert left.shape == (2, 3, n_left, 5) and right.shape == (2, 3, n_right, 5)
+        assert comm.global_frames(x, dim=2, global_frames=6).shape == (2, 3, 6, 5)
+        assert torch.equal(comm.sum(x), x)
+        assert comm.bytes_sent == comm.bytes_received == 0
+    with pytest.raises(ValueError, match="sync='yes'"):
+        ClipComm(ClipLayout(rank=0, world_size=2, clip_frames=4), sync="yes")
+
+
 def test_global_set_depends_on_the_video_only():
     assert global_frame_indices(16, 4) == [0, 4, 8, 12]
     assert global_frame_indices(8, 3) == [0, 2, 5]

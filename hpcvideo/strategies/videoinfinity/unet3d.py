@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .clips import ClipComm, DualScope, clip_group_norm
+from .clips import ClipComm, DualScope, clip_group_norm, group_sums
 from .masks import frame_mask, phase
 
 _STATE = "_video_infinity"
@@ -79,14 +79,19 @@ def _temporal_conv_forward(layer, state: _State):
         # (B*F, C, H, W) -> (B, C, F, H, W)
         hidden_states = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
         identity = hidden_states
-        left, right = state.comm.halo(hidden_states, dim=2, before=reach, after=reach)
+        for stage in stages:
+            if not isinstance(stage[0], torch.nn.GroupNorm):
+                raise TypeError(f"TemporalConvLayer stage starts with {type(stage[0]).__name__}, expected GroupNorm")
+        # the halo and the first norm's video-wide sums (of the clip's own frames) travel together
+        halo = state.comm.halo_async(hidden_states, dim=2, before=reach, after=reach)
+        first_stats = state.comm.sum_async(group_sums(hidden_states, stages[0][0].num_groups))
+        left, right = halo.wait()
+        first_stats = first_stats.wait()
         x = torch.cat([left, hidden_states, right], dim=2)  # (B, C, nl + F + nr, H, W)
         own = slice(left.shape[2], left.shape[2] + num_frames)
-        for stage in stages:
+        for i, stage in enumerate(stages):
             norm, rest = stage[0], stage[1:]
-            if not isinstance(norm, torch.nn.GroupNorm):
-                raise TypeError(f"TemporalConvLayer stage starts with {type(norm).__name__}, expected GroupNorm")
-            x = rest(clip_group_norm(x, norm, state.comm, own))
+            x = rest(clip_group_norm(x, norm, state.comm, own, stats=first_stats if i == 0 else None))
         x = identity + x[:, :, own]
         # (B, C, F, H, W) -> (B*F, C, H, W)
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
@@ -109,11 +114,13 @@ class DualScopeAttnProcessor:
             raise RuntimeError("DualScopeAttnProcessor: unsupported Attention options (spatial/group/qk norm, residual)")
         state, scope = self.state, self.state.scope
         # hidden_states: (N, F, C), N = batch * height * width, F = this clip's frames
-        left, right = state.comm.halo(hidden_states, dim=1, before=scope.local_frames, after=scope.local_frames)
-        glob = state.comm.global_frames(hidden_states, dim=1, global_frames=scope.global_frames)
-        context = torch.cat([left, hidden_states, right, glob], dim=1)  # (N, nl + F + nr + G', C)
+        halo = state.comm.halo_async(hidden_states, dim=1, before=scope.local_frames, after=scope.local_frames)
+        pending_global = state.comm.global_frames_async(hidden_states, dim=1, global_frames=scope.global_frames)
         batch = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
+        query = attn.to_q(hidden_states)  # while the frames travel
+        left, right = halo.wait()
+        glob = pending_global.wait()
+        context = torch.cat([left, hidden_states, right, glob], dim=1)  # (N, nl + F + nr + G', C)
         key = attn.to_k(context)
         value = attn.to_v(context)
         head_dim = key.shape[-1] // attn.heads
