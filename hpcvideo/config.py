@@ -159,6 +159,8 @@ class StrategyConfig:
     global_frames: int = 16  # frames in the global set shared by all ranks (paper: 16); 0 = none
     switch_timestep: float = 800.0  # t >= this: global keys favoured by global_bias; below: local keys (paper: 800)
     global_bias: float = 10.0  # logit bias of the favoured scope (paper: 10)
+    sync_clips: bool = True  # false: every rank denoises its clip as a video of its own (no halos, global set or
+    #                          shared GroupNorm statistics): the independent-clips baseline for seam comparisons
 
 
 @dataclass(kw_only=True)

@@ -125,3 +125,15 @@ def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identicall
     latents, frames = arrays(path)
     expected = arrays(whole)
     assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
+
+
+def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path):
+    # strategy.sync_clips=false (the seam-comparison baseline): no messages, and clip 0 of the 4-rank run is
+    # the 1-rank run of a video that is only that clip (noise is per video frame, so frames 0..1 match)
+    path, alone = tmp_path / "run.zarr", tmp_path / "alone.zarr"
+    ok(run(4, "tiny-vi-wan", "--output", path, "--set", "strategy.sync_clips=false"))
+    ok(run(1, "tiny-vi-wan", "--output", alone, "--frames", 5))
+    latents, frames = arrays(path)
+    clip_latents, clip_frames = arrays(alone)
+    assert np.array_equal(latents[:2], clip_latents) and np.array_equal(frames[:5], clip_frames)
+    assert [s["bytes_received"] for s in RunStore.open(path).attrs["rank_stats"]] == [0, 0, 0, 0]

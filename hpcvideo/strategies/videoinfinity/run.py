@@ -278,7 +278,7 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
         store.set_status("running")
         store.update_attrs(num_ranks=env.world_size)
 
-    comm = ClipComm(layout)
+    comm = ClipComm(layout, sync=cfg.strategy.sync_clips)  # sync_clips false: independent clips (baseline)
     apply, remove = patch_functions(cfg.model.family)
     apply(model, comm=comm, scope=scope_of(cfg))
     timesteps = scheduler.timesteps

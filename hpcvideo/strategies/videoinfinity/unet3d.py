@@ -82,16 +82,25 @@ def _temporal_conv_forward(layer, state: _State):
         for stage in stages:
             if not isinstance(stage[0], torch.nn.GroupNorm):
                 raise TypeError(f"TemporalConvLayer stage starts with {type(stage[0]).__name__}, expected GroupNorm")
-        # the halo and the first norm's video-wide sums (of the clip's own frames) travel together
-        halo = state.comm.halo_async(hidden_states, dim=2, before=reach, after=reach)
-        first_stats = state.comm.sum_async(group_sums(hidden_states, stages[0][0].num_groups))
+        comm = state.comm
+        # Each norm needs video-wide sums (one all_reduce). Samples (the CFG pair) are normalised apart,
+        # so sample i's sums for stage k + 1 travel while sample i + 1 computes stage k: the reductions
+        # overlap with convolutions instead of stopping both ranks four times in a row. The halo and
+        # the first norm's sums (of the clip's own frames) travel together.
+        halo = comm.halo_async(hidden_states, dim=2, before=reach, after=reach)
+        samples = list(hidden_states.split(1)) if hidden_states.shape[0] > 1 else [hidden_states]
+        pending = [comm.sum_async(group_sums(sample, stages[0][0].num_groups)) for sample in samples]
         left, right = halo.wait()
-        first_stats = first_stats.wait()
         x = torch.cat([left, hidden_states, right], dim=2)  # (B, C, nl + F + nr, H, W)
         own = slice(left.shape[2], left.shape[2] + num_frames)
-        for i, stage in enumerate(stages):
+        xs = list(x.split(1)) if len(samples) > 1 else [x]
+        for k, stage in enumerate(stages):
             norm, rest = stage[0], stage[1:]
-            x = rest(clip_group_norm(x, norm, state.comm, own, stats=first_stats if i == 0 else None))
+            for i in range(len(xs)):
+                xs[i] = rest(clip_group_norm(xs[i], norm, comm, own, stats=pending[i].wait()))
+                if k + 1 < len(stages):
+                    pending[i] = comm.sum_async(group_sums(xs[i][:, :, own], stages[k + 1][0].num_groups))
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
         x = identity + x[:, :, own]
         # (B, C, F, H, W) -> (B*F, C, H, W)
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
