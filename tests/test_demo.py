@@ -54,6 +54,30 @@ def test_clip_shape_moves_the_captioned_way(direction):
     assert travel > 15.0
 
 
+def _chunk_locality(vae):
+    """Max |change| per latent frame and per pixel frame when only pixel frames 1..4 (chunk 1) change."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 9, 32, 32, generator=g) * 2 - 1
+    x2 = x.clone()
+    x2[:, :, 1:5] = torch.rand(1, 3, 4, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        z, z2 = vae.encode(x).latent_dist.mean, vae.encode(x2).latent_dist.mean
+        r, r2 = vae.decode(z).sample, vae.decode(z2).sample
+    return (z - z2).abs().amax(dim=(0, 1, 3, 4)), (r - r2).abs().amax(dim=(0, 1, 3, 4))
+
+
+def test_chunk_local_vae_keeps_a_change_inside_its_chunk():
+    from hpcvideo.demo.train import make_chunk_local
+
+    vae = model.build_vae(seed=0)
+    dz, dx = _chunk_locality(vae)
+    assert dz[2] > 0 and dx[5:].max() > 0  # stock weights: chunk 1 leaks into chunk 2
+    assert make_chunk_local(vae) > 0
+    dz, dx = _chunk_locality(vae)
+    assert dz[0] == 0 and dz[1] > 0 and dz[2] == 0  # latent frames 0 (frame 0) and 2 (frames 5..8) unchanged
+    assert dx[0] == 0 and dx[1:5].min() > 0 and dx[5:].max() == 0
+
+
 @needs_weights
 def test_shipped_weights_are_a_small_wan_diffusers_folder():
     from hpcvideo.models import read_model_info
@@ -67,6 +91,10 @@ def test_shipped_weights_are_a_small_wan_diffusers_folder():
     assert sum(sizes.values()) < 12 * 2**20  # "a few MB"
     vae_config = json.loads((WEIGHTS_DIR / "vae" / "config.json").read_text())
     assert vae_config["latents_std"] != [1.0] * model.Z_DIM  # normalisation measured on the training latents
+    from diffusers import AutoencoderKLWan
+
+    dz, dx = _chunk_locality(AutoencoderKLWan.from_pretrained(WEIGHTS_DIR / "vae"))  # trained chunk-local
+    assert dz[0] == dz[2] == 0 and dx[0] == 0 and dx[5:].max() == 0
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +132,10 @@ def test_train_demo_writes_a_folder_that_load_wan_reads(tmp_path):
     from hpcvideo.models import load_wan
 
     out = train_demo(tmp_path / "demo", work_dir=tmp_path / "work", seed=0, vae_steps=1, num_clips=2,
-                     transformer_steps=1, vae_batch_size=1, batch_size=2, num_threads=1)
+                     transformer_steps=1, decoder_steps=1, vae_batch_size=1, batch_size=2, num_threads=1)
     log = json.loads((out / "training_log.json").read_text())
     assert log["settings"]["transformer_steps"] == 1 and len(log["transformer_loss"]) == 1
+    assert len(log["decoder_loss"]) == 1
     parts = load_wan(out)
     assert parts.vae.config.latents_std != [1.0] * model.Z_DIM
     assert parts.tokenizer("a red circle").input_ids[-1] == 1

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None, help="checkpoints and cached latents (default: OUTPUT.work); "
                         "rerun the same command to continue an interrupted training")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=900)
+    parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--num-clips", type=int, default=384, help="clips encoded for the transformer stage")
-    parser.add_argument("--transformer-steps", type=int, default=1500)
+    parser.add_argument("--transformer-steps", type=int, default=3000)
+    parser.add_argument("--decoder-steps", type=int, default=800,
+                        help="decoder refinement with the encoder frozen (stage 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -155,18 +155,22 @@ def _shape_coverage(spec: ClipSpec, cx: float, cy: float, angle: float, height: 
     return np.clip(0.5 - dist, 0.0, 1.0).astype(np.float32)
 
 
-def render_clip(spec: ClipSpec, *, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Frames of ``spec``: float32 (num_frames, height, width, 3) in [0, 1]."""
+def render_clip(spec: ClipSpec, *, num_frames: int, height: int, width: int, return_coverage: bool = False):
+    """Frames of ``spec``: float32 (num_frames, height, width, 3) in [0, 1]; with ``return_coverage``
+    also the shape's coverage per pixel, float32 (num_frames, height, width) in [0, 1]."""
     back = _background(spec, height, width)
     colour = np.asarray(SHAPE_COLOURS[spec.colour], np.float32)
     dx, dy = DIRECTIONS[spec.direction]
     frames = np.empty((num_frames, height, width, 3), np.float32)
+    coverage = np.empty((num_frames, height, width), np.float32)
     for f in range(num_frames):
         cx = spec.start_xy[0] + dx * spec.speed_px * f
         cy = spec.start_xy[1] + dy * spec.speed_px * f
-        alpha = _shape_coverage(spec, cx, cy, spec.angle0_rad + spec.spin_rad * f, height, width)[..., None]
+        coverage[f] = _shape_coverage(spec, cx, cy, spec.angle0_rad + spec.spin_rad * f, height, width)
+        alpha = coverage[f][..., None]
         frames[f] = back * (1 - alpha) + colour * alpha
-    return np.clip(frames, 0.0, 1.0)
+    frames = np.clip(frames, 0.0, 1.0)
+    return (frames, coverage) if return_coverage else frames
 
 
 def make_clip(seed: int, index: int, *, num_frames: int = 21, height: int = 64, width: int = 64) -> tuple[np.ndarray, str]:
@@ -176,17 +180,23 @@ def make_clip(seed: int, index: int, *, num_frames: int = 21, height: int = 64, 
     return render_clip(spec, num_frames=num_frames, height=height, width=width), spec.caption
 
 
-def make_batch(seed: int, indices, *, num_frames: int = 21, height: int = 64, width: int = 64):
-    """Clips ``indices`` as one array: (video float32 (B, 3, F, H, W) in [-1, 1], captions list of B str).
+def make_batch(seed: int, indices, *, num_frames: int = 21, height: int = 64, width: int = 64,
+               return_coverage: bool = False):
+    """Clips ``indices`` as one array: (video float32 (B, 3, F, H, W) in [-1, 1], captions list of B str),
+    with ``return_coverage`` also the shapes' coverage, float32 (B, F, H, W) in [0, 1].
 
     The layout (channels first, values in [-1, 1]) is what ``AutoencoderKLWan`` takes.
     """
-    clips, captions = [], []
+    clips, captions, coverages = [], [], []
     for i in indices:
-        frames, caption = make_clip(seed, i, num_frames=num_frames, height=height, width=width)
+        spec = sample_spec(np.random.default_rng([int(seed), int(i)]), num_frames=num_frames, height=height,
+                           width=width)  # as make_clip
+        frames, coverage = render_clip(spec, num_frames=num_frames, height=height, width=width, return_coverage=True)
         clips.append(frames.transpose(3, 0, 1, 2))  # (F, H, W, 3) -> (3, F, H, W)
-        captions.append(caption)
-    return np.stack(clips) * 2.0 - 1.0, captions
+        captions.append(spec.caption)
+        coverages.append(coverage)
+    video = np.stack(clips) * 2.0 - 1.0
+    return (video, captions, np.stack(coverages)) if return_coverage else (video, captions)
 
 
 def colour_mask(frames: np.ndarray, colour: str, *, tolerance: float = 0.25) -> np.ndarray:

@@ -4,8 +4,8 @@ Same classes and folder layout as ``Wan-AI/Wan2.1-T2V-*-Diffusers`` (so :func:`h
 and ``WanPipeline.from_pretrained`` load it), sized to train on one CPU thread in well under an hour:
 
 * VAE (AutoencoderKLWan): Wan2.1 layout, 8x spatial and 4x temporal compression (dim_mult [1, 2, 4, 4],
-  temperal_downsample [False, True, True]), base_dim 12, one residual block per level, z_dim 8.
-  64 x 64 x 21 pixel frames -> 8 x 8 x 6 latent frames.
+  temperal_downsample [False, True, True]), base_dim 12, one residual block per level, z_dim 16.
+  64 x 64 x 21 pixel frames -> 16 x 6 x 8 x 8 latents.
 * transformer (WanTransformer3DModel): patch (1, 2, 2) -> 4 x 4 tokens per latent frame at 64 x 64;
   4 layers (so it can be split into 1..4 DualParal stages), 4 heads x head dim 16 (hidden 64), ffn 192,
   text_dim 32, freq_dim 64.
@@ -31,7 +31,7 @@ from .data import VOCABULARY
 HEIGHT = 64  # pixels of the training clips
 WIDTH = 64
 NUM_FRAMES = 21  # pixel frames per training clip = the native window (6 latent frames)
-Z_DIM = 8  # latent channels
+Z_DIM = 16  # latent channels (as Wan2.1)
 TEXT_DIM = 32
 MAX_SEQUENCE_LENGTH = 16  # text tokens per caption (the longest caption has 12 words + </s>)
 

@@ -1,14 +1,17 @@
-"""Train the demo model on synthetic motion clips (``hpcvideo train-demo``); CPU in well under an hour.
+"""Train the demo model on synthetic motion clips (``hpcvideo train-demo``); CPU, about an hour on one thread.
 
-Three stages, each checkpointed under ``--work-dir`` so an interrupted run continues where it stopped
+Four stages, each checkpointed under ``--work-dir`` so an interrupted run continues where it stopped
 (rerun the same command):
 
-1. **VAE** (AutoencoderKLWan, :mod:`hpcvideo.demo.model`): MSE reconstruction of the decoded posterior
-   mean (decoded without the output clamp, see :func:`_decode_unclamped`; the KL term is logged, its
-   weight is 0 by default, see :func:`train_vae`), on random 32 x 32 crops of 5-frame windows (1 + 4 frames: the
-   causal first frame and one temporal chunk) of the 64 x 64 clips; biases start at zero
-   (:func:`_init_vae_for_training`). Convolutional, so it then works on whole frames of any size.
-2. **Latents**: the posterior means of ``num_clips`` whole clips (21 frames, 64 x 64 -> 6 x 8 x 8),
+1. **VAE** (AutoencoderKLWan, :mod:`hpcvideo.demo.model`), made *chunk-local* first
+   (:func:`make_chunk_local`: latent frame k depends only on pixel frames 4k-3..4k and decodes to them
+   alone, so what short windows train is what a 1,000-frame streaming decode uses): shape-weighted MSE
+   reconstruction of the decoded posterior mean (decoded without the output clamp, see
+   :func:`_decode_unclamped`; the KL term is logged, its weight is 0, see :func:`train_vae`), on random
+   32 x 32 crops of 5-frame windows (the causal first frame + one 4-frame chunk) of the 64 x 64 clips;
+   biases start at zero (:func:`_init_vae_for_training`); AdamW at 4e-4 (1e-3 and above sat at the
+   mean colour for hundreds of steps). Convolutional, so it then works on whole frames of any size.
+2. **Latents**: the posterior means of ``num_clips`` whole clips (21 frames, 64 x 64 -> 16 x 6 x 8 x 8),
    normalised per channel; the statistics become the VAE's ``latents_mean`` / ``latents_std`` (as
    in Wan2.1), so ``WanPipeline`` and :mod:`hpcvideo.decode` un-normalise them.
 3. **Transformer** (WanTransformer3DModel): rectified-flow matching as Wan2.1 is trained. Timesteps
@@ -18,6 +21,9 @@ Three stages, each checkpointed under ``--work-dir`` so an interrupted run conti
    Text goes through the model's own tokenizer + UMT5 encoder via ``WanPipeline.encode_prompt``
    (exactly what inference does); 10% of captions are replaced by "" so that classifier-free
    guidance with the empty negative prompt works. An EMA of the weights is what gets saved.
+4. **Decoder refinement** (:func:`train_decoder`): more steps on the decoder alone with the encoder
+   frozen; the latents of stage 2 do not change, so this stage is independent of stage 3 (it can run
+   beside it in a second process on the same work dir: both compute the same checkpoints).
 
 Deterministic from ``--seed``: data indices, crops, noise and timesteps come from generators seeded
 by (seed, stage, step); with one torch thread, reruns give the same weights bit for bit.
@@ -70,6 +76,48 @@ def _init_vae_for_training(vae, *, bottleneck_gain: float = 5.0) -> None:
     vae.post_quant_conv.weight.mul_(bottleneck_gain)
 
 
+def make_chunk_local(vae) -> int:
+    """Zero, and keep at zero during training, every temporal tap of ``vae`` that reaches an earlier
+    4-frame chunk, so that latent frame k depends only on pixel frames [4k - 3, 4k] and decodes to them
+    alone (a chunk-local AutoencoderKLWan). Returns the number of convolutions changed.
+
+    Why: AutoencoderKLWan's causal 3-D convolutions carry a feature cache from chunk to chunk, so its
+    decoder's temporal receptive field is tens of latent frames. Trained on a few chunks (all the CPU
+    budget allows), the part of that field it never saw drifts: a first attempt trained on 9-frame
+    windows decoded frames 11-21 of a 21-frame clip as garbage, and hpcvideo streams 250+ latent
+    frames through that cache. Chunk-local weights have no such field: what 5-frame windows (the
+    first chunk + one full chunk) train is exactly what any length uses. Same classes, same folder
+    format, same streaming decode (the cache then holds only zero-weighted frames).
+
+    * every stride-1 causal convolution with temporal kernel 3 (two past taps + the current frame):
+      only the current frame's tap is kept (the spatial 3 x 3 part is untouched);
+    * the decoder's temporal upsamplers (``time_conv``, kernel 3, two past taps): the current tap only;
+    * the encoder's temporal downsamplers (``time_conv``, kernel 3, stride 2 over [last frame of the
+      previous chunk, frames of this chunk]): the first tap is dropped, so each output reads a pair of
+      this chunk's frames ([x0, x1], [x2, x3]).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    changed = 0
+    for module in vae.modules():
+        if not isinstance(module, WanCausalConv3d) or module.kernel_size[0] == 1:
+            continue
+        if module.kernel_size[0] != 3:
+            raise ValueError(f"make_chunk_local: temporal kernel {module.kernel_size[0]} (expected 1 or 3)")
+        mask = torch.ones_like(module.weight)  # (out, in, kt, kh, kw)
+        if module.stride[0] == 1:
+            mask[:, :, :2] = 0.0  # taps t-2, t-1
+        else:  # stride-2 downsampler: taps [prev, x0, x1] -> [x0, x1]
+            mask[:, :, :1] = 0.0
+        with torch.no_grad():
+            module.weight.mul_(mask)
+        if not getattr(module.weight, "_chunk_local", False):
+            module.weight.register_hook(lambda grad, mask=mask: grad * mask)
+            module.weight._chunk_local = True
+        changed += 1
+    return changed
+
+
 def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     """``vae.decode(z).sample`` without its final clamp to [-1, 1]: (B, z, T, h, w) -> (B, 3, 1 + 4 (T - 1), 8h, 8w).
 
@@ -88,14 +136,18 @@ def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, work_dir: Path,
-              kl_weight: float = 0.0, crop_px: int = 32, window_frames: int = 5, log_every: int = 25) -> list:
+              kl_weight: float = 0.0, shape_weight: float = 0.0, crop_px: int = 32, window_frames: int = 5,
+              log_every: int = 25, zero_bias_init: bool = True, chunk_local: bool = True) -> list:
     """Train ``vae`` in place; returns the loss log [(step, l1, kl, seconds)]. Checkpoints every 100 steps.
 
     ``kl_weight`` defaults to 0 (the KL is logged, the latents are normalised afterwards): with Adam
     even a 1e-4 KL term drove the latent to zero while the decoder was not yet using it (posterior
     collapse within 150 steps), whereas without it the decoder starts using the latent after ~80 steps."""
     ckpt_path = work_dir / "vae_ckpt.pt"
-    _init_vae_for_training(vae)
+    if zero_bias_init:
+        _init_vae_for_training(vae)
+    if chunk_local:
+        make_chunk_local(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step, history = 0, []
     if ckpt_path.is_file():
@@ -109,13 +161,15 @@ def train_vae(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, wor
     while step < num_steps:
         rng = np.random.default_rng([seed, 1, step])
         indices = rng.integers(0, 2**31, size=batch_size)
-        video, _ = data.make_batch(seed, indices, num_frames=data_frames(window_frames))
+        video, _, coverage = data.make_batch(seed, indices, num_frames=data_frames(window_frames), return_coverage=True)
         f0 = rng.integers(0, video.shape[2] - window_frames + 1)
         y0, x0 = rng.integers(0, video.shape[3] - crop_px + 1, size=2)
         x = torch.from_numpy(np.ascontiguousarray(
             video[:, :, f0:f0 + window_frames, y0:y0 + crop_px, x0:x0 + crop_px])).float()  # (B, 3, T, h, w)
+        weight = 1.0 + shape_weight * torch.from_numpy(np.ascontiguousarray(
+            coverage[:, None, f0:f0 + window_frames, y0:y0 + crop_px, x0:x0 + crop_px]))  # (B, 1, T, h, w)
         for group in opt.param_groups:  # cosine decay to 10%
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
         posterior = vae.encode(x).latent_dist
         # Decode the posterior mean (what encode_latents gives the transformer). Sampling z with the
         # initial posterior std of ~1 drowned the small initial means and collapsed the posterior in
@@ -125,7 +179,8 @@ def train_vae(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, wor
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
         # MSE, not L1: at the start the decoder outputs one colour, where L1's gradient (the sign of
         # the error) balances out at the median and the small VAE stayed there for 250+ steps
-        ((recon - x).pow(2).mean() + kl_weight * kl).backward()
+        # the shapes cover ~5% of the pixels: ``shape_weight`` makes the small VAE learn them early
+        ((weight * (recon - x).pow(2)).mean() + kl_weight * kl).backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -133,6 +188,55 @@ def train_vae(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, wor
         if step % log_every == 0 or step == num_steps:
             history.append((step, l1.item(), kl.item(), round(time.time() - t0, 1)))
             log.info("vae step %d/%d  l1 %.4f  kl %.3f  %.0fs", step, num_steps, *history[-1][1:3], time.time() - t0)
+        if step % 100 == 0 or step == num_steps:
+            _save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, ckpt_path)
+    return history
+
+
+def train_decoder(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, work_dir: Path,
+                  shape_weight: float = 4.0, crop_px: int = 32, window_frames: int = 5, log_every: int = 50) -> list:
+    """Refine ``vae``'s decoder (and ``post_quant_conv``) with the encoder frozen; returns [(step, l1, s)].
+
+    The encoder, hence every latent the transformer is trained on, stays exactly as stage 1 left it,
+    so this stage may run before, after or beside the transformer stage and gives the same weights.
+    Same loss and data as :func:`train_vae` (fresh batches: stream key 4). Checkpoints every 100 steps
+    to ``decoder_ckpt.pt``; a finished checkpoint is loaded as is."""
+    ckpt_path = work_dir / "decoder_ckpt.pt"
+    make_chunk_local(vae)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step, history = 0, []
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["opt"])
+        step, history = ckpt["step"], ckpt["history"]
+        log.info("decoder: resumed at step %d", step)
+    vae.train()
+    t0 = time.time() - (history[-1][2] if history else 0.0)
+    while step < num_steps:
+        rng = np.random.default_rng([seed, 4, step])
+        video, _, coverage = data.make_batch(seed, rng.integers(0, 2**31, size=batch_size),
+                                             num_frames=data_frames(window_frames), return_coverage=True)
+        f0 = rng.integers(0, video.shape[2] - window_frames + 1)
+        y0, x0 = rng.integers(0, video.shape[3] - crop_px + 1, size=2)
+        window = (slice(None), slice(None), slice(f0, f0 + window_frames), slice(y0, y0 + crop_px),
+                  slice(x0, x0 + crop_px))
+        x = torch.from_numpy(np.ascontiguousarray(video[window])).float()
+        weight = 1.0 + shape_weight * torch.from_numpy(np.ascontiguousarray(coverage[:, None][window]))
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        recon = _decode_unclamped(vae, z)
+        (weight * (recon - x).pow(2)).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % log_every == 0 or step == num_steps:
+            history.append((step, (recon - x).abs().mean().item(), round(time.time() - t0, 1)))
+            log.info("decoder step %d/%d  l1 %.4f  %.0fs", step, num_steps, history[-1][1], time.time() - t0)
         if step % 100 == 0 or step == num_steps:
             _save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, ckpt_path)
     return history
@@ -241,9 +345,10 @@ def train_transformer(transformer, latents, captions, embeds, *, seed: int, num_
 # ----------------------------------------------------------------------------------------- driver
 
 
-def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 900, num_clips: int = 384,
-               transformer_steps: int = 1500, vae_batch_size: int = 8, batch_size: int = 16, vae_lr: float = 3e-3,
-               lr: float = 1e-3, num_threads: int = 1) -> Path:
+def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 1200, num_clips: int = 384,
+               transformer_steps: int = 3000, vae_batch_size: int = 8, batch_size: int = 16, vae_lr: float = 4e-4,
+               vae_window_frames: int = 5, shape_weight: float = 4.0, lr: float = 1e-3, decoder_steps: int = 800,
+               num_threads: int = 1) -> Path:
     """Run the three stages and save the diffusers folder at ``output``; returns its path.
 
     Writes ``training_log.json`` (losses, seconds, settings) next to the weights. The defaults are
@@ -255,12 +360,13 @@ def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 900, nu
     work_dir = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".work")
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(seed=seed, vae_steps=vae_steps, num_clips=num_clips, transformer_steps=transformer_steps,
-                    vae_batch_size=vae_batch_size, batch_size=batch_size, vae_lr=vae_lr, lr=lr)
+                    vae_batch_size=vae_batch_size, batch_size=batch_size, vae_lr=vae_lr,
+                    vae_window_frames=vae_window_frames, shape_weight=shape_weight, lr=lr, decoder_steps=decoder_steps)
     t_start = time.time()
 
     vae = model.build_vae(seed=seed)
     vae_history = train_vae(vae, seed=seed, num_steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr,
-                            work_dir=work_dir)
+                            work_dir=work_dir, window_frames=vae_window_frames, shape_weight=shape_weight)
     t_vae = time.time() - t_start
 
     latents_path = work_dir / "latents.pt"
@@ -286,14 +392,23 @@ def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 900, nu
                                                  work_dir=work_dir)
     t_dit = time.time() - t_start - t_vae - t_latents
 
+    decoder_history = []
+    if decoder_steps:
+        decoder_history = train_decoder(vae, seed=seed, num_steps=decoder_steps, batch_size=vae_batch_size,
+                                        lr=vae_lr, work_dir=work_dir, window_frames=vae_window_frames,
+                                        shape_weight=shape_weight)
+    t_decoder = time.time() - t_start - t_vae - t_latents - t_dit
+
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_folder(tmp, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), transformer=transformer)
     (tmp / "training_log.json").write_text(json.dumps({
         "settings": settings, "torch_threads": num_threads,
-        "seconds": {"vae": round(t_vae, 1), "latents": round(t_latents, 1), "transformer": round(t_dit, 1)},
+        "seconds": {"vae": round(t_vae, 1), "latents": round(t_latents, 1), "transformer": round(t_dit, 1),
+                    "decoder": round(t_decoder, 1)},
         "vae_loss": [{"step": s, "l1": round(a, 5), "kl": round(b, 4), "s": t} for s, a, b, t in vae_history],
         "transformer_loss": [{"step": s, "mse": round(a, 5), "s": t} for s, a, t in dit_history],
+        "decoder_loss": [{"step": s, "l1": round(a, 5), "s": t} for s, a, t in decoder_history],
     }, indent=1))
     shutil.rmtree(output, ignore_errors=True)
     tmp.replace(output)
@@ -304,4 +419,5 @@ def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 900, nu
 def run_from_args(args) -> Path:
     """``hpcvideo train-demo``: options of :func:`hpcvideo.demo.add_arguments`."""
     return train_demo(args.output, work_dir=args.work_dir, seed=args.seed, vae_steps=args.vae_steps,
-                      num_clips=args.num_clips, transformer_steps=args.transformer_steps, num_threads=args.threads)
+                      num_clips=args.num_clips, transformer_steps=args.transformer_steps,
+                      decoder_steps=args.decoder_steps, num_threads=args.threads)

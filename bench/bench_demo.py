@@ -1,0 +1,182 @@
+"""What the trained demo model (hpcvideo/demo/weights) shows; prints one JSON object.
+
+    python bench/bench_demo.py                              # all parts (~10-20 minutes on 2 cores)
+    python bench/bench_demo.py --parts motion               # one part
+    python bench/bench_demo.py --grid docs/demo_grid.png    # also write the README's frame grid
+
+Parts (each run is ``hpcvideo generate`` in a fresh process, into DIR = --out, default a temp dir):
+
+  motion        native-window videos (21 frames, WanPipeline on the shipped folder) for prompted colours
+                and directions: per video, the travel of the prompted colour's centroid along the
+                prompted direction and across it (pixels; hpcvideo.demo.data.colour_centroids).
+  dualparal     the README's main job (configs/demo-cpu.yaml: 1,005 frames, DualParal, a zigzag prompt
+                schedule) against the same run with context and feature cache off (independent blocks:
+                ``strategy.context_latent_frames=0``, ``strategy.feature_cache=false``): the seam metric
+                of each (hpcvideo.metrics.seam_metric: mean frame difference across block boundaries /
+                within blocks; 1 = seams invisible), and how often the red centroid moves the way the
+                prompt of its block says.
+  videoinfinity the same prompt schedule as a Video-Infinity run on 4 ranks (4 clips of 6 latent frames =
+                93 frames; local 2, global 2) with dual-scope attention on vs ``strategy.sync_clips=false``
+                (independent clips): the seam metric at the clip boundaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VI_SETTINGS = ["strategy.name=videoinfinity", "strategy.clip_latent_frames=6", "strategy.local_frames=2",
+               "strategy.global_frames=2", "store.checkpoint_every_ticks=4", "runtime.num_threads=1"]
+
+
+def generate(out: Path, *options: str, ranks: int = 1) -> float:
+    """Run ``hpcvideo generate demo-cpu`` into ``out``; returns the wall seconds."""
+    command = [sys.executable, "-m", "hpcvideo.cli", "generate", "demo-cpu", "--output", str(out), "--no-progress"]
+    if ranks > 1:
+        command += ["--ranks", str(ranks)]
+    for option in options:
+        command += ["--set", option]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def prompt_motion(store_path: Path, colour: str = "red") -> dict:
+    """Per prompt segment of the store's schedule, does the ``colour`` centroid move the prompted way?"""
+    from hpcvideo.demo import data
+    from hpcvideo.store import RunStore
+
+    store = RunStore.open(store_path)
+    frames = store.read_frames(0, store.num_frames_ready())  # (F, H, W, 3) uint8
+    centroids = data.colour_centroids(frames, colour)
+    prompts = store.config["sampling"]["prompts"]
+    starts = [p["from_frame"] for p in prompts] + [len(frames)]
+    segments, right_way = [], 0
+    for p, (a, b) in zip(prompts, zip(starts, starts[1:])):
+        direction = next(d for d in data.DIRECTIONS if f" moving {d} " in f" {p['prompt']} ")
+        seen = centroids[a:b]
+        seen = seen[~np.isnan(seen).any(axis=1)]
+        if len(seen) < 2:
+            segments.append({"from_frame": a, "direction": direction, "travel_px": None})
+            continue
+        dx, dy = data.DIRECTIONS[direction]
+        travel = float((seen[-1] - seen[0]) @ np.array([dx, dy]))
+        segments.append({"from_frame": a, "direction": direction, "travel_px": round(travel, 1)})
+        right_way += travel > 0
+    visible = float(np.mean(~np.isnan(centroids).any(axis=1)))
+    return {"segments_moving_the_prompted_way": f"{right_way}/{len(segments)}",
+            "frames_with_the_colour_visible": round(visible, 3), "segments": segments}
+
+
+def seams(store_path: Path) -> dict:
+    from hpcvideo.metrics import seam_metric
+
+    m = seam_metric(store_path)
+    keep = ("kind", "num_frames", "num_seams", "seam_mean", "within_mean", "overall", "worst_ratio")
+    out = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keep}
+    ratios = [r for r in m["ratio"] if r is not None]
+    out["median_ratio"] = round(float(np.median(ratios)), 4) if ratios else None
+    return out
+
+
+def part_motion(seed: int = 1) -> dict:
+    import torch
+    from diffusers import WanPipeline
+
+    from hpcvideo.demo import WEIGHTS_DIR, data, model
+
+    torch.set_num_threads(2)
+    pipe = WanPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True)
+    cases = [(c, d) for c in ("red", "green", "yellow", "white") for d in ("left", "right", "up", "down")]
+    out = []
+    for colour, direction in cases:
+        prompt = data.caption_for(colour, "square", direction, "blue")
+        video = pipe(prompt=prompt, negative_prompt="", height=64, width=64, num_frames=model.NUM_FRAMES,
+                     num_inference_steps=12, guidance_scale=4.0, max_sequence_length=model.MAX_SEQUENCE_LENGTH,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+        c = data.colour_centroids(np.asarray(video), colour)
+        ok = ~np.isnan(c).any(axis=1)
+        row = {"colour": colour, "direction": direction, "frames_with_colour": int(ok.sum())}
+        if ok.sum() >= 2:
+            dx, dy = data.DIRECTIONS[direction]
+            first, last = c[ok][0], c[ok][-1]
+            row["travel_px"] = round(float((last - first) @ np.array([dx, dy])), 1)
+            row["across_px"] = round(float(abs((last - first) @ np.array([dy, dx]))), 1)
+        out.append(row)
+    right = sum(1 for r in out if r.get("travel_px", 0) > max(r.get("across_px", 0), 0))
+    return {"videos_moving_the_prompted_way": f"{right}/{len(out)}", "videos": out}
+
+
+def part_dualparal(out_dir: Path) -> dict:
+    on, off = out_dir / "dualparal_on.zarr", out_dir / "dualparal_independent.zarr"
+    t_on = generate(on)
+    t_off = generate(off, "strategy.context_latent_frames=0", "strategy.feature_cache=false")
+    return {"context_and_cache": {"wall_s": round(t_on, 1), "seams": seams(on), "motion": prompt_motion(on)},
+            "independent_blocks": {"wall_s": round(t_off, 1), "seams": seams(off), "motion": prompt_motion(off)}}
+
+
+def part_videoinfinity(out_dir: Path) -> dict:
+    on, off = out_dir / "vi_dual_scope.zarr", out_dir / "vi_independent.zarr"
+    common = ["video.num_frames=93", *VI_SETTINGS]
+    t_on = generate(on, *common, ranks=4)
+    t_off = generate(off, *common, "strategy.sync_clips=false", ranks=4)
+    return {"dual_scope": {"wall_s": round(t_on, 1), "seams": seams(on), "motion": prompt_motion(on)},
+            "independent_clips": {"wall_s": round(t_off, 1), "seams": seams(off), "motion": prompt_motion(off)}}
+
+
+def write_grid(store_path: Path, png: Path, *, columns: int = 8, rows: int = 3, scale: int = 2) -> None:
+    """A PNG of rows x columns frames spread evenly over the video (frame index under none: see caption)."""
+    from PIL import Image
+
+    from hpcvideo.store import RunStore
+
+    store = RunStore.open(store_path)
+    count = store.num_frames_ready()
+    picks = np.linspace(0, count - 1, rows * columns).round().astype(int)
+    tiles = [store.read_frames(int(i), int(i) + 1)[0] for i in picks]
+    h, w = tiles[0].shape[:2]
+    pad = 2
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = tile
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(png)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="motion,dualparal,videoinfinity")
+    parser.add_argument("--out", default=None, help="folder for the run stores (default: a temporary one)")
+    parser.add_argument("--grid", default=None, help="write a PNG grid of the main job's frames here")
+    args = parser.parse_args()
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_demo_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    report = {"machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}, "out": str(out_dir)}
+    if "motion" in parts:
+        report["motion"] = part_motion()
+    if "dualparal" in parts:
+        report["dualparal"] = part_dualparal(out_dir)
+        if args.grid:
+            write_grid(out_dir / "dualparal_on.zarr", Path(args.grid))
+    if "videoinfinity" in parts:
+        report["videoinfinity"] = part_videoinfinity(out_dir)
+    report["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
