@@ -62,6 +62,7 @@ def prompt_motion(store_path: Path, colour: str = "red") -> dict:
     frames = store.read_frames(0, store.num_frames_ready())  # (F, H, W, 3) uint8
     centroids = data.colour_centroids(frames, colour)
     prompts = store.config["sampling"]["prompts"]
+    prompts = [p for p in prompts if p["from_frame"] < len(frames)]  # those that reach the video
     starts = [p["from_frame"] for p in prompts] + [len(frames)]
     segments, right_way = [], 0
     for p, (a, b) in zip(prompts, zip(starts, starts[1:])):

@@ -645,7 +645,10 @@ def _check_paths(cfg: RunConfig, bad: set[str]) -> list[str]:
     """model.path exists as a diffusers folder; store.path is set and creatable. Creates nothing."""
     errors = []
     path = cfg.model.path
-    if "model.path" not in bad and path == "demo" and not (DEMO_WEIGHTS_DIR / "model_index.json").is_file():
+    if "model.path" not in bad and "model.family" not in bad and path == "demo" and cfg.model.family != "wan":
+        errors.append(f"model.path='demo' is a Wan model; model.family={cfg.model.family!r} does not match "
+                      "(allowed with model.path='demo': model.family='wan')")
+    elif "model.path" not in bad and path == "demo" and not (DEMO_WEIGHTS_DIR / "model_index.json").is_file():
         errors.append(f"model.path='demo': the shipped demo weights are missing ({DEMO_WEIGHTS_DIR}); "
                       "reinstall hpcvideo or run `hpcvideo train-demo`")
     if "model.path" not in bad and path not in ("tiny", "demo"):

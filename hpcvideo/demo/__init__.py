@@ -17,15 +17,15 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the shipped diffuse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``hpcvideo train-demo`` options (defaults: about 20 min of one CPU thread; see hpcvideo.demo.train)."""
+    """The ``hpcvideo train-demo`` options (defaults: about an hour of one CPU thread; see hpcvideo.demo.train)."""
     parser.add_argument("--output", default=str(WEIGHTS_DIR),
                         help="diffusers folder to write (default: the package's shipped weights folder)")
     parser.add_argument("--work-dir", default=None, help="checkpoints and cached latents (default: OUTPUT.work); "
                         "rerun the same command to continue an interrupted training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--num-clips", type=int, default=384, help="clips encoded for the transformer stage")
-    parser.add_argument("--transformer-steps", type=int, default=3000)
-    parser.add_argument("--decoder-steps", type=int, default=800,
+    parser.add_argument("--num-clips", type=int, default=1536, help="clips encoded for the transformer stage")
+    parser.add_argument("--transformer-steps", type=int, default=8000)
+    parser.add_argument("--decoder-steps", type=int, default=1200,
                         help="decoder refinement with the encoder frozen (stage 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

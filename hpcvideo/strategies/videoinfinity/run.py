@@ -56,7 +56,12 @@ def scope_of(cfg: RunConfig) -> DualScope:
 
 
 def model_path(cfg: RunConfig) -> Path:
-    """``model.path`` as a folder; "tiny" builds/caches the tiny model of the family."""
+    """``model.path`` as a folder; "tiny" builds/caches the tiny model of the family, "demo" is the
+    shipped demo model (a Wan; :func:`hpcvideo.generate.resolve_model_path`)."""
+    if cfg.model.path == "demo":
+        from ...config import DEMO_WEIGHTS_DIR
+
+        return DEMO_WEIGHTS_DIR
     if cfg.model.path != "tiny":
         return Path(cfg.model.path).expanduser().resolve()
     if cfg.model.family == "unet3d":

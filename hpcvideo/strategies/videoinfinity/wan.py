@@ -134,11 +134,9 @@ class DualScopeWanAttnProcessor:
         frames = hidden_states.view(batch, clip_frames, tokens // clip_frames, dim)  # (B, F, hw, D)
         if attn.fused_projections:
             raise RuntimeError("DualScopeWanAttnProcessor: fused QKV projections are not supported")
-        halo = state.comm.halo_async(frames, dim=1, before=scope.local_frames, after=scope.local_frames)
-        pending_global = state.comm.global_frames_async(frames, dim=1, global_frames=scope.global_frames)
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, S, heads, d), meanwhile
-        left, right = halo.wait()
-        glob = pending_global.wait()
+        left, right = state.comm.halo(frames, dim=1, before=scope.local_frames, after=scope.local_frames)
+        glob = state.comm.global_frames(frames, dim=1, global_frames=scope.global_frames)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, S, heads, d)
         num_left, num_right, num_global = left.shape[1], right.shape[1], glob.shape[1]
         hw = frames.shape[2]
         local = torch.cat([left, frames, right], dim=1).flatten(1, 2)  # (B, (nl + F + nr) * hw, D)
