@@ -41,7 +41,7 @@ def test_stand_in_exchanges_keep_the_shapes_of_a_synchronised_run_and_send_nothi
     x = torch.randn(2, 3, 4, 5)  # frames on dim 2
     for rank, (n_left, n_right) in ((0, (0, 2)), (1, (2, 2)), (3, (2, 0))):
         comm = ClipComm(ClipLayout(rank=rank, world_size=4, clip_frames=4), sync="stand-in")
-        left, right = comm.halo_async(x, dim=2, before=2, after=2).wait()
+        left, right = comm.halo(x, dim=2, before=2, after=2)
         assert left.shape == (2, 3, n_left, 5) and right.shape == (2, 3, n_right, 5)
         assert comm.global_frames(x, dim=2, global_frames=6).shape == (2, 3, 6, 5)
         assert torch.equal(comm.sum(x), x)

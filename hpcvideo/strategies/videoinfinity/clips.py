@@ -22,16 +22,17 @@ halos are ``before + after`` frames; the global set is G' frames (minus the rank
 with one padded all_gather while world_size <= G' (padding: < world_size frames) and with one
 broadcast per owning rank beyond that; sums are (2, B, groups) float64.
 
-``sync=False`` (benchmarks only) cuts every message: each rank behaves as if its clip were the whole
-video. ``sync="stand-in"`` (benchmarks only) also sends nothing but keeps every shape: halos and the
-global set are zeros of the sizes a synchronised run receives, sums are the local values, so the
-compute is that of the synchronised run and the difference in time is the cost of the messages and
-of waiting for the peers. Counters ``bytes_sent``/``bytes_received`` count tensor payload bytes of this rank.
+``sync=False`` (benchmarks; ``strategy.sync_clips: false``) cuts every message: each rank behaves as if
+its clip were the whole video (the independent-clips baseline). ``sync="stand-in"`` (benchmarks only)
+also sends nothing but keeps every shape: halos and the global set are zeros of the sizes a
+synchronised run receives, sums are the local values, so the compute is that of the synchronised run
+and the difference in time is the cost of the messages and of waiting for the peers. Counters
+``bytes_sent``/``bytes_received`` count tensor payload bytes of this rank.
 
-Every exchange has an ``*_async`` form returning a :class:`Pending` (start now, ``wait()`` later). The
-patches do not use them today: on 2 CPU ranks with gloo, overlapping the exchanges with compute made
-steps slower (tiny Wan 0.35 vs 0.23 s, UNet3D 2.25 vs 1.84 s; gloo's worker thread competes with the
-ranks for the cores). Whether NCCL on GPUs gains from them is not measured (no GPU was lent).
+The exchanges are blocking calls. Measured on 2 CPU ranks (gloo): starting them asynchronously and
+computing meanwhile (queries while the halo travels; one sample of the CFG pair normalised while the
+other's GroupNorm sums travel) made steps slower — tiny Wan 0.35 vs 0.23 s, UNet3D 2.25 vs 1.84 s —
+as gloo's worker thread competes with the ranks for the cores. NCCL on GPUs is not measured.
 """
 
 from __future__ import annotations
@@ -102,19 +103,6 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
     return (lo, hi) if lo < hi else None
 
 
-class Pending:
-    """An exchange in flight (torch.distributed requests); :meth:`wait` completes it and returns its result."""
-
-    def __init__(self, requests, finish) -> None:
-        self._requests = list(requests)
-        self._finish = finish
-
-    def wait(self):
-        for request in self._requests:
-            request.wait()
-        return self._finish()
-
-
 class ClipComm:
     """Frame-axis messages of one rank (torch.distributed default group; gloo on CPU, NCCL on GPU).
 
@@ -139,27 +127,16 @@ class ClipComm:
         same shape except on ``dim`` (0 frames at a true end). Exchanged with point-to-point
         messages (one per peer that owns part of a halo).
         """
-        return self.halo_async(x, dim=dim, before=before, after=after).wait()
-
-    def halo_async(self, x: torch.Tensor, *, dim: int, before: int, after: int) -> "Pending":
-        """:meth:`halo` started: the messages are in flight when this returns; ``.wait()`` gives (left, right).
-
-        At most one halo may be in flight per rank (the messages carry no tag); a sum or a global set
-        may be started while it is (every rank must start them in the same order)."""
         layout = self.layout
         if x.shape[dim] != layout.clip_frames:
             raise ValueError(f"halo: x has {x.shape[dim]} frames on dim {dim}; the clip has {layout.clip_frames}")
         (l0, l1), (r0, r1) = layout.halo_range(layout.rank, before, after)
         if self.stand_in:  # same shapes, no messages (benchmark)
-            def frames_of(lo: int, hi: int) -> torch.Tensor:
-                shape = list(x.shape)
-                shape[dim] = hi - lo
-                return torch.zeros(shape, dtype=x.dtype, device=x.device)
-
-            return Pending([], lambda: (frames_of(l0, l1), frames_of(r0, r1)))
+            return tuple(torch.zeros([n if d == dim % x.ndim else s for d, s in enumerate(x.shape)],
+                                     dtype=x.dtype, device=x.device) for n in (l1 - l0, r1 - r0))
         if layout.world_size == 1 or (l0 == l1 and r0 == r1):
             empty = x.narrow(dim, 0, 0)
-            return Pending([], lambda: (empty, empty))
+            return empty, empty
         ops, pieces = [], []
         mine = layout.clip_of(layout.rank)
         for peer in range(layout.world_size):
@@ -182,15 +159,13 @@ class ClipComm:
                     ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group))
                     pieces.append((part[0], buffer))
                     self.bytes_received += buffer.numel() * buffer.element_size()
-
-        def finish() -> tuple[torch.Tensor, torch.Tensor]:
-            pieces.sort(key=lambda item: item[0])
-            left = [b for f, b in pieces if f < mine[0]]
-            right = [b for f, b in pieces if f >= mine[1]]
-            cat = lambda parts: torch.cat(parts, dim=dim) if parts else x.narrow(dim, 0, 0)  # noqa: E731
-            return cat(left), cat(right)
-
-        return Pending(dist.batch_isend_irecv(ops), finish)
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        pieces.sort(key=lambda item: item[0])
+        left = [b for f, b in pieces if f < mine[0]]
+        right = [b for f, b in pieces if f >= mine[1]]
+        cat = lambda parts: torch.cat(parts, dim=dim) if parts else x.narrow(dim, 0, 0)  # noqa: E731
+        return cat(left), cat(right)
 
     # -------------------------------------------------------------------------- global set
     def global_frames(self, x: torch.Tensor, *, dim: int, global_frames: int) -> torch.Tensor:
@@ -199,23 +174,17 @@ class ClipComm:
         x: this clip's tensor (clip_frames on ``dim``). Returns the same shape with G' = min(G, T)
         frames on ``dim``. One all_gather of max-per-rank frames (ranks with fewer pad with zeros).
         """
-        return self.global_frames_async(x, dim=dim, global_frames=global_frames).wait()
-
-    def global_frames_async(self, x: torch.Tensor, *, dim: int, global_frames: int) -> "Pending":
-        """:meth:`global_frames` started (collectives in flight); ``.wait()`` gives the G' frames."""
         layout = self.layout
         indices = global_frame_indices(layout.num_frames, global_frames)
         if self.stand_in:  # same shape, no messages (benchmark)
             shape = list(x.shape)
             shape[dim] = len(indices)
-            return Pending([], lambda: torch.zeros(shape, dtype=x.dtype, device=x.device))
+            return torch.zeros(shape, dtype=x.dtype, device=x.device)
         if not indices:
-            empty = x.narrow(dim, 0, 0)
-            return Pending([], lambda: empty)
+            return x.narrow(dim, 0, 0)
         owned = [[f - s for f in indices if s <= f < e] for s, e in map(layout.clip_of, range(layout.world_size))]
         if layout.world_size == 1:
-            frames = x.index_select(dim, torch.tensor(owned[0], device=x.device))
-            return Pending([], lambda: frames)
+            return x.index_select(dim, torch.tensor(owned[0], device=x.device))
         most = max(map(len, owned))
         mine = owned[layout.rank]
         shape = list(x.shape)
@@ -223,40 +192,32 @@ class ClipComm:
         send = torch.zeros(shape, dtype=x.dtype, device=x.device)
         if mine:
             send.narrow(dim, 0, len(mine)).copy_(x.index_select(dim, torch.tensor(mine, device=x.device)))
-        requests = []
         if layout.world_size <= len(indices):  # one padded all_gather (< world_size frames of padding)
-            parts, request = self._all_gather(send, async_op=True)
-            requests.append(request)
+            parts = self._all_gather(send)
         else:  # more ranks than global frames: one broadcast per owner, exactly G' - own frames received
             parts = []
             for owner, own in enumerate(owned):
                 buffer = send if owner == layout.rank else torch.empty_like(send)
                 if own:
-                    requests.append(dist.broadcast(buffer, src=owner, group=self.group, async_op=True))
+                    dist.broadcast(buffer, src=owner, group=self.group)
                     nbytes = buffer.numel() * buffer.element_size()
                     if owner == layout.rank:
                         self.bytes_sent += nbytes
                     else:
                         self.bytes_received += nbytes
                 parts.append(buffer)
-        return Pending(requests, lambda: torch.cat(
-            [part.narrow(dim, 0, len(own)) for part, own in zip(parts, owned) if own], dim=dim))
+        return torch.cat([part.narrow(dim, 0, len(own)) for part, own in zip(parts, owned) if own], dim=dim)
 
-    # ----------------------------------------------------------------------------------- sums
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of ``x`` over all ranks (an all_reduce; the same result on every rank)."""
-        return self.sum_async(x).wait()
-
-    def sum_async(self, x: torch.Tensor) -> "Pending":
-        """:meth:`sum` started (all_reduce in flight); ``.wait()`` gives the sum."""
         if self.layout.world_size == 1 or self.stand_in:
-            return Pending([], lambda: x)
+            return x
         x = x.contiguous().clone()
-        request = dist.all_reduce(x, group=self.group, async_op=True)
+        dist.all_reduce(x, group=self.group)
         nbytes = x.numel() * x.element_size()
         self.bytes_sent += nbytes
         self.bytes_received += nbytes
-        return Pending([request], lambda: x)
+        return x
 
     def gather_frames(self, x: torch.Tensor, *, dim: int) -> torch.Tensor:
         """Every rank's ``x`` (clip_frames on ``dim``) concatenated in video order: T frames on ``dim``."""
@@ -264,41 +225,31 @@ class ClipComm:
             return x
         return torch.cat(self._all_gather(x.contiguous()), dim=dim)
 
-    def _all_gather(self, send: torch.Tensor, *, async_op: bool = False):
-        """All ranks' ``send`` (list, rank order); with ``async_op`` (list, request) with the list filled on wait."""
+    def _all_gather(self, send: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(send) for _ in range(self.layout.world_size)]
-        request = dist.all_gather(parts, send, group=self.group, async_op=async_op)
+        dist.all_gather(parts, send, group=self.group)
         nbytes = send.numel() * send.element_size()
         self.bytes_sent += nbytes * (self.layout.world_size - 1)  # as if sent to every peer (upper bound)
         self.bytes_received += nbytes * (self.layout.world_size - 1)
-        return (parts, request) if async_op else parts
+        return parts
 
 
-def group_sums(frames: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per (sample, group) sums of x and x**2 over ``frames`` (B, C, F, H, W), in float64: (2, B, groups)."""
-    grouped = frames.reshape(frames.shape[0], num_groups, -1).double()  # (B, G, C/G * F * H * W)
-    return torch.stack([grouped.sum(dim=2), grouped.square().sum(dim=2)])
-
-
-def clip_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, comm: ClipComm, own: slice | None = None,
-                    *, stats: torch.Tensor | None = None) -> torch.Tensor:
+def clip_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, comm: ClipComm, own: slice | None = None) -> torch.Tensor:
     """GroupNorm whose statistics span every frame of the video (paper §3.2, "GroupNorm sync").
 
     x: (B, C, F_x, H, W): this clip's frames, possibly with halo frames around them; ``own`` selects
     the clip's own frames on axis 2 (default: all). Mean and variance per (sample, group) are those
-    of all T frames of the video: each rank sums x and x**2 over its own frames in float64
-    (:func:`group_sums`) and the sums are added over ranks (one all_reduce of 2 x B x groups numbers),
-    so the statistics differ between splits only by float64 round-off. ``stats``: those video-wide
-    sums when the caller already has them (then nothing is exchanged here). Halo frames are
-    normalised with the same statistics. Returns x's shape and dtype. Mirrors ``torch.nn.GroupNorm``
-    (equal up to float32 round-off).
+    of all T frames of the video: each rank sums x and x**2 over its own frames in float64 and the
+    sums are added over ranks (one all_reduce of 2 x B x groups numbers), so the statistics differ
+    between splits only by float64 round-off. Halo frames are normalised with the same statistics.
+    Returns x's shape and dtype. Mirrors ``torch.nn.GroupNorm`` (equal up to float32 round-off).
     """
     B, C = x.shape[:2]
     G = norm.num_groups
     frames = x if own is None else x[:, :, own]
-    if stats is None:
-        stats = comm.sum(group_sums(frames, G))  # (2, B, G)
-    count = (C // G) * frames[0, 0].numel() * comm.layout.num_frames // frames.shape[2]
+    grouped = frames.reshape(B, G, -1).double()  # (B, G, C/G * F * H * W)
+    stats = comm.sum(torch.stack([grouped.sum(dim=2), grouped.square().sum(dim=2)]))  # (2, B, G)
+    count = grouped.shape[-1] * comm.layout.num_frames // frames.shape[2]
     mean = stats[0] / count
     var = (stats[1] / count - mean.square()).clamp_min(0.0)
     rstd = torch.rsqrt(var + norm.eps)

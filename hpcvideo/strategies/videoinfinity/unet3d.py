@@ -79,10 +79,6 @@ def _temporal_conv_forward(layer, state: _State):
         # (B*F, C, H, W) -> (B, C, F, H, W)
         hidden_states = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
         identity = hidden_states
-        # Measured on 2 CPU ranks (gloo): starting the halo and the sums asynchronously, or normalising
-        # the CFG pair's samples apart so that one sample's all_reduce overlaps the other's
-        # convolution, made a step slower (2.25 vs 1.84 s: gloo's worker thread competes with the ranks
-        # for the cores), so the exchanges here are plain blocking calls.
         left, right = state.comm.halo(hidden_states, dim=2, before=reach, after=reach)
         x = torch.cat([left, hidden_states, right], dim=2)  # (B, C, nl + F + nr, H, W)
         own = slice(left.shape[2], left.shape[2] + num_frames)
@@ -115,9 +111,9 @@ class DualScopeAttnProcessor:
         # hidden_states: (N, F, C), N = batch * height * width, F = this clip's frames
         left, right = state.comm.halo(hidden_states, dim=1, before=scope.local_frames, after=scope.local_frames)
         glob = state.comm.global_frames(hidden_states, dim=1, global_frames=scope.global_frames)
+        context = torch.cat([left, hidden_states, right, glob], dim=1)  # (N, nl + F + nr + G', C)
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
-        context = torch.cat([left, hidden_states, right, glob], dim=1)  # (N, nl + F + nr + G', C)
         key = attn.to_k(context)
         value = attn.to_v(context)
         head_dim = key.shape[-1] // attn.heads

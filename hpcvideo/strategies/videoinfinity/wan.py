@@ -132,16 +132,16 @@ class DualScopeWanAttnProcessor:
         batch, tokens, dim = hidden_states.shape
         clip_frames = state.comm.layout.clip_frames
         frames = hidden_states.view(batch, clip_frames, tokens // clip_frames, dim)  # (B, F, hw, D)
-        if attn.fused_projections:
-            raise RuntimeError("DualScopeWanAttnProcessor: fused QKV projections are not supported")
         left, right = state.comm.halo(frames, dim=1, before=scope.local_frames, after=scope.local_frames)
         glob = state.comm.global_frames(frames, dim=1, global_frames=scope.global_frames)
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, S, heads, d)
         num_left, num_right, num_global = left.shape[1], right.shape[1], glob.shape[1]
         hw = frames.shape[2]
         local = torch.cat([left, frames, right], dim=1).flatten(1, 2)  # (B, (nl + F + nr) * hw, D)
         context = torch.cat([local, glob.flatten(1, 2)], dim=1) if num_global else local  # + (B, G' * hw, D)
 
+        if attn.fused_projections:
+            raise RuntimeError("DualScopeWanAttnProcessor: fused QKV projections are not supported")
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, S, heads, d)
         key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))  # (B, S_k, heads, d)
         value = attn.to_v(context).unflatten(2, (attn.heads, -1))
         num_local = local.shape[1]
