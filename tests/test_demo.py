@@ -77,6 +77,40 @@ def test_chunk_local_vae_keeps_a_change_inside_its_chunk():
     assert dx[0] == 0 and dx[1:5].min() > 0 and dx[5:].max() == 0
 
 
+def test_motion_weight_marks_the_pixels_a_chunk_s_motion_changes():
+    from hpcvideo.demo.train import _within_chunk_change
+
+    spec = data.sample_spec(np.random.default_rng([0, 1]), num_frames=9, height=32, width=32)
+    _, moving = data.render_clip(spec, num_frames=9, height=32, width=32, return_coverage=True)  # (9, H, W)
+    still = np.repeat(moving[:1], 9, axis=0)
+    change = _within_chunk_change(torch.from_numpy(moving)[None, None])[0, 0]
+    assert _within_chunk_change(torch.from_numpy(still)[None, None]).abs().max() == 0  # a still shape: no weight
+    assert change[0].abs().max() == 0  # frame 0 is a chunk of its own
+    # frames 1..4 (one chunk): weight only where the coverage differs from the chunk's mean, i.e. the
+    # leading and trailing edges of the moving shape, not its inside nor the background
+    assert 0 < (change[1:5] > 0.1).float().mean() < 0.1
+    inside = torch.from_numpy(moving[1:5].min(axis=0) > 0.99)
+    assert inside.any() and change[1:5][:, inside].abs().max() < 1e-6
+
+
+def test_latent_coverage_follows_the_shape_on_the_latent_grid():
+    from hpcvideo.demo.train import latent_coverage
+
+    coverage = latent_coverage(3, 4)  # (4, 1, 6, 8, 8)
+    assert coverage.shape == (4, 1, (model.NUM_FRAMES - 1) // 4 + 1, model.HEIGHT // 8, model.WIDTH // 8)
+    for i in range(4):
+        spec = data.sample_spec(np.random.default_rng([3, i]), num_frames=model.NUM_FRAMES, height=model.HEIGHT,
+                                width=model.WIDTH)
+        dx, dy = data.DIRECTIONS[spec.direction]
+        grid_y, grid_x = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        c = coverage[i, 0]  # (6, 8, 8)
+        cx = (c * grid_x).sum((1, 2)) / c.sum((1, 2))
+        cy = (c * grid_y).sum((1, 2)) / c.sum((1, 2))
+        travel = (cx[-1] - cx[0]) * dx + (cy[-1] - cy[0]) * dy
+        # latent frame 0 is pixel frame 0 and frame 5 is the mean of frames 17..20: the travel in latent pixels
+        assert travel == pytest.approx(spec.speed_px * 18.5 / 8, abs=0.35), (i, spec.direction)
+
+
 @needs_weights
 def test_shipped_weights_are_a_small_wan_diffusers_folder():
     from hpcvideo.models import read_model_info
@@ -146,11 +180,12 @@ def test_train_demo_writes_a_folder_that_load_wan_reads(tmp_path):
     from hpcvideo.demo.train import train_demo
     from hpcvideo.models import load_wan
 
-    out = train_demo(tmp_path / "demo", work_dir=tmp_path / "work", seed=0, vae_steps=1, num_clips=2,
-                     transformer_steps=1, decoder_steps=1, vae_batch_size=1, batch_size=2, num_threads=1)
+    out = train_demo(tmp_path / "demo", work_dir=tmp_path / "work", seed=0, vae_steps=1, vae_motion_steps=1,
+                     num_clips=2, transformer_steps=1, decoder_steps=1, vae_batch_size=1, batch_size=2, num_threads=1)
     log = json.loads((out / "training_log.json").read_text())
     assert log["settings"]["transformer_steps"] == 1 and len(log["transformer_loss"]) == 1
-    assert len(log["decoder_loss"]) == 1
+    assert len(log["vae_motion_loss"]) == 1 and len(log["decoder_loss"]) == 1
+    assert (tmp_path / "work" / "vae_motion_ckpt.pt").is_file() and (tmp_path / "work" / "coverage.pt").is_file()
     parts = load_wan(out)
     assert parts.vae.config.latents_std != [1.0] * model.Z_DIM
     assert parts.tokenizer("a red circle").input_ids[-1] == 1

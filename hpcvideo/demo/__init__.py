@@ -28,4 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-steps", type=int, default=8000)
     parser.add_argument("--decoder-steps", type=int, default=1200,
                         help="decoder refinement with the encoder frozen (stage 4)")
+    parser.add_argument("--vae-motion-steps", type=int, default=600,
+                        help="VAE steps with the within-chunk motion weight, after the first VAE stage")
+    parser.add_argument("--motion-weight", type=float, default=16.0,
+                        help="loss weight of the pixels a chunk's motion changes (motion stage and decoder stage)")
+    parser.add_argument("--transformer-shape-weight", type=float, default=4.0,
+                        help="flow-matching loss weight 1 + W x shape coverage per latent pixel (0: plain MSE)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
