@@ -1,6 +1,6 @@
 """Train the demo model on synthetic motion clips (``hpcvideo train-demo``); CPU, about an hour on one thread.
 
-Four stages, each checkpointed under ``--work-dir`` so an interrupted run continues where it stopped
+Five stages, each checkpointed under ``--work-dir`` so an interrupted run continues where it stopped
 (rerun the same command):
 
 1. **VAE** (AutoencoderKLWan, :mod:`hpcvideo.demo.model`), made *chunk-local* first
@@ -11,6 +11,12 @@ Four stages, each checkpointed under ``--work-dir`` so an interrupted run contin
    32 x 32 crops of 5-frame windows (the causal first frame + one 4-frame chunk) of the 64 x 64 clips;
    biases start at zero (:func:`_init_vae_for_training`); AdamW at 4e-4 (1e-3 and above sat at the
    mean colour for hundreds of steps). Convolutional, so it then works on whole frames of any size.
+1b. **VAE motion** (``vae_motion_steps``, stream key 5, half the learning rate): the same training
+   with the pixels that the motion inside a 4-frame chunk changes weighted ``motion_weight`` more
+   (:func:`_within_chunk_change`). After stage 1 the decoder drew each chunk's shape still and jumped
+   to the next chunk (0.2 px of the 3.3 px a shape moves within a chunk); after this stage the latent
+   carries the motion (5.0 px, measured on 24 clips), so a latent frame shows which way its shape moves
+   and the transformer can tie that to the caption's direction word.
 2. **Latents**: the posterior means of ``num_clips`` whole clips (21 frames, 64 x 64 -> 16 x 6 x 8 x 8),
    normalised per channel; the statistics become the VAE's ``latents_mean`` / ``latents_std`` (as
    in Wan2.1), so ``WanPipeline`` and :mod:`hpcvideo.decode` un-normalise them.
@@ -20,7 +26,9 @@ Four stages, each checkpointed under ``--work-dir`` so an interrupted run contin
    noise``; the target is ``noise - x_0`` (what a Wan transformer predicts, ``flow_prediction``).
    Text goes through the model's own tokenizer + UMT5 encoder via ``WanPipeline.encode_prompt``
    (exactly what inference does); 10% of captions are replaced by "" so that classifier-free
-   guidance with the empty negative prompt works. An EMA of the weights is what gets saved.
+   guidance with the empty negative prompt works. The squared error is weighted by ``1 +
+   transformer_shape_weight x`` the shape's coverage of each latent pixel (:func:`latent_coverage`).
+   An EMA of the weights is what gets saved.
 4. **Decoder refinement** (:func:`train_decoder`): more steps on the decoder alone with the encoder
    frozen; the latents of stage 2 do not change, so this stage is independent of stage 3 (it can run
    beside it in a second process on the same work dir: both compute the same checkpoints).
