@@ -181,11 +181,9 @@ def train_vae(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, wor
         y0, x0 = rng.integers(0, video.shape[3] - crop_px + 1, size=2)
         x = torch.from_numpy(np.ascontiguousarray(
             video[:, :, f0:f0 + window_frames, y0:y0 + crop_px, x0:x0 + crop_px])).float()  # (B, 3, T, h, w)
-        cov = torch.from_numpy(np.ascontiguousarray(
-            coverage[:, None, f0:f0 + window_frames, y0:y0 + crop_px, x0:x0 + crop_px]))  # (B, 1, T, h, w)
-        weight = 1.0 + shape_weight * cov
-        if motion_weight:
-            weight = weight + motion_weight * _within_chunk_change(cov)
+        weight = _pixel_weight(torch.from_numpy(np.ascontiguousarray(
+            coverage[:, None, f0:f0 + window_frames, y0:y0 + crop_px, x0:x0 + crop_px])),  # (B, 1, T, h, w)
+            shape_weight, motion_weight)
         for group in opt.param_groups:  # cosine decay to 10%
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
         posterior = vae.encode(x).latent_dist
@@ -222,12 +220,21 @@ def _within_chunk_change(cov: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _pixel_weight(cov: torch.Tensor, shape_weight: float, motion_weight: float) -> torch.Tensor:
+    """Per-pixel loss weight ``1 + shape_weight * cov + motion_weight * |cov - chunk mean|`` (see
+    :func:`train_vae`) of shape coverage ``cov`` (B, 1, T, h, w)."""
+    weight = 1.0 + shape_weight * cov
+    if motion_weight:
+        weight = weight + motion_weight * _within_chunk_change(cov)
+    return weight
+
+
 def train_decoder(vae, *, seed: int, num_steps: int, batch_size: int, lr: float, work_dir: Path,
                   shape_weight: float = 4.0, motion_weight: float = 0.0, crop_px: int = 32, window_frames: int = 5,
                   log_every: int = 50) -> list:
     """Refine ``vae``'s decoder (and ``post_quant_conv``) with the encoder frozen; returns [(step, l1, s)].
 
-    The encoder, hence every latent the transformer is trained on, stays exactly as stage 1 left it,
+    The encoder, hence every latent the transformer is trained on, stays exactly as stage 1b left it,
     so this stage may run before, after or beside the transformer stage and gives the same weights.
     Same loss and data as :func:`train_vae` (fresh batches: stream key 4). Checkpoints every 100 steps
     to ``decoder_ckpt.pt``; a finished checkpoint is loaded as is."""
@@ -253,10 +260,8 @@ def train_decoder(vae, *, seed: int, num_steps: int, batch_size: int, lr: float,
         window = (slice(None), slice(None), slice(f0, f0 + window_frames), slice(y0, y0 + crop_px),
                   slice(x0, x0 + crop_px))
         x = torch.from_numpy(np.ascontiguousarray(video[window])).float()
-        cov = torch.from_numpy(np.ascontiguousarray(coverage[:, None][window]))
-        weight = 1.0 + shape_weight * cov
-        if motion_weight:
-            weight = weight + motion_weight * _within_chunk_change(cov)
+        weight = _pixel_weight(torch.from_numpy(np.ascontiguousarray(coverage[:, None][window])), shape_weight,
+                               motion_weight)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / num_steps)))
         with torch.no_grad():
@@ -293,22 +298,21 @@ def encode_latents(vae, *, seed: int, num_clips: int, batch_size: int = 8):
     return torch.cat(latents), captions
 
 
-def latent_coverage(seed: int, num_clips: int) -> torch.Tensor:
-    """Shape coverage of clips 0..num_clips-1 on the latent grid: float32 (N, 1, 6, 8, 8) in [0, 1].
+def latent_coverage(seed: int, num_clips: int, *, batch_size: int = 64) -> torch.Tensor:
+    """Shape coverage of clips 0..num_clips-1 (:func:`hpcvideo.demo.data.make_batch`) on the latent grid:
+    float32 (N, 1, 6, 8, 8) in [0, 1].
 
     Latent frame 0 covers pixel frame 0 and latent frame k > 0 frames 4k-3..4k (the chunk-local VAE);
     each latent pixel is the mean coverage of its 8 x 8 pixels over those frames."""
-    out = torch.empty(num_clips, 1, (model.NUM_FRAMES - 1) // 4 + 1, model.HEIGHT // 8, model.WIDTH // 8)
-    for i in range(num_clips):
-        spec = data.sample_spec(np.random.default_rng([int(seed), i]), num_frames=model.NUM_FRAMES,
-                                height=model.HEIGHT, width=model.WIDTH)  # as make_batch
-        _, cov = data.render_clip(spec, num_frames=model.NUM_FRAMES, height=model.HEIGHT, width=model.WIDTH,
-                                  return_coverage=True)  # (F, H, W)
-        chunks = [cov[:1]] + [cov[1 + 4 * k: 5 + 4 * k] for k in range((model.NUM_FRAMES - 1) // 4)]
-        for k, chunk in enumerate(chunks):
-            pooled = chunk.mean(0).reshape(model.HEIGHT // 8, 8, model.WIDTH // 8, 8).mean(axis=(1, 3))
-            out[i, 0, k] = torch.from_numpy(pooled)
-    return out
+    out = []
+    for start in range(0, num_clips, batch_size):
+        _, _, cov = data.make_batch(seed, range(start, min(start + batch_size, num_clips)), num_frames=model.NUM_FRAMES,
+                                    height=model.HEIGHT, width=model.WIDTH, return_coverage=True)  # (B, F, H, W)
+        chunks = [cov[:, :1]] + [cov[:, f:f + 4] for f in range(1, model.NUM_FRAMES, 4)]
+        b, h, w = cov.shape[0], model.HEIGHT // 8, model.WIDTH // 8
+        pooled = [chunk.mean(axis=1).reshape(b, h, 8, w, 8).mean(axis=(2, 4)) for chunk in chunks]  # (B, h, w) each
+        out.append(torch.from_numpy(np.stack(pooled, axis=1))[:, None])  # (B, 1, 6, h, w)
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------- transformer
