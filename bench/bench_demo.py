@@ -6,6 +6,12 @@
 
 Parts (each run is ``hpcvideo generate`` in a fresh process, into DIR = --out, default a temp dir):
 
+  vae           the shipped VAE on 24 unseen clips: reconstruction L1 (pixels in [0, 1]), the centroid travel
+                inside each 4-frame chunk (truth vs reconstruction: a VAE that drops it shows a still shape
+                that jumps every 4 frames), and the latent distance between squares of each pair of colours.
+  conditioning  the shipped transformer's flow-matching loss on 128 unseen clips with their captions vs with
+                the opposite direction word, at sigma 0.95 / 0.85 / 0.7 / 0.5 (same noise): how much it
+                uses the direction word.
   motion        native-window videos (21 frames, WanPipeline on the shipped folder) for every colour x
                 direction at seeds 1 and 2: per video, the dominant shape colour and the travel of the
                 prompted colour's centroid along the prompted direction and across it (pixels;
@@ -132,6 +138,87 @@ def part_motion(seeds=(1, 2), min_travel_px: float = 6.0) -> dict:
             "per_colour": summary, "videos": out}
 
 
+def part_vae(num_clips: int = 24, seed: int = 7) -> dict:
+    """The shipped VAE on clips it never saw: reconstruction L1, the motion kept inside each 4-frame chunk
+    (centroid travel from frame 4k+1 to 4k+4 along the clip's direction, red/yellow/white/orange clips),
+    and the distance between the latents of same-place squares of each pair of colours."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from hpcvideo.demo import WEIGHTS_DIR, data
+
+    torch.set_num_threads(2)
+    vae = AutoencoderKLWan.from_pretrained(WEIGHTS_DIR / "vae").eval()
+    video, captions = data.make_batch(seed, range(num_clips))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(torch.from_numpy(video).float()).latent_dist.mean).sample.clamp(-1, 1)
+    l1 = float((recon.numpy() - video).__abs__().mean() / 2)  # in [0, 1] pixel units
+    recon = ((recon + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
+    truth = ((video + 1) / 2).transpose(0, 2, 3, 4, 1)
+    within = {"truth": [], "recon": []}
+    for b, caption in enumerate(captions):
+        colour, direction = caption.split()[1], next(w for w in caption.split() if w in data.DIRECTIONS)
+        if colour in ("green", "blue"):
+            continue
+        along = np.array(data.DIRECTIONS[direction])
+        for key, frames in (("truth", truth[b]), ("recon", recon[b])):
+            pos = data.colour_centroids(frames, colour) @ along
+            within[key] += [pos[4 * k + 4] - pos[4 * k + 1] for k in range((len(pos) - 1) // 4)]
+    latents = {}
+    for colour in data.SHAPE_COLOURS:
+        spec = data.ClipSpec(shape="square", colour=colour, direction="right", background="gray",
+                             background_kind="plain", turning=False, radius_px=10, speed_px=0.0, start_xy=(32, 32),
+                             angle0_rad=0, spin_rad=0, texture_seed=0)
+        frames = data.render_clip(spec, num_frames=5, height=64, width=64)
+        with torch.no_grad():
+            z = vae.encode(torch.from_numpy(frames.transpose(3, 0, 1, 2)[None] * 2 - 1).float()).latent_dist.mean
+        latents[colour] = z[0, :, 1, 3:5, 3:5].mean(dim=(1, 2))  # the square's 2 x 2 latent pixels, chunk 1
+    names = list(latents)
+    distances = {f"{a}-{b}": round(float((latents[a] - latents[b]).norm()), 2)
+                 for i, a in enumerate(names) for b in names[i + 1:]}
+    return {"recon_l1": round(l1, 4),
+            "within_chunk_travel_px": {k: round(float(np.nanmean(v)), 2) for k, v in within.items()},
+            "shape_latent_distance": distances}
+
+
+def part_conditioning(num_clips: int = 128, seed: int = 9) -> dict:
+    """How much the shipped transformer uses the direction word: its flow-matching loss on clips it never
+    saw, with the caption as is vs with the opposite direction word, at a few noise levels (same noise)."""
+    import torch
+    from diffusers import WanPipeline
+
+    from hpcvideo.demo import WEIGHTS_DIR, data, model
+    from hpcvideo.demo.train import encode_captions
+
+    torch.set_num_threads(2)
+    pipe = WanPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True)
+    video, captions = data.make_batch(seed, range(num_clips))
+    with torch.no_grad():
+        x0 = pipe.vae.encode(torch.from_numpy(video).float()).latent_dist.mean
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    x0 = (x0 - mean) / std
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    swapped = [" ".join(opposite.get(w, w) for w in c.split()) for c in captions]
+    embeds = encode_captions(pipe.tokenizer, pipe.text_encoder, captions + swapped)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for sigma in (0.95, 0.85, 0.7, 0.5):
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        losses = {}
+        for name, caps in (("caption", captions), ("opposite_direction", swapped)):
+            text = torch.stack([embeds[c] for c in caps])
+            with torch.no_grad():
+                pred = torch.cat([pipe.transformer(noisy[i:i + 32], timestep=torch.full((len(noisy[i:i + 32]),), sigma * 1000),
+                                                   encoder_hidden_states=text[i:i + 32], return_dict=False)[0]
+                                  for i in range(0, num_clips, 32)])
+            losses[name] = float(((pred - (noise - x0)) ** 2).mean())
+        out[f"sigma_{sigma}"] = {k: round(v, 4) for k, v in losses.items()} | {
+            "increase": f"{100 * (losses['opposite_direction'] / losses['caption'] - 1):.1f}%"}
+    return {"max_sequence_length": model.MAX_SEQUENCE_LENGTH, "flow_matching_loss": out}
+
+
 def part_dualparal(out_dir: Path) -> dict:
     runs = {"context_and_cache": (out_dir / "dualparal_on.zarr", ("strategy.feature_cache=true",)),
             "context_only": (out_dir / "dualparal_context_only.zarr", ("strategy.feature_cache=false",)),
@@ -175,7 +262,7 @@ def write_grid(store_path: Path, png: Path, *, columns: int = 8, rows: int = 3, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="motion,dualparal,videoinfinity")
+    parser.add_argument("--parts", default="vae,conditioning,motion,dualparal,videoinfinity")
     parser.add_argument("--out", default=None, help="folder for the run stores (default: a temporary one)")
     parser.add_argument("--grid", default=None, help="write a PNG grid of the main job's frames here")
     args = parser.parse_args()
@@ -183,6 +270,10 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     report = {"machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}, "out": str(out_dir)}
+    if "vae" in parts:
+        report["vae"] = part_vae()
+    if "conditioning" in parts:
+        report["conditioning"] = part_conditioning()
     if "motion" in parts:
         report["motion"] = part_motion()
     if "dualparal" in parts:
