@@ -190,8 +190,9 @@ def test_generated_shape_has_the_prompted_colour(demo_pipe, colour, direction):
 def test_generated_shape_moves_the_prompted_way(demo_pipe):
     # The same seed (the same initial noise) for all four directions: the words, not the noise, must decide
     # the motion, so a model that ignores them (the first shipped one did: "left" and "right" moved the same
-    # way) fails at least three of the four. Over 4 colours x 4 directions x seeds 1 and 2, 31 of 32 videos
-    # move the prompted way (bench/bench_demo.py); the one miss, red "up" at seed 1, goes diagonally.
+    # way) fails at least three of the four. Over red/yellow/white/orange x 4 directions x seeds 1 and 2, 30 of
+    # 32 videos pass this check (bench/bench_demo.py --parts motion); the misses, both at seed 1: red "up"
+    # goes diagonally, yellow "down" travels 4.5 px.
     for direction in ("right", "left", "up", "down"):
         frames = _generate(demo_pipe, data.caption_for("red", "square", direction, "blue"), seed=2)
         centroids = data.colour_centroids(frames, "red")
