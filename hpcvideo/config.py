@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import copy
 import difflib
+import importlib.resources
 import math
 import os
 import re
@@ -44,8 +45,10 @@ __all__ = [
     "MISSING",
 ]
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent / "demo" / "weights"  # model.path: demo (hpcvideo.demo.model)
+# Package data (installed with the wheel; ``configs/`` at the repository's top level links here):
+# presets by name (``hpcvideo generate demo-cpu``) and the shipped demo model (``model.path: demo``).
+PRESETS_DIR = Path(str(importlib.resources.files("hpcvideo") / "configs"))
+DEMO_WEIGHTS_DIR = Path(str(importlib.resources.files("hpcvideo") / "demo" / "weights"))  # hpcvideo.demo.model
 
 MODEL_FAMILIES = ("wan", "unet3d")  # unet3d: ModelScope/Zeroscope/VideoCrafter2 (Video-Infinity only)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -722,7 +725,7 @@ def validate_config(cfg: RunConfig, *, check_paths: bool = False) -> RunConfig:
 
 
 def list_presets() -> list[str]:
-    """Names of the preset files in ``<repo>/configs`` (``tiny-cpu`` for ``configs/tiny-cpu.yaml``)."""
+    """Names of the presets shipped in the package (``tiny-cpu`` for ``hpcvideo/configs/tiny-cpu.yaml``)."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
@@ -839,7 +842,7 @@ def load_config(
     """Read, override and validate a run configuration.
 
     Args:
-        source: a YAML file path, a preset name (``"tiny-cpu"`` -> ``<repo>/configs/tiny-cpu.yaml``)
+        source: a YAML file path, a preset name (``"tiny-cpu"`` -> ``hpcvideo/configs/tiny-cpu.yaml``, shipped in the package)
             or a nested dict. Missing sections and keys take their defaults.
         overrides: ``"key.path=value"`` strings, applied in order; the value is parsed as YAML
             (``sampling.guidance_scale=3`` -> 3). Setting ``sampling.prompt`` replaces a

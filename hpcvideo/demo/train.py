@@ -509,8 +509,17 @@ def train_demo(output, *, work_dir=None, seed: int = 0, vae_steps: int = 1200, n
 
 
 def run_from_args(args) -> Path:
-    """``hpcvideo train-demo``: options of :func:`hpcvideo.demo.add_arguments`."""
-    return train_demo(args.output, work_dir=args.work_dir, seed=args.seed, vae_steps=args.vae_steps,
+    """``hpcvideo train-demo``: options of :func:`hpcvideo.demo.add_arguments`.
+
+    Raises :class:`hpcvideo.config.ConfigError` for an ``--output`` inside the installed package."""
+    from . import default_output, output_problem
+    from ..config import ConfigError
+
+    output = Path(args.output).expanduser() if args.output else default_output()
+    problem = output_problem(output)
+    if problem is not None:
+        raise ConfigError([problem])
+    return train_demo(output, work_dir=args.work_dir, seed=args.seed, vae_steps=args.vae_steps,
                       num_clips=args.num_clips, transformer_steps=args.transformer_steps,
                       decoder_steps=args.decoder_steps, transformer_shape_weight=args.transformer_shape_weight,
                       vae_motion_steps=args.vae_motion_steps, motion_weight=args.motion_weight,

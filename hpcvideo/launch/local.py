@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..runtime.env import RankEnv, under_mpi_launcher
+from ..runtime.env import MPI_HELP, MPIUnavailable, RankEnv, mpi_available, under_mpi_launcher
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,9 @@ def find_mpiexec() -> Path:
     found = shutil.which("mpiexec")
     if found:
         return Path(found)
-    raise FileNotFoundError(
+    raise MPIUnavailable(
         f"--ranks needs an MPI launcher but no mpiexec was found (not next to {sys.executable}, not on PATH); "
-        "install one (pip install mpich, into this environment) or load the cluster's MPI module, "
-        "or run with --ranks 1"
+        f"{MPI_HELP}; or run with --ranks 1 (a single rank needs no MPI)"
     )
 
 
@@ -113,6 +112,10 @@ def relaunch_under_mpiexec(
     if num_ranks < 1:
         raise ValueError(f"--ranks={num_ranks} is not allowed; use a number of ranks >= 1")
     mpiexec = find_mpiexec()
+    problem = mpi_available()  # before any rank starts: every rank would die in MPI_Init otherwise
+    if problem is not None:
+        raise MPIUnavailable(f"--ranks {num_ranks} needs MPI, but {problem}; {MPI_HELP}; "
+                             "or run with --ranks 1 (a single rank needs no MPI)")
     flavour = mpi_flavour(mpiexec)
     flags: list[str] = []
     environ = dict(os.environ)

@@ -32,6 +32,7 @@ one host.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class RankEnv:
     node: str  # hostname of this rank's node
     device: torch.device  # cuda:<local_rank % visible GPUs> with GPUs, else cpu
     backend: str | None  # "nccl" | "gloo"; None when world_size == 1 (no process group)
-    comm: Any  # mpi4py COMM_WORLD; None in a plain single process without an MPI library
+    comm: Any  # mpi4py COMM_WORLD; None in a plain single process (no launcher: MPI is never loaded)
     master_addr: str | None = None  # rendezvous address chosen by rank 0 (None: no process group)
     master_port: int | None = None  # rendezvous TCP port chosen by rank 0
     peers: tuple[tuple[str, int], ...] = ()  # (node, pid) of every rank, indexed by rank
@@ -86,18 +87,52 @@ class RankEnv:
         return self.rank == 0
 
 
+MPI_HELP = (
+    "on a laptop or a CI machine: pip install 'hpcvideo[mpi]' (the mpich wheel, which brings mpiexec); "
+    "on a cluster: load the site's MPI module (e.g. `module load openmpi`) before installing mpi4py"
+)
+
+
+class MPIUnavailable(RuntimeError):
+    """Several ranks were asked for but no MPI library (or mpi4py) can be loaded; the message says how to get one."""
+
+
 def _import_mpi():
-    """mpi4py's MPI module (initialises MPI), or None outside a launcher when no MPI library loads."""
+    """mpi4py's MPI module (initialises MPI) for a process started by an MPI launcher.
+
+    Raises :class:`MPIUnavailable` when mpi4py or its MPI library cannot be loaded. A plain single
+    process never calls this: single-rank runs need no MPI library at all.
+    """
     try:
         from mpi4py import MPI
-    except ImportError as error:  # mpi4py missing, or libmpi.so not found (mpi4py without an MPI wheel)
-        if under_mpi_launcher():
-            raise RuntimeError(
-                f"this process was started by an MPI launcher but mpi4py cannot load MPI ({error}); "
-                "install an MPI library that matches the launcher (pip install mpich, or load the cluster's MPI module)"
-            ) from error
-        return None
+    except (ImportError, RuntimeError) as error:  # mpi4py missing, or libmpi.so not found (mpi4py 4 raises RuntimeError)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MPIUnavailable(
+            f"this process was started by an MPI launcher but mpi4py cannot load an MPI library ({first}); {MPI_HELP}"
+        ) from error
     return MPI
+
+
+def mpi_available() -> str | None:
+    """None when mpi4py can load an MPI library in this environment, else why not (one line).
+
+    Checked in a child process, because loading MPI in the launching process would initialise it there.
+    Used before starting ranks (``--ranks N > 1``) so that a missing MPI library is one clear error.
+    """
+    import subprocess
+
+    probe = "from mpi4py import MPI; MPI.Get_library_version()"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MPI4PY_RC_INITIALIZE": "0"})
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot check mpi4py ({error})"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception):", line)]
+    detail = raised[-1] if raised else (lines[-1] if lines else f"exit code {done.returncode}")
+    return f"mpi4py cannot load an MPI library ({detail})"
 
 
 def check_world_size(world_size: int, environ: Mapping[str, str] | None = None) -> None:
@@ -205,7 +240,9 @@ def init_rank_env(*, device: str = "auto", timeout_s: float = 60.0, announce: bo
     """Initialise MPI (via mpi4py), bind the device, and join the torch.distributed process group.
 
     Works under mpiexec, under srun (``--mpi=pmi2`` for MPICH, ``--mpi=pmix`` for Open MPI) and in
-    a plain single process (mpi4py singleton, world 1; ``comm`` is None if no MPI library loads).
+    a plain single process, which loads no MPI library at all (world 1, ``comm`` None): single-rank
+    runs work with mpi4py installed without an MPI library. Raises :class:`MPIUnavailable` (a
+    ``RuntimeError``) when a launcher started this process but no MPI library loads.
     ``device``: "auto" (cuda when torch sees a GPU, else cpu) | "cpu" | "cuda". ``timeout_s``: the
     torch.distributed timeout of every collective (a peer that stops answering raises after it).
     Backend: nccl on cuda, gloo on cpu (chosen at run time: the CPU wheel has neither NCCL nor MPI).
@@ -215,11 +252,11 @@ def init_rank_env(*, device: str = "auto", timeout_s: float = 60.0, announce: bo
     if device not in DEVICES:
         raise ValueError(f"device={device!r} is not allowed; use one of {', '.join(DEVICES)}")
     node = socket.gethostname()
-    MPI = _import_mpi()
-    if MPI is None:
+    if not under_mpi_launcher():  # a plain process: one rank, no MPI library loaded at all
         comm, rank, world_size, local_rank, local_world_size = None, 0, 1, 0, 1
         peers = ((node, os.getpid()),)
     else:
+        MPI = _import_mpi()
         comm = MPI.COMM_WORLD
         rank, world_size = comm.Get_rank(), comm.Get_size()
         check_world_size(world_size)
