@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -199,6 +200,11 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Config and run warnings as one line for a user (``hpcvideo: warning: ...``), not Python's source-line form."""
+    print(f"hpcvideo: warning: {message}", file=sys.stderr if file is None else file)
+
+
 COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "plan": _cmd_plan, "clean-shm": _cmd_clean_shm, "generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "tiny-model": _cmd_tiny,
             "train-demo": _cmd_train_demo}
 
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    warnings.showwarning = _show_warning
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .config import ConfigError

@@ -631,17 +631,23 @@ def _check_prompts(prompts: list[PromptEntry]) -> list[str]:
 
 
 def _warn_unused_prompts(cfg: RunConfig) -> None:
-    """Prompts switch at block starts: warn about schedule entries that no block of this video uses."""
+    """Prompts switch at block starts: one warning for the schedule entries that no block of this video uses."""
     used = {cfg.prompt_index_for_block(j) for j in range(cfg.num_blocks)}
-    for i, p in enumerate(cfg.sampling.prompts):
-        if i not in used:
-            starts = [cfg.block_first_frame(j) for j in range(min(cfg.num_blocks, 8))]
-            warnings.warn(
-                f"sampling.prompts[{i}] (from_frame={p.from_frame}) is used by no block of this video and is ignored: "
-                f"prompts switch at block starts (pixel frames {', '.join(map(str, starts))}"
-                f"{', ...' if cfg.num_blocks > 8 else ''}; video.num_frames={cfg.video.num_frames})",
-                stacklevel=4,
-            )
+    unused = [(i, p) for i, p in enumerate(cfg.sampling.prompts) if i not in used]
+    if not unused:
+        return
+    starts = [cfg.block_first_frame(j) for j in range(min(cfg.num_blocks, 8))]
+    (i, p), more = unused[0], len(unused) - 1
+    entries = f"sampling.prompts[{i}] (from_frame={p.from_frame})"
+    if more:
+        last, q = unused[-1]
+        entries += f" and {more} more (up to sampling.prompts[{last}], from_frame={q.from_frame})"
+    warnings.warn(
+        f"{entries} {'are' if more else 'is'} used by no block of this video and ignored: "
+        f"prompts switch at block starts (pixel frames {', '.join(map(str, starts))}"
+        f"{', ...' if cfg.num_blocks > 8 else ''}; video.num_frames={cfg.video.num_frames})",
+        stacklevel=4,
+    )
 
 
 def _check_paths(cfg: RunConfig, bad: set[str]) -> list[str]:
