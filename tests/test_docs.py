@@ -13,8 +13,10 @@ bench/README.md is either
 
 A command in neither list fails :func:`test_every_command_is_classified`, as does a list entry that no
 README has any more. ```python blocks are run too, after the shell commands of the same file before them.
-Inline code in the prose is not run: commands meant to be typed are in the blocks, and inline spans that
-name repository files are checked to exist (:func:`test_repository_paths_named_in_the_docs_exist`).
+Inline code in the prose is not run (commands meant to be typed are in the blocks; inline ones are usage
+lines with placeholders or repeat a block's command), but inline `hpcvideo ...` and `pip install ...` spans
+must parse (:func:`test_inline_commands_in_the_prose_parse`) and inline repository paths must exist
+(:func:`test_repository_paths_named_in_the_docs_exist`).
 
 Running one case alone (``-k``) runs it without the state the commands before it leave.
 """
@@ -228,6 +230,37 @@ def test_command_runs_as_written(snippet, workdir):
     expected = RUN.get(snippet.text)
     if expected is not None:
         assert expected in output, f"{snippet}: {expected!r} not in its output:\n{output[-3000:]}"
+
+
+INLINE_COMMAND = re.compile(r"`((?:hpcvideo|pip install) [^`]*)`")
+PLACEHOLDERS = {"N": "2", "K": "1", "S": "0", "F": "16", "FILE": "prompts.txt", "DIR": "folder"}
+
+
+def test_inline_commands_in_the_prose_parse():
+    """Inline `hpcvideo ...` spans (usage lines included: ``[--ranks N]`` is read as ``--ranks 2``) name real
+    subcommands and options; inline `pip install` spans name real extras."""
+    from hpcvideo.cli import build_parser
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    bad = []
+    for doc in (*DOCS, "docs/DESIGN.md"):
+        for span in INLINE_COMMAND.findall((REPO / doc).read_text()):
+            if span.startswith("pip"):
+                bad += [f"{doc}: {span}" for extra in re.findall(r"\.\[(\w+)\]", span) if extra not in extras]
+                continue
+            usage = re.sub(r"\.\.\.|[\[\]]", " ", span)  # [--ranks N]... -> --ranks N
+            for args in _hpcvideo_args([PLACEHOLDERS.get(t, t) for t in shlex.split(usage)]):
+                if len(args) == 1:  # a subcommand named in the prose
+                    if args[0] not in subcommands:
+                        bad.append(f"{doc}: {span}")
+                    continue
+                try:
+                    build_parser().parse_args(args)
+                except SystemExit:
+                    bad.append(f"{doc}: {span}")
+    assert not bad, bad
 
 
 PATH_SPAN = re.compile(r"`((?:hpcvideo|configs|docs|bench|slurm|notebooks|tests|\.ci)/[\w./-]*)`")
