@@ -13,7 +13,7 @@ seconds inside run_tick, ticks, peak_rss_mib).
 Parts:
   speedup  the same video on 1 and 2 ranks: speed-up of the denoising loop (timings.denoise_s) and of
            the whole run (total_s and the CLI's wall time), best of --repeats; the latents of both stores
-           must be exactly equal; per-rank wait fraction wait_s / tick_s. Goal (issue): >= 1.8x.
+           must be exactly equal; per-rank wait fraction wait_s / tick_s. Goal: >= 1.8x.
            Two workloads: speedup_tiny (the built-in tiny model: hidden 24, so per-item work every stage
            repeats and rank 0's VAE-decode thread weigh as much as the layers) and speedup_wide (the tiny
            model folder with a wider transformer, hidden 512 / ffn 2048, built into a temporary folder and

@@ -140,6 +140,20 @@ def bench_scaling(args) -> dict:
             "budget": budget, **runs}
 
 
+def relative_paths(value, *, repo: Path = REPO, prefix: str = sys.prefix):
+    """``value`` (a report: dicts, lists, strings, numbers) with no machine path left in it: the repository's
+    own path is cut from every string (``/home/x/hpcvideo/.venv/bin/mpiexec`` -> ``.venv/bin/mpiexec``), then
+    the Python environment's path becomes ``<python env>`` (a venv outside the repository)."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, repo=repo, prefix=prefix) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, repo=repo, prefix=prefix) for v in value]
+    if isinstance(value, str):
+        value = value.replace(f"{repo}{os.sep}", "").replace(str(repo), ".")
+        return value.replace(f"{prefix}{os.sep}", f"<python env>{os.sep}") if prefix not in ("", os.sep) else value
+    return value
+
+
 def run_suite(script: str, extra: list[str]) -> dict:
     result = subprocess.run([sys.executable, str(REPO / "bench" / script), *extra], capture_output=True, text=True)
     if result.returncode != 0:
@@ -286,8 +300,8 @@ def main() -> None:
 
     def save() -> str:  # after every part, so an interrupted report keeps what it measured
         report["machine"]["loadavg_after"] = round(os.getloadavg()[0], 2)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        text = markdown(report)
+        (out / "report.json").write_text(json.dumps(relative_paths(report), indent=2))  # no machine paths
+        text = markdown(relative_paths(report))
         (out / "report.md").write_text(text + "\n")
         return text
 

@@ -1,6 +1,6 @@
 """The main job on one rank: config -> models -> DualParal block queue -> streaming decode -> run store.
 
-The run store is the single source of truth for progress (DESIGN.md §4). Rerunning the same command
+The run store is the single source of truth for progress (docs/DESIGN.md, section 3). Rerunning the same command
 resumes from the last checkpoint; a larger ``video.num_frames`` on an existing store extends it, and
 the result equals having asked for the longer video from the start:
 

@@ -16,7 +16,7 @@ unit, whatever the length.
 Boundaries, by default from the store (:func:`unit_boundaries`): the store attribute
 ``seam_boundaries`` when a strategy wrote one (``{"kind": "clip", "frames": [...]}``), else the first
 pixel frame of every store unit j >= 1 (``RunStore.frame_range(j)[0]``). The store's chunks are
-aligned to the strategy's unit (DESIGN.md §5), so for DualParal this is block j's first frame,
+aligned to the strategy's unit (docs/DESIGN.md, section 5), so for DualParal this is block j's first frame,
 ``RunConfig.block_first_frame(j)``, and for a clip-parallel strategy (``strategy.name`` naming
 Video-Infinity or containing "clip") the clip boundaries; ``kind`` says which.
 """

@@ -20,7 +20,8 @@ first 4n-3 of chunk j: zarr read-modify-writes chunk j-1. That is safe because e
 writes frames (the decoder), block after block; latents and done markers are chunk-aligned, so any
 rank may write any block of them.
 
-Rules for several processes (see notes/cluster-lab.md, "Zarr 3.1.6 with several processes"):
+Rules for several processes (zarr 3.1.6 was seen to lose data without them: two processes resizing,
+writes through a handle opened before a resize):
 
 * one writer per chunk; only one rank calls create / resize / update_config / set_status /
   update_attrs / sweep_orphans (root metadata is read-modify-written from this handle's view);

@@ -17,7 +17,7 @@ from hpcvideo.demo import WEIGHTS_DIR, data, model
 # The tests of the shipped folder skip when it is missing (a checkout without the weights); the data, the
 # training command and its output folder are tested regardless.
 SHIPPED = (WEIGHTS_DIR / "model_index.json").is_file()
-needs_weights = pytest.mark.skipif(not SHIPPED, reason=f"no trained demo weights shipped in {WEIGHTS_DIR} yet (issue 8)")
+needs_weights = pytest.mark.skipif(not SHIPPED, reason=f"no trained demo weights shipped in {WEIGHTS_DIR}")
 
 MIN_TRAVEL_PX = 6.0  # over 21 frames the data moves a shape 16..28 px; ask for a clear fraction of it
 
@@ -176,7 +176,7 @@ def _generate(pipe, prompt: str, seed: int) -> np.ndarray:
 def test_generated_shape_has_the_prompted_colour(demo_pipe, colour, direction):
     # Random weights give structured noise with no shape of one colour; the trained model draws a shape of the
     # prompted colour. (Green and blue shapes both decode as teal: the shipped VAE conflates them; see
-    # hpcvideo/demo/train.py and the closing note of issue 8. So they are not asked for here. "red ... right" at
+    # hpcvideo/demo/train.py and bench/README.md (bench_demo's vae part). So they are not asked for here. "red ... right" at
     # seed 1 comes out more orange than red (649 red vs more orange pixels), so red is asked for with "left".)
     frames = _generate(demo_pipe, data.caption_for(colour, "square", direction, "blue"), seed=1)
     pixels = {c: data.colour_mask(frames, c).sum(axis=(1, 2)) for c in data.SHAPE_COLOURS}  # per frame

@@ -1,7 +1,9 @@
-"""notebooks/inspect_run.ipynb runs top to bottom (nbclient) against a tiny run and a just-created store."""
+"""notebooks/inspect_run.ipynb runs top to bottom (nbclient) against a tiny run and a just-created store,
+with the kernel started in notebooks/ as Jupyter does."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nbclient
@@ -16,13 +18,20 @@ from hpcvideo.store import RunStore
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_run.ipynb"
 
 
-def execute(run_path, monkeypatch) -> list:
-    """Execute the notebook on ``run_path``; returns its code cells (CellExecutionError fails the test)."""
+def execute(run_path, monkeypatch, notebook: Path = NOTEBOOK) -> list:
+    """Execute ``notebook`` on ``run_path`` with the kernel's working directory in the notebook's folder
+    (as Jupyter starts it); returns its code cells (CellExecutionError fails the test)."""
     monkeypatch.setenv("HPCVIDEO_RUN", str(run_path))  # the kernel inherits the environment
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(notebook, as_version=4)
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+                            resources={"metadata": {"path": str(notebook.parent)}}).execute()
     return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def create_empty_store(path: Path) -> None:
+    """A store as a job leaves it in its first minutes: created, nothing done, no heartbeat, no tick."""
+    RunStore.create(path, config={"strategy": {"name": "dualparal"}}, num_latent_frames=4, block_latent_frames=2,
+                    latent_channels=1, latent_height=1, latent_width=1, height=8, width=8, fps=16.0, model_id="x")
 
 
 def outputs(cell, kind: str) -> list:
@@ -52,10 +61,30 @@ def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, tiny_model_dir):
 def test_notebook_on_a_store_with_nothing_done_yet(tmp_path, monkeypatch):
     """The first minutes of a job: a store with no block done, no heartbeat, no tick."""
     path = tmp_path / "new.zarr"
-    RunStore.create(path, config={"strategy": {"name": "dualparal"}}, num_latent_frames=4, block_latent_frames=2,
-                    latent_channels=1, latent_height=1, latent_width=1, height=8, width=8, fps=16.0, model_id="x")
+    create_empty_store(path)
     cells = execute(path, monkeypatch)
     printed = "".join(text(c) for c in cells)
     for message in ("no heartbeat yet", "no frames decoded yet", "not enough frames decoded yet", "no tick recorded yet",
                     "0 over 0 frames"):
         assert message in printed
+
+
+def test_notebook_finds_a_relative_run_from_the_notebooks_folder(tmp_path, monkeypatch):
+    """``HPCVIDEO_RUN=runs/NAME.zarr`` (relative to the repository root, as the READMEs write it) works when
+    Jupyter starts the kernel in notebooks/; the search stops at the repository root and a miss names the path."""
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")  # marks the repository root
+    notebook = repo / "notebooks" / NOTEBOOK.name
+    shutil.copy(NOTEBOOK, notebook)
+    create_empty_store(repo / "runs" / "new.zarr")
+    cells = execute("runs/new.zarr", monkeypatch, notebook)
+    opened = next(c for c in cells if "RUN_PATH = find_run(RUN)" in c.source)
+    assert text(opened).splitlines()[0] == str(repo / "runs" / "new.zarr")
+    assert "no heartbeat yet" in "".join(text(c) for c in cells)
+
+    create_empty_store(tmp_path / "runs" / "above-the-root.zarr")  # outside the repository: not searched
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as error:
+        execute("runs/above-the-root.zarr", monkeypatch, notebook)
+    assert "run store 'runs/above-the-root.zarr' not found in" in str(error.value)
+    assert f"{repo / 'notebooks'}, {repo}; set HPCVIDEO_RUN" in str(error.value)

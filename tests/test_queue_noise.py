@@ -1,4 +1,4 @@
-"""The DualParal queue schedule (DESIGN §6.4) and noise as a pure function of (seed, block)."""
+"""The DualParal queue schedule (docs/DESIGN.md, section 6.1) and noise as a pure function of (seed, block)."""
 
 import pytest
 import torch

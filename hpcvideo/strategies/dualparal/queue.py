@@ -1,4 +1,4 @@
-"""The DualParal block queue as a pure schedule (DESIGN.md §6.4; arXiv 2505.21070, block-wise denoising).
+"""The DualParal block queue as a pure schedule (docs/DESIGN.md, section 6.1; arXiv 2505.21070, block-wise denoising).
 
 Vocabulary: B = ``num_blocks``, T = ``num_inference_steps``, n = ``block_latent_frames``,
 c = ``context_latent_frames``.

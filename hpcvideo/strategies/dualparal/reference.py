@@ -43,7 +43,7 @@ class DualParalReference:
         negative_prompt_embeds: (1, text_len, text_dim) or None (no CFG).
         prompt_index_for_block: block index -> index into ``prompt_embeds``.
         guidance_scale: CFG scale; CFG runs when > 1 and a negative embedding is given (diffusers' rule).
-        num_blocks, block_latent_frames, context_latent_frames, feature_cache: the queue (DESIGN §6.4).
+        num_blocks, block_latent_frames, context_latent_frames, feature_cache: the queue (docs/DESIGN.md, section 6.1).
         noise_fn: block index -> initial latents (1, C, n, h, w) float32 (:func:`hpcvideo.noise.block_noise`).
         device: where latents live and the transformer runs.
     """
