@@ -30,7 +30,7 @@ from .decode import StreamingDecoder
 from .faults import fault
 from .models import encode_prompts, ensure_tiny_wan, load_wan, load_wan_transformer_stage, read_model_info
 from .noise import block_noise
-from .progress import Heartbeat
+from .progress import Heartbeat, new_attempt
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
 from .launch.local import LOG_DIR_VAR, redirect_rank_output
@@ -319,6 +319,7 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
         blob = _dump({"executor": executor.state_dict(), "decoder": sink.decoder.state_dict()})
         store.save_state(blob, tick=executor.tick, num_blocks=num_blocks, kind=kind)
         timings.checkpoint_s += time.perf_counter() - t
+        heartbeat.beat(executor.tick, force=True)  # `hpcvideo status` never shows a tick behind the checkpoint
 
     bar = None
     if progress and main:
@@ -328,7 +329,8 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
     last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
     first_tick, loop_start, last_log = executor.tick, time.perf_counter(), time.monotonic()
     heartbeat = Heartbeat(cfg.store.path, rank=env.rank, num_ticks=executor.num_ticks,
-                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None)
+                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None,
+                          world_size=env.world_size, attempt=new_attempt(env))  # new_attempt: collective
     heartbeat.beat(executor.tick)  # per-rank record for `hpcvideo status`, throttled (hpcvideo.progress)
     try:
         while True:

@@ -34,7 +34,7 @@ import torch
 from ...config import IDENTITY_IGNORED, ConfigError, RunConfig
 from ...faults import fault
 from ...noise import frame_noise
-from ...progress import Heartbeat
+from ...progress import Heartbeat, new_attempt
 from ...runtime import abort_on_failure
 from ...runtime.control import bcast_object, gather_object
 from ...runtime.preempt import Preempted, should_stop
@@ -296,7 +296,8 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
     denoise_s = checkpoint_s = 0.0
     last_checkpoint = time.monotonic()
     heartbeat = Heartbeat(cfg.store.path, rank=env.rank, num_ticks=num_steps,
-                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None)
+                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None,
+                          world_size=env.world_size, attempt=new_attempt(env))  # new_attempt: collective
     heartbeat.beat(step)  # per-rank record for `hpcvideo status` (hpcvideo.progress); a tick = one step here
     try:
         while step < num_steps:
@@ -320,6 +321,7 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
                 clips = gather_object(env, mine)
                 if main:
                     store.save_state(_dump({"step": step, "clips": clips}), tick=step, num_blocks=env.world_size)
+                    heartbeat.beat(step, force=True)  # `hpcvideo status` never shows a step behind the checkpoint
                 last_checkpoint = time.monotonic()
                 checkpoint_s += time.perf_counter() - t0
             if stop:
