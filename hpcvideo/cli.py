@@ -17,7 +17,8 @@ from pathlib import Path
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file or preset name in configs/ (e.g. tiny-cpu)")
     parser.add_argument("--output", "-o", help="run store path (overrides store.path)")
-    parser.add_argument("--frames", type=int, help="number of pixel frames, 4k+1 (overrides video.num_frames)")
+    parser.add_argument("--frames", type=int, help="number of pixel frames, any whole number >= 1 (overrides video.num_frames; "
+                        "a larger number on an existing store extends it)")
     parser.add_argument("--seed", type=int, help="random seed (overrides sampling.seed)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_generate(args) -> int:
     from .config import load_config
-    from .launch.local import maybe_relaunch
+    from .launch.local import check_launch, maybe_relaunch
 
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
+    check_launch(cfg, args.ranks)  # a rank count the run cannot use: exit 2 before mpiexec starts
     code = maybe_relaunch(args.ranks, args.argv, log_dir=Path(f"{cfg.store.path}.logs"))  # after validation
     if code is not None:
         return code

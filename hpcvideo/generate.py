@@ -33,7 +33,8 @@ from .noise import block_noise
 from .progress import Heartbeat, new_attempt
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
-from .launch.local import LOG_DIR_VAR, redirect_rank_output
+from .launch.local import LOG_DIR_VAR, launcher_rank_and_size, redirect_rank_output
+from .layout import RanksError, model_num_layers, ranks_problem, resolve_config
 from .runtime.control import bcast_object, gather_object
 from .runtime.preempt import Preempted, should_stop
 from .runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
@@ -156,7 +157,10 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     unavailable). A failure after that aborts the whole job with a message naming the failed rank
     (:mod:`hpcvideo.runtime.failure`).
     """
+    _check_world_size(cfg, launcher_rank_and_size())  # before MPI/torch.distributed start: fail fast on every rank
     env = init_rank_env(device=cfg.runtime.device, timeout_s=cfg.runtime.timeout_s)
+    _check_world_size(cfg, (env.rank, env.world_size))  # the launcher's real count (no collective needed)
+    cfg = resolve_config(cfg, env.world_size)  # Video-Infinity: a null clip length derived from the ranks
     if env.world_size > 1:  # logs per rank: RUN.zarr.logs/rank<R>.log (rank 0 also on the terminal)
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env)
@@ -171,6 +175,19 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     finally:
         stop_failure_monitor(monitor)
         shutdown_rank_env(env)
+
+
+def _check_world_size(cfg: RunConfig, rank_and_size: tuple[int, int] | None) -> None:
+    """Refuse a rank count the run cannot use: rank 0 raises :class:`hpcvideo.layout.RanksError`
+    (one line), every other rank exits 2 quietly (they all reach the same verdict from the same inputs)."""
+    if rank_and_size is None:
+        return
+    rank, world_size = rank_and_size
+    problem = ranks_problem(cfg, world_size, num_layers=model_num_layers(cfg))
+    if problem:
+        if rank == 0:
+            raise RanksError([f"{world_size} rank(s): {problem}"])
+        raise SystemExit(2)
 
 
 def check_model_fit(cfg: RunConfig, info: dict) -> list[str]:
