@@ -149,7 +149,7 @@ def _cmd_train_demo(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from submitit.core.utils import FailedJobError
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     from .launch.slurm import NotOnClusterError, load_submit_config, submit
 
@@ -162,7 +162,7 @@ def _cmd_submit(args) -> int:
     except NotOnClusterError as error:  # checked before anything is created
         print(f"hpcvideo submit: error: {error}", file=sys.stderr)
         return 2
-    except FailedJobError as error:  # sbatch itself refused (its message is the error); what was created is gone
+    except (FailedJobError, FailedSubmissionError) as error:  # sbatch itself refused (its message is the error); what was created is gone
         reason = " ".join(str(error).split()) or "no message"
         print(f"hpcvideo submit: error: sbatch refused the job: {reason}", file=sys.stderr)
         return 1

@@ -98,11 +98,33 @@ def clean_shm_line(nodes: int | str, *, python: str | None = None) -> str:
     return f"srun --ntasks={nodes} --ntasks-per-node=1 --mpi=none --kill-on-bad-exit=1 {command}"
 
 
+class NotOnClusterError(RuntimeError):
+    """No SLURM here (no sbatch/srun on PATH): ``hpcvideo submit`` must run on a login node."""
+
+
+def slurm_missing() -> str | None:
+    """None where SLURM's commands can be run from here, else one line saying what is missing."""
+    missing = [exe for exe in ("sbatch", "srun") if shutil.which(exe) is None]
+    if not missing:
+        return None
+    return (f"no SLURM here ({' and '.join(missing)} not found on PATH): run `hpcvideo submit` on the cluster's "
+            "login node; `hpcvideo check CONFIG --ranks N` checks a config anywhere, `hpcvideo sbatch CONFIG` "
+            "writes a job script, `hpcvideo generate CONFIG` runs locally")
+
+
 def make_executor(cfg: RunConfig, *, folder: Path | None = None):
-    """A submitit executor for SLURM with the resources of ``cfg.cluster``."""
-    executor = submitit.AutoExecutor(
-        folder=folder or log_folder(cfg), cluster="slurm", slurm_max_num_timeout=cfg.cluster.max_timeouts
-    )
+    """A submitit executor for SLURM with the resources of ``cfg.cluster`` (creates nothing).
+
+    Raises :class:`NotOnClusterError` (one line) where SLURM's commands are not on PATH."""
+    missing = slurm_missing()
+    if missing:
+        raise NotOnClusterError(missing)
+    try:
+        executor = submitit.AutoExecutor(
+            folder=folder or log_folder(cfg), cluster="slurm", slurm_max_num_timeout=cfg.cluster.max_timeouts
+        )
+    except RuntimeError as error:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise NotOnClusterError(f"SLURM is not usable here ({error})") from None
     executor.update_parameters(**executor_parameters(cfg))
     return executor
 
@@ -142,20 +164,6 @@ class GenerateJob(submitit.helpers.Checkpointable):
 
 
 PLACEHOLDER_PREFIX = "/path/to/"  # the real-model presets' model.path until the user sets it
-
-
-class NotOnClusterError(RuntimeError):
-    """No SLURM here (no sbatch/srun on PATH): ``hpcvideo submit`` must run on a login node."""
-
-
-def slurm_missing() -> str | None:
-    """None where SLURM's commands can be run from here, else one line saying what is missing."""
-    missing = [exe for exe in ("sbatch", "srun") if shutil.which(exe) is None]
-    if not missing:
-        return None
-    return (f"no SLURM here ({' and '.join(missing)} not found on PATH): run `hpcvideo submit` on the cluster's "
-            "login node; `hpcvideo check CONFIG --ranks N` checks a config anywhere, `hpcvideo sbatch CONFIG` "
-            "writes a job script, `hpcvideo generate CONFIG` runs locally")
 
 
 def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None = None,
@@ -316,19 +324,14 @@ def submit(cfg: RunConfig, *, prompts: list[str] | None = None, check_memory: bo
         raise ConfigError(["--prompts file holds no prompt; allowed: one prompt per non-empty line"])
     configs = array_configs(cfg, prompts) if prompts else [cfg]
     configs = [check_job(c, check_memory=check_memory) for c in configs]
-    missing = slurm_missing()
-    if missing:
-        raise NotOnClusterError(missing)
     folder = log_folder(configs[0])
-    try:
-        executor = make_executor(cfg, folder=folder)
-    except RuntimeError as error:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
-        raise NotOnClusterError(f"SLURM is not usable here ({error})") from None
+    executor = make_executor(cfg, folder=folder)  # NotOnClusterError off a cluster, before anything is created
     # what this call may create (the topmost folder of each path that does not exist yet), known before it does
     created = {root for root in (_new_root(folder), *(_new_root(Path(c.store.path)) for c in configs)) if root}
     try:
         for c in configs:
-            create_store(c)
+            if not Path(c.store.path).exists():  # an existing store was checked; the job itself grows it if needed
+                create_store(c)
         if len(configs) == 1:
             jobs = [executor.submit(GenerateJob(configs[0].to_dict()))]
         else:
