@@ -207,7 +207,7 @@ def _cmd_check(args) -> int:
                       check_paths=False)
     launched = launcher_rank_and_size()
     world_size = args.ranks if args.ranks is not None else (launched[1] if launched else 1)
-    cfg = check_job(cfg, world_size, what=f"--ranks {world_size}: ")
+    cfg = check_job(cfg, world_size, what=f"--ranks {world_size}: " if args.ranks is not None else f"{world_size} rank(s): ")
     units = "clips" if cfg.strategy.name == "videoinfinity" else "blocks"
     print(f"ok: {cfg.video.num_frames} frames in {cfg.num_blocks} {units} ({cfg.strategy.name}) on {world_size} rank(s), "
           f"model {cfg.model.path}, store {cfg.store.path}")

@@ -46,6 +46,7 @@ HEARTBEAT_DIR = "heartbeat"
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 STALE_AFTER_INTERVALS = 2  # a heartbeat older than 2 intervals + STALE_GRACE_S: the rank stopped reporting
 STALE_GRACE_S = 5.0  # file-system latency and clock differences between nodes
+KEEPALIVE_MIN_S = 0.05  # the keep-alive thread writes at most this often, whatever interval_s is
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -185,10 +186,11 @@ class Heartbeat:
             thread.join(timeout=max(1.0, 2 * self.interval_s))
 
     def _keep_alive(self) -> None:
-        while not self._stop.wait(self.interval_s / 2):
+        period = max(self.interval_s, KEEPALIVE_MIN_S)
+        while not self._stop.wait(period / 2):
             with self._lock:
                 now = time.time()
-                if self._stop.is_set() or self._state != "running" or now - self._last_write < self.interval_s:
+                if self._stop.is_set() or self._state != "running" or now - self._last_write < period:
                     continue
                 try:
                     self._write(now)

@@ -187,7 +187,9 @@ def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, tiny_mode
     p = status["progress"]
     assert (status["status"], status["state"], p["state"], p["stale"]) == ("running", "stopped", "stopped", True)
     assert (p["tick"], status["last_checkpoint_tick"], p["num_ticks"]) == (5, 5, 7)  # checkpoint_every_ticks: 1
-    assert [(r["rank"], r["tick"], r["gone"]) for r in p["ranks"]] == [(0, 5, True), (1, p["ranks"][1]["tick"], True)]
+    assert [(r["rank"], r["tick"], r["gone"]) for r in p["ranks"][:1]] == [(0, 5, True)]
+    # rank 1 is killed by mpiexec or stops by itself first (its failure monitor sees rank 0 go): either is not running
+    assert p["ranks"][1]["rank"] == 1 and (p["ranks"][1]["gone"] or p["ranks"][1]["state"] == "stopped")
     assert p["world_size"] == 2 and p["earlier_ranks"] == [] and p["eta_s"] is None
     text = _cli("status", path).stdout
     assert text.splitlines()[0].startswith(f"{path}: stopped (rank ") and "ticks      5/7 when it stopped" in text

@@ -43,6 +43,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,9 @@ def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None
     model_ok = True
     placeholder = str(cfg.model.path).startswith(PLACEHOLDER_PREFIX)
     try:
-        validate_config(cfg, check_paths=True)
+        with warnings.catch_warnings():  # loading the config warned already
+            warnings.simplefilter("ignore")
+            validate_config(cfg, check_paths=True)
     except ConfigError as error:
         model_ok = not any(e.startswith(("model.path=", "model.family=")) for e in error.errors)
         problems += [e for e in error.errors if not (placeholder and e.startswith("model.path="))]
