@@ -2,13 +2,18 @@
 
 The run store is the single source of truth for progress (DESIGN.md §4). Rerunning the same command
 resumes from the last checkpoint; a larger ``video.num_frames`` on an existing store extends it, and
-the result equals having asked for the longer video from the start:
+the result equals having asked for the longer video from the start. Any num_frames >= 1: the queue
+generates whole blocks (:mod:`hpcvideo.layout`), the store keeps exactly num_frames frames:
 
 * block j's denoising depends on its neighbours, and the last blocks of a video see no successor, so
   the queue state of a B-block run equals a longer run's state only up to the start of tick B (when
   block B would enter). That state is saved as the ``"extend"`` checkpoint; extending restarts from
   it, re-denoises the blocks that were still in flight then, and overwrites them (their done markers
   are cleared first, so the store never shows stale data as done).
+* the last block's decoded frames do not depend on num_frames (same latents, same decoder carry);
+  those past num_frames are kept whole in the store (``state/frames_tail``), so a larger num_frames on
+  the same number of blocks (or a last block that left the queue before the extension tick) is
+  completed by copying them, bit-identical to an uninterrupted run of the larger num_frames.
 * every checkpoint is the executor state + the streaming decoder state, taken at a tick boundary,
   every ``store.checkpoint_every_ticks`` ticks or ``store.checkpoint_every_s`` seconds.
 """
@@ -34,7 +39,7 @@ from .progress import Heartbeat, new_attempt
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
 from .launch.local import LOG_DIR_VAR, launcher_rank_and_size, redirect_rank_output
-from .layout import RanksError, model_num_layers, ranks_problem, resolve_config
+from .layout import RanksError, generated_latent_frames, model_num_layers, ranks_problem, resolve_config
 from .runtime.control import bcast_object, gather_object
 from .runtime.preempt import Preempted, should_stop
 from .runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
@@ -100,9 +105,10 @@ def open_or_create_store(cfg: RunConfig, info: dict, model_id: str) -> tuple[Run
     path = Path(cfg.store.path)
     config = cfg.to_dict()
     scale = info["vae_scale_factor_spatial"]
+    generated = generated_latent_frames(cfg)  # whole blocks; the store keeps exactly video.num_frames frames
     if not RunStore.exists(path):
         store = RunStore.create(
-            path, config=config, num_latent_frames=cfg.num_latent_frames,
+            path, config=config, num_latent_frames=generated, num_frames=cfg.video.num_frames,
             block_latent_frames=cfg.strategy.block_latent_frames, latent_channels=info["latent_channels"],
             latent_height=cfg.video.height // scale, latent_width=cfg.video.width // scale,
             height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps, model_id=model_id,
@@ -110,7 +116,7 @@ def open_or_create_store(cfg: RunConfig, info: dict, model_id: str) -> tuple[Run
         return store, True
     store = RunStore.open(path, mode="r+")
     store.check_config(config, ignore=IDENTITY_IGNORED)
-    if cfg.num_latent_frames < store.num_latent_frames:
+    if cfg.video.num_frames < store.num_frames:
         raise StoreError(
             f"video.num_frames={cfg.video.num_frames} is shorter than the store's {store.num_frames} frames "
             f"({path}); a run cannot be shortened: pass --frames {store.num_frames} or more, or a new --output"
@@ -118,11 +124,28 @@ def open_or_create_store(cfg: RunConfig, info: dict, model_id: str) -> tuple[Run
     removed = store.sweep_orphans()
     if removed:
         log.info("swept %d orphaned partial files from %s", len(removed), path)
-    if cfg.num_latent_frames > store.num_latent_frames:
+    if cfg.video.num_frames > store.num_frames or generated > store.num_latent_frames:
         log.info("extending %s from %d to %d frames", path, store.num_frames, cfg.video.num_frames)
-        store.resize(cfg.num_latent_frames)
+        store.resize(generated, cfg.video.num_frames)
     store.update_config(config)
     return store, False
+
+
+def _complete_cut_block(store: RunStore, first_stale: int) -> None:
+    """Write the frames a longer video.num_frames adds to a block that will not be recomputed.
+
+    Blocks before ``first_stale`` left the queue before the checkpoint and have their frames written,
+    except a last block that was cut at a shorter num_frames (its marker cleared by the store's
+    resize): its decoded frames are the same for any num_frames (the same latents and decoder
+    carry), kept whole as the store's frames tail, so they are copied from there."""
+    done = store.done("frames")
+    for j in range(min(first_stale, store.num_blocks)):
+        if done[j]:
+            continue
+        if not store.fill_frames_from_tail(j):
+            raise StoreError(f"{store.path}: the frames of block {j} are incomplete and its decoded frames were not "
+                             "kept; generate into a new --output")
+        log.info("completed the frames of block %d from the kept decode", j)
 
 
 def choose_checkpoint(store: RunStore, num_blocks: int):
@@ -318,6 +341,7 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
             stale = range(max(0, executor.tick - executor.num_inference_steps + 1), store.num_blocks)
             store.clear_done("frames", stale)
             store.clear_done("latents", stale)
+            _complete_cut_block(store, stale.start)
             log.info("resuming %s at tick %d of %d on %d rank(s)", store.path, executor.tick, executor.num_ticks,
                      env.world_size)
         store.set_status("running")

@@ -194,13 +194,21 @@ def planned_world_size(args_ranks: int | None) -> int:
 def check_launch(cfg, args_ranks: int | None) -> None:
     """Refuse (:class:`hpcvideo.layout.RanksError`, one line) a rank count ``cfg`` cannot run on,
     before any rank starts: ``--ranks`` < 1, more DualParal stages than transformer blocks, a
-    stage split of another length, Video-Infinity clips that do not fit."""
+    stage split of another length, Video-Infinity clips that do not fit. Under a launcher the
+    launcher's count is checked; ranks other than 0 then exit 2 (SystemExit) without a message."""
     from ..layout import check_ranks
 
+    from ..layout import RanksError
+
     world_size = planned_world_size(args_ranks)
-    launched = launcher_rank_and_size() is not None
-    what = f"--ranks {world_size}: " if not launched and args_ranks is not None else f"{world_size} rank(s): "
-    check_ranks(cfg, world_size, what=what)
+    launched = launcher_rank_and_size()
+    what = f"--ranks {world_size}: " if launched is None and args_ranks is not None else f"{world_size} rank(s): "
+    try:
+        check_ranks(cfg, world_size, what=what)
+    except RanksError:
+        if launched is not None and launched[0] != 0:
+            raise SystemExit(2) from None  # every rank reaches the same verdict; rank 0 says it once
+        raise
 
 
 class _Tee:
