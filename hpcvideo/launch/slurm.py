@@ -222,11 +222,16 @@ def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None
     if not problems and cfg.store.path and RunStore.exists(Path(cfg.store.path)):
         try:
             store = RunStore.open(Path(cfg.store.path), mode="r")
-            store.check_config(resolved.to_dict(), ignore=IDENTITY_IGNORED)
-            if resolved.num_latent_frames < store.num_latent_frames:
-                problems.append(f"video.num_frames={cfg.video.num_frames} is shorter than the store's {store.num_frames} "
-                                f"frames ({cfg.store.path}); a run cannot be shortened: pass --frames "
-                                f"{store.num_frames} or more, or a new --output")
+            if cfg.strategy.name == "videoinfinity" and cfg.video.num_frames != store.num_frames:
+                problems.append(f"video.num_frames={cfg.video.num_frames} differs from the store's {store.num_frames} "
+                                f"frames ({cfg.store.path}); a Video-Infinity run cannot be extended or shortened: "
+                                "use the same length, or a new --output")
+            else:
+                store.check_config(resolved.to_dict(), ignore=IDENTITY_IGNORED)
+                if cfg.video.num_frames < store.num_frames:
+                    problems.append(f"video.num_frames={cfg.video.num_frames} is shorter than the store's "
+                                    f"{store.num_frames} frames ({cfg.store.path}); a run cannot be shortened: pass "
+                                    f"--frames {store.num_frames} or more, or a new --output")
         except StoreError as error:
             problems.append(str(error))
     if problems:
