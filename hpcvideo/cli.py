@@ -1,4 +1,4 @@
-"""Command line: ``hpcvideo generate | submit | plan | status | export | tiny-model``.
+"""Command line: ``hpcvideo generate | submit | sbatch | check | plan | status | export | tiny-model``.
 
 Every command validates its input first and exits with status 2 and a one-screen message naming
 the key, the value and what is allowed; nothing is created or submitted before that.
@@ -18,7 +18,8 @@ from pathlib import Path
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file or preset name in configs/ (e.g. tiny-cpu)")
     parser.add_argument("--output", "-o", help="run store path (overrides store.path)")
-    parser.add_argument("--frames", type=int, help="number of pixel frames, 4k+1 (overrides video.num_frames)")
+    parser.add_argument("--frames", type=int, help="number of pixel frames, any whole number >= 1 (overrides video.num_frames; "
+                        "a larger number on an existing store extends it)")
     parser.add_argument("--seed", type=int, help="random seed (overrides sampling.seed)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -56,8 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--prompts", metavar="FILE", help="one prompt per line: a job array, one store per prompt")
     submit.add_argument("--wait", action="store_true", help="wait for the job(s) and report the result or the failure")
 
-    sbatch = sub.add_parser("sbatch", help="print a plain sbatch script for the config (srun --mpi=... hpcvideo generate; requeues)")
+    sbatch = sub.add_parser("sbatch", help="check the config, then print a plain sbatch script for it "
+                            "(hpcvideo check, then srun --mpi=... hpcvideo generate; requeues)")
     _add_config_args(sbatch)
+
+    check = sub.add_parser("check", help="check that `generate` with the same options can run on N ranks: config, "
+                           "model folder (JSON only, no weights), rank count, existing store, memory plan; creates nothing")
+    _add_config_args(check)
+    check.add_argument("--ranks", type=int, default=None,
+                       help="ranks the run will have (default: the MPI launcher's, else 1); the sbatch scripts pass $SLURM_NTASKS")
+    check.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # accepted: same options as generate
 
     plan = sub.add_parser("plan", help="memory, bytes and time per tick per rank, without loading weights")
     _add_config_args(plan)
@@ -83,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_generate(args) -> int:
     from .config import load_config
-    from .launch.local import maybe_relaunch
+    from .launch.local import check_launch, maybe_relaunch
 
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
+    check_launch(cfg, args.ranks)  # a rank count the run cannot use: exit 2 before mpiexec starts
     code = maybe_relaunch(args.ranks, args.argv, log_dir=Path(f"{cfg.store.path}.logs"))  # after validation
     if code is not None:
         return code
@@ -140,13 +150,23 @@ def _cmd_train_demo(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from .launch.slurm import load_submit_config, submit
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    from .launch.slurm import NotOnClusterError, load_submit_config, submit
 
     cfg = load_submit_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
     prompts = None
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    submitted = submit(cfg, prompts=prompts)
+    try:
+        submitted = submit(cfg, prompts=prompts)  # checks everything, then SLURM's presence, then creates the store
+    except NotOnClusterError as error:  # checked before anything is created
+        print(f"hpcvideo submit: error: {error}", file=sys.stderr)
+        return 2
+    except (FailedJobError, FailedSubmissionError) as error:  # sbatch itself refused (its message is the error); what was created is gone
+        reason = " ".join(str(error).split()) or "no message"
+        print(f"hpcvideo submit: error: sbatch refused the job: {reason}", file=sys.stderr)
+        return 1
     for item in submitted:
         print(f"job {item.job_id}: store {item.store_path}  logs {item.log_folder}")
     if not args.wait:
@@ -166,13 +186,32 @@ def _cmd_submit(args) -> int:
 def _cmd_sbatch(args) -> int:
     from .config import load_config
     from .launch.sbatch import render_sbatch
+    from .launch.slurm import check_job
 
-    cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
+    cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output,
+                      check_paths=False)
+    check_job(cfg)  # the job's rank count (cluster section), paths, model, memory: refused here, not in the queue
     config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
     if cfg.store.path:
         cfg.store.path = str(Path(cfg.store.path).resolve())
     overrides = list(args.overrides) + [f"video.num_frames={cfg.video.num_frames}", f"sampling.seed={cfg.sampling.seed}"]
     sys.stdout.write(render_sbatch(cfg, config=config, overrides=overrides))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .config import load_config
+    from .launch.local import launcher_rank_and_size
+    from .launch.slurm import check_job
+
+    cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output,
+                      check_paths=False)
+    launched = launcher_rank_and_size()
+    world_size = args.ranks if args.ranks is not None else (launched[1] if launched else 1)
+    cfg = check_job(cfg, world_size, what=f"--ranks {world_size}: " if args.ranks is not None else f"{world_size} rank(s): ")
+    units = "clips" if cfg.strategy.name == "videoinfinity" else "blocks"
+    print(f"ok: {cfg.video.num_frames} frames in {cfg.num_blocks} {units} ({cfg.strategy.name}) on {world_size} rank(s), "
+          f"model {cfg.model.path}, store {cfg.store.path}")
     return 0
 
 
@@ -205,7 +244,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"hpcvideo: warning: {message}", file=sys.stderr if file is None else file)
 
 
-COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "plan": _cmd_plan, "clean-shm": _cmd_clean_shm, "generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "tiny-model": _cmd_tiny,
+COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "check": _cmd_check, "plan": _cmd_plan, "clean-shm": _cmd_clean_shm, "generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "tiny-model": _cmd_tiny,
             "train-demo": _cmd_train_demo}
 
 

@@ -8,12 +8,13 @@ Every value is checked in :func:`_build` before anything heavy happens (no torch
 SLURM submit fails fast on the login node). All problems are collected and raised together as one
 :class:`ConfigError`, one line each, naming the dotted key, the value given and what is allowed::
 
-    video.num_frames=500 is not of the form 4k+1; nearest allowed: 497 or 501
+    video.num_frames=0 is out of range; allowed: any whole number >= 1
 
-Frame arithmetic (Wan VAE: the first pixel frame alone, then 4 pixel frames per latent frame)::
+Frame arithmetic (:mod:`hpcvideo.layout`; Wan VAE: the first pixel frame alone, then 4 pixel frames per
+latent frame). Any num_frames >= 1; the strategy generates whole blocks and the store keeps num_frames::
 
-    num_latent_frames = (num_frames - 1) // 4 + 1        num_frames = 4 * (num_latent_frames - 1) + 1
-    num_blocks        = num_latent_frames // block_latent_frames        (must divide exactly)
+    num_latent_frames = ceil((num_frames - 1) / 4) + 1        (unet3d: num_frames)
+    num_blocks        = ceil(num_latent_frames / block_latent_frames)
     block j covers latent frames [j*n, (j+1)*n); its first pixel frame is 0 (j = 0) or 4*(j*n - 1) + 1
 
 The config object is plain data: treat it as read-only after :func:`load_config` (to change a value,
@@ -122,8 +123,8 @@ class ModelConfig:
 class VideoConfig:
     """``video``: the output video."""
 
-    # pixel frames; 4k+1 (Wan VAE) with (num_frames-1)//4+1 a multiple of the block size. The default 93
-    # = 24 latent frames = 3 blocks of 8: the nearest fit above Wan's 81 (21 latent frames, no fit for 8)
+    # pixel frames, any whole number >= 1 (the strategy generates whole blocks/clips and the store keeps
+    # exactly num_frames). The default 93 = 24 latent frames = 3 whole blocks of 8
     num_frames: int = 93
     height: int = 480  # pixels; a positive multiple of 16 (VAE 8x times patch 2x)
     width: int = 832  # pixels; a positive multiple of 16
@@ -152,12 +153,15 @@ class StrategyConfig:
     """``strategy``: how the video is split and denoised (DualParal block-wise denoising)."""
 
     name: str = "dualparal"  # dualparal (Wan only) | videoinfinity (wan or unet3d)
-    block_latent_frames: int = 8  # latent frames per block (n); must divide num_latent_frames
+    block_latent_frames: int = 8  # latent frames per block (n); the last block may reach past the video (not stored)
     context_latent_frames: int = 2  # latent frames of the previous block prepended to a block (c); 0 <= c <= n
     feature_cache: bool = True  # reuse the next block's self-attention keys/values instead of recomputing
     noise_init: str = "coordinated"  # coordinated (reshuffled base window) | independent
-    # --- videoinfinity (arXiv 2406.16260): rank r denoises clip r; world size = num_latent_frames / clip_latent_frames
-    clip_latent_frames: int = 16  # latent frames per rank (unet3d: latent frames = pixel frames); must divide num_latent_frames
+    # --- videoinfinity (arXiv 2406.16260): rank r denoises clip r; one clip per rank (world size = number of clips)
+    # latent frames per rank (unet3d: latent frames = pixel frames); null = derived from the rank count,
+    # ceil(num_latent_frames / world_size) (the store records the derived value). A set value needs
+    # ceil(num_latent_frames / clip_latent_frames) ranks
+    clip_latent_frames: int | None = None
     local_frames: int = 8  # frames each side of a query frame in its local attention window (paper: 8 + 8)
     global_frames: int = 16  # frames in the global set shared by all ranks (paper: 16); 0 = none
     switch_timestep: float = 800.0  # t >= this: global keys favoured by global_bias; below: local keys (paper: 800)
@@ -229,17 +233,18 @@ class RunConfig:
 
     @property
     def num_latent_frames(self) -> int:
-        """Latent frames of the video: (num_frames - 1) // 4 + 1 (Wan VAE, first frame alone);
-        num_frames for the unet3d family (per-frame 2-D VAE)."""
-        if self.model.family == "unet3d":
-            return self.video.num_frames
-        return (self.video.num_frames - 1) // 4 + 1
+        """Latent frames the video needs: ceil((num_frames - 1) / 4) + 1 (Wan VAE, first frame alone);
+        num_frames for the unet3d family (per-frame 2-D VAE). See :mod:`hpcvideo.layout`."""
+        from .layout import latent_frames_for
+
+        return latent_frames_for(max(1, self.video.num_frames), self.model.family)
 
     @property
     def num_blocks(self) -> int:
-        """Number of DualParal blocks: num_latent_frames // block_latent_frames (videoinfinity: clips,
-        num_latent_frames // clip_latent_frames, which is also the number of ranks)."""
-        return self.num_latent_frames // self._unit_latent_frames
+        """Number of DualParal blocks: ceil(num_latent_frames / block_latent_frames) (videoinfinity: clips,
+        ceil(num_latent_frames / clip_latent_frames), which is also the number of ranks; a null clip
+        length raises ValueError: resolve it first with :func:`hpcvideo.layout.resolve_config`)."""
+        return -(-self.num_latent_frames // self._unit_latent_frames)
 
     def block_first_frame(self, j: int) -> int:
         """First pixel frame of block ``j``: 0 for j == 0, else 4 * (j * n - 1) + 1 (n = block_latent_frames).
@@ -255,9 +260,10 @@ class RunConfig:
 
     @property
     def _unit_latent_frames(self) -> int:
-        """Latent frames of a block (dualparal) or a clip (videoinfinity)."""
-        s = self.strategy
-        return s.clip_latent_frames if s.name == "videoinfinity" else s.block_latent_frames
+        """Latent frames of a block (dualparal) or a clip (videoinfinity; ValueError while derived)."""
+        from .layout import unit_latent_frames
+
+        return unit_latent_frames(self)
 
     def prompt_index_for_block(self, j: int) -> int:
         """Index into ``sampling.prompts`` of the last entry with from_frame <= block_first_frame(j)."""
@@ -468,11 +474,8 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
         elif not m.fps_condition > 0:
             fail("model.fps_condition", f"model.fps_condition={m.fps_condition!r} is out of range; allowed: > 0 or null")
 
-    if ok("video.num_frames", "model.family") and m.family == "unet3d" and v.num_frames < 1:
-        fail("video.num_frames", f"video.num_frames={v.num_frames} is out of range; allowed: >= 1")
-    if ok("video.num_frames", "model.family") and m.family == "wan" and (v.num_frames < 1 or (v.num_frames - 1) % 4):
-        nearest = _nearest(v.num_frames, 4, 1, 1)
-        fail("video.num_frames", f"video.num_frames={v.num_frames} is not of the form 4k+1; nearest allowed: {nearest}")
+    if ok("video.num_frames") and v.num_frames < 1:
+        fail("video.num_frames", f"video.num_frames={v.num_frames} is out of range; allowed: any whole number >= 1")
     for key in ("height", "width"):
         size = getattr(v, key)
         if ok(f"video.{key}") and (size < 16 or size % 16):
@@ -507,17 +510,9 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
              "allowed for this family: 'videoinfinity'")
     if ok("strategy.name") and st.name == "videoinfinity":
         errors.extend(_check_videoinfinity(cfg, ok, fail))
-    elif ok("video.num_frames", "strategy.block_latent_frames") and cfg.num_latent_frames % n:
-        num_latent = cfg.num_latent_frames
-        k = num_latent // n
-        options = [4 * (kk * n - 1) + 1 for kk in (k, k + 1) if kk >= 1]
-        fail(
-            "video.num_frames",
-            f"video.num_frames={v.num_frames} gives {num_latent} latent frames, not a multiple of "
-            f"strategy.block_latent_frames={n} (block/context sizes that do not fit); nearest allowed "
-            f"video.num_frames: {' or '.join(map(str, options))} (4*(k*{n}-1)+1 for k blocks)",
-        )
-    if ok("video.num_frames", "strategy.block_latent_frames", "sampling.prompts") and s.prompts and not errors:
+    derived = st.name == "videoinfinity" and st.clip_latent_frames is None  # clips known once the ranks are
+    if ok("video.num_frames", "strategy.block_latent_frames", "sampling.prompts") and s.prompts and not errors \
+            and not derived:
         _warn_unused_prompts(cfg)
 
     if ok("store.path") and cfg.store.path == "":
@@ -585,25 +580,16 @@ def _parse_cluster_list_or_map(key: str, raw: Any) -> tuple[Any, str | None]:
 
 
 def _check_videoinfinity(cfg: RunConfig, ok, fail) -> list[str]:
-    """strategy.* keys of Video-Infinity and the clip arithmetic (ranks = num_latent_frames / clip_latent_frames)."""
+    """strategy.* keys of Video-Infinity (the clip layout against the rank count: :func:`hpcvideo.layout.ranks_problem`)."""
     st, errors = cfg.strategy, []
     for key in ("clip_latent_frames", "local_frames", "global_frames"):
         low = 1 if key == "clip_latent_frames" else 0
-        if ok(f"strategy.{key}") and getattr(st, key) < low:
-            fail(f"strategy.{key}", f"strategy.{key}={getattr(st, key)!r} is out of range; allowed: >= {low}")
+        value = getattr(st, key)
+        if ok(f"strategy.{key}") and value is not None and value < low:
+            extra = " or null (derived from the rank count)" if key == "clip_latent_frames" else ""
+            fail(f"strategy.{key}", f"strategy.{key}={value!r} is out of range; allowed: >= {low}{extra}")
     if ok("strategy.global_bias") and st.global_bias < 0:
         fail("strategy.global_bias", f"strategy.global_bias={st.global_bias!r} is out of range; allowed: >= 0")
-    n = st.clip_latent_frames
-    if ok("video.num_frames", "strategy.clip_latent_frames", "model.family") and n >= 1 and cfg.num_latent_frames % n:
-        k = max(1, cfg.num_latent_frames // n)
-        if cfg.model.family == "unet3d":
-            options, form = [k * n, (k + 1) * n], f"k*{n}"
-        else:
-            options, form = [4 * (k * n - 1) + 1, 4 * ((k + 1) * n - 1) + 1], f"4*(k*{n}-1)+1"
-        fail("video.num_frames",
-             f"video.num_frames={cfg.video.num_frames} gives {cfg.num_latent_frames} latent frames, not a multiple of "
-             f"strategy.clip_latent_frames={n} (one clip per rank); nearest allowed video.num_frames: "
-             f"{' or '.join(map(str, options))} ({form} for k ranks)")
     return errors
 
 

@@ -2,13 +2,18 @@
 
 The run store is the single source of truth for progress (docs/DESIGN.md, section 3). Rerunning the same command
 resumes from the last checkpoint; a larger ``video.num_frames`` on an existing store extends it, and
-the result equals having asked for the longer video from the start:
+the result equals having asked for the longer video from the start. Any num_frames >= 1: the queue
+generates whole blocks (:mod:`hpcvideo.layout`), the store keeps exactly num_frames frames:
 
 * block j's denoising depends on its neighbours, and the last blocks of a video see no successor, so
   the queue state of a B-block run equals a longer run's state only up to the start of tick B (when
   block B would enter). That state is saved as the ``"extend"`` checkpoint; extending restarts from
   it, re-denoises the blocks that were still in flight then, and overwrites them (their done markers
   are cleared first, so the store never shows stale data as done).
+* the last block's decoded frames do not depend on num_frames (same latents, same decoder carry);
+  those past num_frames are kept whole in the store (``state/frames_tail``), so a larger num_frames on
+  the same number of blocks (or a last block that left the queue before the extension tick) is
+  completed by copying them, bit-identical to an uninterrupted run of the larger num_frames.
 * every checkpoint is the executor state + the streaming decoder state, taken at a tick boundary,
   every ``store.checkpoint_every_ticks`` ticks or ``store.checkpoint_every_s`` seconds.
 """
@@ -30,10 +35,11 @@ from .decode import StreamingDecoder
 from .faults import fault
 from .models import encode_prompts, ensure_tiny_wan, load_wan, load_wan_transformer_stage, read_model_info
 from .noise import block_noise
-from .progress import Heartbeat
+from .progress import Heartbeat, new_attempt
 from .schedulers import make_scheduler
 from .store import ConfigMismatchError, RunStore, StoreError
-from .launch.local import LOG_DIR_VAR, redirect_rank_output
+from .launch.local import LOG_DIR_VAR, launcher_rank_and_size, redirect_rank_output
+from .layout import RanksError, generated_latent_frames, model_num_layers, ranks_problem, resolve_config
 from .runtime.control import bcast_object, gather_object
 from .runtime.preempt import Preempted, should_stop
 from .runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
@@ -99,9 +105,10 @@ def open_or_create_store(cfg: RunConfig, info: dict, model_id: str) -> tuple[Run
     path = Path(cfg.store.path)
     config = cfg.to_dict()
     scale = info["vae_scale_factor_spatial"]
+    generated = generated_latent_frames(cfg)  # whole blocks; the store keeps exactly video.num_frames frames
     if not RunStore.exists(path):
         store = RunStore.create(
-            path, config=config, num_latent_frames=cfg.num_latent_frames,
+            path, config=config, num_latent_frames=generated, num_frames=cfg.video.num_frames,
             block_latent_frames=cfg.strategy.block_latent_frames, latent_channels=info["latent_channels"],
             latent_height=cfg.video.height // scale, latent_width=cfg.video.width // scale,
             height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps, model_id=model_id,
@@ -109,7 +116,7 @@ def open_or_create_store(cfg: RunConfig, info: dict, model_id: str) -> tuple[Run
         return store, True
     store = RunStore.open(path, mode="r+")
     store.check_config(config, ignore=IDENTITY_IGNORED)
-    if cfg.num_latent_frames < store.num_latent_frames:
+    if cfg.video.num_frames < store.num_frames:
         raise StoreError(
             f"video.num_frames={cfg.video.num_frames} is shorter than the store's {store.num_frames} frames "
             f"({path}); a run cannot be shortened: pass --frames {store.num_frames} or more, or a new --output"
@@ -117,11 +124,28 @@ def open_or_create_store(cfg: RunConfig, info: dict, model_id: str) -> tuple[Run
     removed = store.sweep_orphans()
     if removed:
         log.info("swept %d orphaned partial files from %s", len(removed), path)
-    if cfg.num_latent_frames > store.num_latent_frames:
+    if cfg.video.num_frames > store.num_frames or generated > store.num_latent_frames:
         log.info("extending %s from %d to %d frames", path, store.num_frames, cfg.video.num_frames)
-        store.resize(cfg.num_latent_frames)
+        store.resize(generated, cfg.video.num_frames)
     store.update_config(config)
     return store, False
+
+
+def _complete_cut_block(store: RunStore, first_stale: int) -> None:
+    """Write the frames a longer video.num_frames adds to a block that will not be recomputed.
+
+    Blocks before ``first_stale`` left the queue before the checkpoint and have their frames written,
+    except a last block that was cut at a shorter num_frames (its marker cleared by the store's
+    resize): its decoded frames are the same for any num_frames (the same latents and decoder
+    carry), kept whole as the store's frames tail, so they are copied from there."""
+    done = store.done("frames")
+    for j in range(min(first_stale, store.num_blocks)):
+        if done[j]:
+            continue
+        if not store.fill_frames_from_tail(j):
+            raise StoreError(f"{store.path}: the frames of block {j} are incomplete and its decoded frames were not "
+                             "kept; generate into a new --output")
+        log.info("completed the frames of block %d from the kept decode", j)
 
 
 def choose_checkpoint(store: RunStore, num_blocks: int):
@@ -156,7 +180,10 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     unavailable). A failure after that aborts the whole job with a message naming the failed rank
     (:mod:`hpcvideo.runtime.failure`).
     """
+    _check_world_size(cfg, launcher_rank_and_size())  # before MPI/torch.distributed start: fail fast on every rank
     env = init_rank_env(device=cfg.runtime.device, timeout_s=cfg.runtime.timeout_s)
+    _check_world_size(cfg, (env.rank, env.world_size))  # the launcher's real count (no collective needed)
+    cfg = resolve_config(cfg, env.world_size)  # Video-Infinity: a null clip length derived from the ranks
     if env.world_size > 1:  # logs per rank: RUN.zarr.logs/rank<R>.log (rank 0 also on the terminal)
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env)
@@ -171,6 +198,19 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     finally:
         stop_failure_monitor(monitor)
         shutdown_rank_env(env)
+
+
+def _check_world_size(cfg: RunConfig, rank_and_size: tuple[int, int] | None) -> None:
+    """Refuse a rank count the run cannot use: rank 0 raises :class:`hpcvideo.layout.RanksError`
+    (one line), every other rank exits 2 quietly (they all reach the same verdict from the same inputs)."""
+    if rank_and_size is None:
+        return
+    rank, world_size = rank_and_size
+    problem = ranks_problem(cfg, world_size, num_layers=model_num_layers(cfg))
+    if problem:
+        if rank == 0:
+            raise RanksError([f"{world_size} rank(s): {problem}"])
+        raise SystemExit(2)
 
 
 def check_model_fit(cfg: RunConfig, info: dict) -> list[str]:
@@ -301,6 +341,7 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
             stale = range(max(0, executor.tick - executor.num_inference_steps + 1), store.num_blocks)
             store.clear_done("frames", stale)
             store.clear_done("latents", stale)
+            _complete_cut_block(store, stale.start)
             log.info("resuming %s at tick %d of %d on %d rank(s)", store.path, executor.tick, executor.num_ticks,
                      env.world_size)
         store.set_status("running")
@@ -319,6 +360,7 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
         blob = _dump({"executor": executor.state_dict(), "decoder": sink.decoder.state_dict()})
         store.save_state(blob, tick=executor.tick, num_blocks=num_blocks, kind=kind)
         timings.checkpoint_s += time.perf_counter() - t
+        heartbeat.beat(executor.tick, force=True)  # `hpcvideo status` never shows a tick behind the checkpoint
 
     bar = None
     if progress and main:
@@ -328,7 +370,8 @@ def _run(cfg: RunConfig, env, setup: _Setup, *, progress: bool) -> dict | None:
     last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
     first_tick, loop_start, last_log = executor.tick, time.perf_counter(), time.monotonic()
     heartbeat = Heartbeat(cfg.store.path, rank=env.rank, num_ticks=executor.num_ticks,
-                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None)
+                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None,
+                          world_size=env.world_size, attempt=new_attempt(env))  # new_attempt: collective
     heartbeat.beat(executor.tick)  # per-rank record for `hpcvideo status`, throttled (hpcvideo.progress)
     try:
         while True:

@@ -1,21 +1,27 @@
 """The Zarr run store: one Zarr v3 group per run, the single source of truth for progress.
 
-Layout (``L`` = num_latent_frames, ``n`` = block_latent_frames, ``F = 4*(L-1)+1`` = num_frames)::
+Layout (``L`` = latent frames generated, whole blocks of ``n`` = block_latent_frames; ``N`` =
+num_frames, the video's pixel frames, any number the blocks cover: ``4*(L-n-1)+1 < N <= 4*(L-1)+1``)::
 
     RUN.zarr/                  attrs: format_version, config, model_id, fps, block_latent_frames,
                                status, + whatever update_attrs() stores (timings, ...)
       latents                  (L, C, h, w) float32, chunks (n, C, h, w)      one chunk per block
-      frames                   (F, H, W, 3) uint8,   chunks (4n, H, W, 3)
+      frames                   (N, H, W, 3) uint8,   chunks (4n, H, W, 3)     exactly the video's frames
       done/latents             (L // n,) uint8, chunks (1,)                   one file per marker
       done/frames              (L // n,) uint8, chunks (1,)
       state/<kind>             group; its attrs are the checkpoint pointer (see save_state)
       state/<kind>_0, _1       (nbytes,) uint8, the two checkpoint slots
+      state/frames_tail        checkpoint kind: every decoded frame of the last block when it reaches past
+                               N (write_block_frames), so a longer N on the same blocks is completed
+                               without decoding again (fill_frames_from_tail)
       heartbeat/rank<R>        per-rank heartbeat (plain JSON, see hpcvideo.progress)
       heartbeat/ticks          (num_ticks, 2) float64 per tick [wall s, end time], see record_ticks
 
 Block j holds latent frames ``[j*n, (j+1)*n)`` and pixel frames ``[0, 4n-3)`` for j = 0,
 ``[4jn-3, 4(j+1)n-3)`` for j > 0 (Wan's causal VAE decodes the first latent frame to one frame and
-every other to four). A frames block j > 0 therefore spans the last 3 frames of chunk j-1 and the
+every other to four), cut at N: the last block's decoded frames past N are not in ``frames``. A
+done/frames marker says the block's frames below N are written; growing N (resize) clears the marker
+of a last block that was cut, until its missing frames are written. A frames block j > 0 therefore spans the last 3 frames of chunk j-1 and the
 first 4n-3 of chunk j: zarr read-modify-writes chunk j-1. That is safe because exactly one rank
 writes frames (the decoder), block after block; latents and done markers are chunk-aligned, so any
 rank may write any block of them.
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import re
@@ -53,11 +60,13 @@ import zarr
 from zarr.storage import LocalStore
 
 from .config import RunConfig, config_diff, format_diff
+from .layout import block_frame_range as _layout_block_frame_range
 
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: pixel frames per latent frame (after the first)
 STATUSES = ("created", "running", "complete", "failed")
 DONE_KINDS = ("latents", "frames")
 _RESERVED_ATTRS = ("format_version", "config", "model_id", "fps", "block_latent_frames", "status", "vae_temporal_stride")
+TAIL_KIND = "frames_tail"  # checkpoint kind holding the decoded frames of a last block cut at num_frames
 # zarr/storage/_local.py: path.with_suffix(f".{uuid.uuid4().hex}.partial")
 _PARTIAL_RE = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")
 _KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -84,13 +93,11 @@ def num_frames_for(num_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_S
     return temporal_stride * (num_latent_frames - 1) + 1
 
 
-def block_frame_range(block_index: int, block_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> tuple[int, int]:
-    """Pixel frames [start, stop) decoded from block ``block_index`` of ``block_latent_frames``."""
-    if block_index < 0:
-        raise ValueError(f"block_index must be >= 0, got {block_index}")
-    f = temporal_stride * block_latent_frames
-    start = 0 if block_index == 0 else f * block_index - (temporal_stride - 1)
-    return start, f * (block_index + 1) - (temporal_stride - 1)
+def block_frame_range(block_index: int, block_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE,
+                      num_frames: int | None = None) -> tuple[int, int]:
+    """Pixel frames [start, stop) decoded from block ``block_index`` of ``block_latent_frames``;
+    with ``num_frames``, cut at the video's N (:func:`hpcvideo.layout.block_frame_range`)."""
+    return _layout_block_frame_range(block_index, block_latent_frames, temporal_stride, num_frames)
 
 
 def _normalise_config(config: dict) -> dict:
@@ -126,12 +133,13 @@ class RunStore:
     def create(cls, path, *, config: dict, num_latent_frames: int, block_latent_frames: int,
                latent_channels: int, latent_height: int, latent_width: int,
                height: int, width: int, fps: float, model_id: str,
-               vae_temporal_stride: int = VAE_TEMPORAL_STRIDE) -> "RunStore":
+               vae_temporal_stride: int = VAE_TEMPORAL_STRIDE, num_frames: int | None = None) -> "RunStore":
         """Make a new run store at ``path`` (refused if a run store is already there).
 
         latents: (num_latent_frames, latent_channels, latent_height, latent_width) float32;
-        frames: (4*(num_latent_frames-1)+1, height, width, 3) uint8. ``num_latent_frames`` must be
-        a multiple of ``block_latent_frames``. ``vae_temporal_stride``: pixel frames per latent frame
+        frames: (num_frames, height, width, 3) uint8. ``num_latent_frames`` (whole blocks) must be
+        a multiple of ``block_latent_frames``; ``num_frames`` (default: all decoded frames,
+        4*(num_latent_frames-1)+1) must reach into the last block (ValueError otherwise). ``vae_temporal_stride``: pixel frames per latent frame
         after the first (4: Wan's causal VAE; 1: a per-frame 2-D VAE, UNet3D models, where
         num_frames = num_latent_frames). A directory left by an interrupted create (a zarr
         group without format_version) is overwritten with a warning.
@@ -148,6 +156,9 @@ class RunStore:
         if not isinstance(model_id, str):
             raise TypeError(f"model_id must be a str, got {type(model_id).__name__}")
         config = _normalise_config(config)
+        stride = _positive_int("vae_temporal_stride", vae_temporal_stride)
+        F = num_frames_for(L, stride) if num_frames is None else _positive_int("num_frames", num_frames)
+        _check_num_frames(F, L, n, stride)
 
         path = Path(path)
         if path.exists():
@@ -163,7 +174,6 @@ class RunStore:
                 raise StoreError(f"{path} exists, is not empty and is not a run store; refusing to overwrite")
 
         zstore = LocalStore(path)
-        stride = _positive_int("vae_temporal_stride", vae_temporal_stride)
         extra = {"vae_temporal_stride": stride} if stride != VAE_TEMPORAL_STRIDE else {}
         root = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={
             "config": config, "model_id": model_id, "fps": float(fps),
@@ -171,7 +181,7 @@ class RunStore:
         root.create_array("latents", shape=(L, C, h, w), chunks=(n, C, h, w), dtype="float32",
                           fill_value=0.0,
                           dimension_names=("latent_frame", "channel", "latent_height", "latent_width"))
-        root.create_array("frames", shape=(num_frames_for(L, stride), H, W, 3),
+        root.create_array("frames", shape=(F, H, W, 3),
                           chunks=(stride * n, H, W, 3), dtype="uint8", fill_value=0,
                           dimension_names=("frame", "height", "width", "rgb"))
         done = root.create_group("done")
@@ -224,7 +234,8 @@ class RunStore:
             raise StoreError(f"run store {self._path} is missing array {e}") from e
         self._root, self._attrs = root, attrs
         n, L = attrs["block_latent_frames"], self._latents.shape[0]
-        if (self._frames.shape[0] < num_frames_for(L, self.vae_temporal_stride)
+        last_start = block_frame_range(L // n - 1, n, self.vae_temporal_stride)[0] if L >= n else 0
+        if (self._frames.shape[0] <= last_start
                 or any(a.shape[0] < L // n for a in self._done.values())):
             warnings.warn(f"run store {self._path}: arrays disagree on length (an interrupted "
                           f"resize?); call resize({L}) or larger to finish it", stacklevel=2)
@@ -238,7 +249,7 @@ class RunStore:
     model_id = property(lambda self: self._attrs["model_id"])
     status = property(lambda self: self._attrs["status"], doc="as of open/refresh/set_status")
     num_latent_frames = property(lambda self: int(self._latents.shape[0]))
-    num_frames = property(lambda self: num_frames_for(self.num_latent_frames, self.vae_temporal_stride))
+    num_frames = property(lambda self: int(self._frames.shape[0]), doc="pixel frames of the video (N)")
     vae_temporal_stride = property(lambda self: int(self._attrs.get("vae_temporal_stride", VAE_TEMPORAL_STRIDE)),
                                    doc="pixel frames per latent frame (4: Wan; 1: per-frame VAE)")
     num_blocks = property(lambda self: self.num_latent_frames // self.block_latent_frames)
@@ -247,10 +258,11 @@ class RunStore:
     attrs = property(lambda self: copy.deepcopy(self._attrs), doc="all root attributes")
 
     def frame_range(self, block_index: int) -> tuple[int, int]:
-        """Pixel frames [start, stop) of block ``block_index`` (0 <= block_index < num_blocks)."""
+        """Pixel frames [start, stop) of block ``block_index`` (0 <= block_index < num_blocks) in the
+        store, i.e. cut at num_frames (the last block's decoded frames past it are not stored)."""
         if not 0 <= block_index < self.num_blocks:
             raise IndexError(f"block_index={block_index} out of range [0, {self.num_blocks})")
-        return block_frame_range(block_index, self.block_latent_frames, self.vae_temporal_stride)
+        return block_frame_range(block_index, self.block_latent_frames, self.vae_temporal_stride, self.num_frames)
 
     # ---------------------------------------------------------------- config / attrs
     def check_config(self, config: dict, ignore: Iterable[str] = ()) -> None:
@@ -294,24 +306,41 @@ class RunStore:
         self._root, self._attrs = root, root.attrs.asdict()
 
     # ---------------------------------------------------------------- shape changes
-    def resize(self, num_latent_frames: int) -> None:
-        """Grow latents, frames and done markers to ``num_latent_frames`` (existing data untouched).
+    def resize(self, num_latent_frames: int, num_frames: int | None = None) -> None:
+        """Grow the store to ``num_latent_frames`` (whole blocks) and ``num_frames`` pixel frames
+        (default: all decoded frames, 4*(L-1)+1); existing data untouched.
 
+        A last block whose frames were cut at the old num_frames loses its done/frames marker first
+        (its frames past the old end are missing until written, e.g. by :meth:`fill_frames_from_tail`).
         Only one rank may call this; other ranks must reopen afterwards. Shrinking is refused.
-        Latents are resized last, so an interrupted resize is finished by calling it again.
+        Frames are resized last, so an interrupted resize is finished by calling it again.
         """
         self._require_writable()
-        n, old = self.block_latent_frames, self.num_latent_frames
+        n, old, old_frames = self.block_latent_frames, self.num_latent_frames, self.num_frames
+        stride = self.vae_temporal_stride
         L = _positive_int("num_latent_frames", num_latent_frames)
         if L % n:
             raise ValueError(f"num_latent_frames={L} must be a multiple of block_latent_frames={n}")
         if L < old:
             raise StoreError(f"cannot shrink run store {self._path} from {old} to {L} latent frames")
-        for arr, length in [*((a, L // n) for a in self._done.values()),
-                            (self._frames, num_frames_for(L, self.vae_temporal_stride)), (self._latents, L)]:
+        F = num_frames_for(L, stride) if num_frames is None else _positive_int("num_frames", num_frames)
+        if F < old_frames:
+            raise StoreError(f"cannot shrink run store {self._path} from {old_frames} to {F} frames")
+        _check_num_frames(F, L, n, stride)
+        if F > old_frames:
+            cut = self._block_of_frame(old_frames - 1)
+            if cut < self._done["frames"].shape[0] and block_frame_range(cut, n, stride)[1] > old_frames:
+                self._done["frames"][cut] = 0  # its frames [old_frames, ...) are not written yet
+        for arr, length in [*((a, L // n) for a in self._done.values()), (self._latents, L), (self._frames, F)]:
             if arr.shape[0] < length:
                 arr.resize((length, *arr.shape[1:]))
         self.refresh()  # reopen every array with its new shape
+
+    def _block_of_frame(self, frame: int) -> int:
+        """Index of the block whose decoded frames include pixel frame ``frame`` (>= 0)."""
+        n, stride = self.block_latent_frames, self.vae_temporal_stride
+        latent = -(-frame // stride)  # latent frame 0 -> frame 0; latent i > 0 -> frames 4(i-1)+1 .. 4i
+        return latent // n
 
     # ---------------------------------------------------------------- data
     def _require_writable(self) -> None:
@@ -338,20 +367,51 @@ class RunStore:
                              f"{expected}, got {latents.dtype} {latents.shape}")
         self._latents[block_index * n:(block_index + 1) * n] = latents.astype(np.float32, copy=False)
 
-    def write_block_frames(self, block_index: int, frames: np.ndarray) -> None:
-        """Write block ``block_index``'s pixel frames, uint8 (stop - start, H, W, 3) for frame_range.
+    def write_block_frames(self, block_index: int, frames: np.ndarray, *, keep_tail: bool = True) -> None:
+        """Write block ``block_index``'s pixel frames, uint8 (f, H, W, 3): every frame the block decodes
+        to (f = stop - start of :func:`block_frame_range`), or only those below num_frames
+        (:meth:`frame_range`). Frames past num_frames are not written to ``frames``; with
+        ``keep_tail`` the whole decoded block is kept as the checkpoint ``state/frames_tail`` (first),
+        so that a longer num_frames on the same blocks needs no decode.
 
         Read-modify-writes the chunk shared with the previous block: one frames writer only.
         """
         self._require_writable()
-        start, stop = block_frame_range(block_index, self.block_latent_frames, self.vae_temporal_stride)
-        self._check_covers("frames", self._frames, start, stop, f"block {block_index}")
+        n, stride = self.block_latent_frames, self.vae_temporal_stride
+        start, stop = block_frame_range(block_index, n, stride)
+        cut = min(stop, self.num_frames)
+        # a block wholly past the end: the handle may predate a resize (zarr would drop the write)
+        self._check_covers("frames", self._frames, start, cut if start < cut else stop, f"block {block_index}")
         frames = np.asarray(frames)
-        expected = (stop - start, *self.frame_shape, 3)
-        if frames.shape != expected or frames.dtype != np.uint8:
-            raise ValueError(f"frames of block {block_index} must be uint8 of shape (f, H, W, 3) = "
-                             f"{expected}, got {frames.dtype} {frames.shape}")
-        self._frames[start:stop] = frames
+        if frames.dtype != np.uint8 or frames.shape[1:] != (*self.frame_shape, 3) or frames.shape[0] not in (
+                stop - start, cut - start):
+            raise ValueError(f"frames of block {block_index} must be uint8 of shape (f, H, W, 3) with f = "
+                             f"{stop - start} (decoded) or {cut - start} (below num_frames={self.num_frames}), "
+                             f"(H, W) = {self.frame_shape}, got {frames.dtype} {frames.shape}")
+        if keep_tail and cut < stop and frames.shape[0] == stop - start:
+            buffer = io.BytesIO()
+            np.save(buffer, frames, allow_pickle=False)
+            self.save_state(buffer.getvalue(), tick=block_index, num_blocks=self.num_blocks, kind=TAIL_KIND)
+        self._frames[start:cut] = frames[: cut - start]
+
+    def read_frames_tail(self) -> tuple[int, np.ndarray] | None:
+        """(block index, uint8 (f, H, W, 3) every decoded frame of that block) kept by
+        :meth:`write_block_frames` for a block cut at num_frames, or None."""
+        saved = self.load_state(TAIL_KIND)
+        if saved is None:
+            return None
+        blob, meta = saved
+        return int(meta["tick"]), np.load(io.BytesIO(blob), allow_pickle=False)
+
+    def fill_frames_from_tail(self, block_index: int) -> bool:
+        """Write block ``block_index``'s frames below num_frames from the kept tail and mark them done;
+        False (nothing written) when no tail of that block is kept."""
+        tail = self.read_frames_tail()
+        if tail is None or tail[0] != block_index:
+            return False
+        self.write_block_frames(block_index, tail[1], keep_tail=False)
+        self.mark_done("frames", block_index)
+        return True
 
     def _done_array(self, kind: str):
         if kind not in DONE_KINDS:
@@ -399,7 +459,7 @@ class RunStore:
         """Frames of the leading run of blocks whose frames are marked done (what iter_frames yields)."""
         done = self.done("frames")
         k = len(done) if done.all() else int(np.argmin(done))
-        return block_frame_range(k - 1, self.block_latent_frames, self.vae_temporal_stride)[1] if k else 0
+        return self.frame_range(k - 1)[1] if k else 0
 
     def iter_frames(self, batch_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, uint8 (b, H, W, 3)) batches of done frames in order; stops at the first
@@ -565,6 +625,15 @@ class RunStore:
     def __repr__(self) -> str:
         return (f"RunStore({str(self._path)!r}, mode={self._mode!r}, num_latent_frames="
                 f"{self.num_latent_frames}, num_blocks={self.num_blocks}, status={self.status!r})")
+
+
+def _check_num_frames(F: int, L: int, n: int, stride: int) -> None:
+    """num_frames F must lie in the last of the L // n blocks: first frame of the last block < F <= 4(L-1)+1."""
+    low = block_frame_range(L // n - 1, n, stride)[0]
+    high = num_frames_for(L, stride)
+    if not low < F <= high:
+        raise ValueError(f"num_frames={F} does not end in the last of {L // n} blocks of {n} latent frames; "
+                         f"allowed: {low + 1} to {high}")
 
 
 def _check_kind(kind: str) -> None:

@@ -179,3 +179,46 @@ def _resume_ticks(path) -> list[int]:
     """Ticks at which rank 0 resumed, in order, from the stderr logs of every job of this store."""
     text = "".join(p.read_text(errors="replace") for p in sorted(Path(f"{path}.slurm").glob("*_0_log.err")))
     return [int(line.split(" at tick ")[1].split()[0]) for line in text.splitlines() if "resuming" in line and " at tick " in line]
+
+
+def _job_ids(environ) -> set[str]:
+    out = subprocess.run(["squeue", "-h", "--states=all", "-o", "%i"], env=environ, capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return set(out.split())
+
+
+def test_a_job_that_cannot_run_is_refused_before_the_queue(slurm_lab, tmp_path, tiny_model_dir):
+    """`submit` with more ranks than the model has blocks, or a preset's placeholder model path: exit 2
+    with the key and value, no job, no store."""
+    before = _job_ids(slurm_lab)
+    path = tmp_path / "runs" / "run.zarr"
+    settings = [f"--set={s}" for s in LAB_SETTINGS if "gpus_per_node" not in s]
+    for args, needle in (
+        (["tiny-test", *settings, "--set", "cluster.gpus_per_node=5"],
+         "cluster.gpus_per_node=5 = 5 rank(s): 5 ranks cannot split"),
+        (["wan2.1-t2v-14b"], "model.path='/path/to/Wan2.1-T2V-14B-Diffusers' is the preset's placeholder"),
+    ):
+        refused = hv(slurm_lab, "submit", *args, "--output", path, check=False)
+        assert refused.returncode == 2 and needle in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert _job_ids(slurm_lab) == before and not (tmp_path / "runs").exists()
+
+
+def test_a_generated_script_with_a_task_count_the_run_cannot_use_fails_before_srun(slurm_lab, tmp_path, tiny_model_dir):
+    """`hpcvideo sbatch` writes the script for 2 tasks; submitted with `sbatch --ntasks-per-node=5` (5
+    pipeline stages for a 4-block model) the job ends in seconds with exit 2 and the reason in its
+    output, before any srun step: no store, no rank log."""
+    path = tmp_path / "run.zarr"
+    script = hv(slurm_lab, "sbatch", "tiny-test", "--output", path, *[f"--set={s}" for s in LAB_SETTINGS]).stdout
+    (tmp_path / "job.sbatch").write_text(script)
+    started = time.monotonic()
+    submitted = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=5", "job.sbatch"], cwd=tmp_path, env=slurm_lab,
+                               capture_output=True, text=True, timeout=30, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    wait_for(lambda: job_state(slurm_lab, job_id) in ("FAILED", "COMPLETED"), "the job to end", timeout_s=120)
+    assert job_state(slurm_lab, job_id) == "FAILED" and time.monotonic() - started < 90
+    output = (tmp_path / f"hpcvideo-{job_id}.out").read_text()
+    assert "hpcvideo check: error:" in output and "--ranks 5: 5 ranks cannot split the model's 4 transformer blocks" in output
+    assert "Traceback" not in output and not path.exists() and not Path(f"{path}.logs").exists()
+    exit_code = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_lab, capture_output=True, text=True,
+                               timeout=30).stdout
+    assert "ExitCode=2:0" in exit_code

@@ -319,13 +319,16 @@ def test_prompt_and_prompts_both_given():
 # ------------------------------------------------------------------------ validation: values
 
 
-@pytest.mark.parametrize(
-    "num_frames, nearest",
-    [(500, "497 or 501"), (499, "497 or 501"), (82, "81 or 85"), (0, "1"), (-6, "1"), (2, "1 or 5")],
-)
-def test_num_frames_4k_plus_1(num_frames, nearest):
+@pytest.mark.parametrize("num_frames", [0, -6])
+def test_num_frames_below_one_is_refused(num_frames):
     msg = one_error(with_(video={"num_frames": num_frames}))
-    assert msg == f"video.num_frames={num_frames} is not of the form 4k+1; nearest allowed: {nearest}"
+    assert msg == f"video.num_frames={num_frames} is out of range; allowed: any whole number >= 1"
+
+
+@pytest.mark.parametrize("num_frames", [1, 2, 82, 100, 499, 500, 1000])
+def test_any_num_frames_is_allowed(num_frames):
+    cfg = load_config(with_(video={"num_frames": num_frames}), check_paths=False)
+    assert cfg.video.num_frames == num_frames
 
 
 @pytest.mark.parametrize("key", ["height", "width"])
@@ -335,17 +338,14 @@ def test_height_width_multiple_of_16(key, size, nearest):
     assert msg == f"video.{key}={size} is not a positive multiple of 16; nearest allowed: {nearest}"
 
 
-def test_block_size_must_divide_latent_frames():
-    # 1025 frames -> 257 latent frames; n = 8: 4*(32*8-1)+1 = 1021, 4*(33*8-1)+1 = 1053
-    msg = one_error(with_(video={"num_frames": 1025}))
-    assert "video.num_frames=1025" in msg and "257 latent frames" in msg
-    assert "strategy.block_latent_frames=8" in msg and "do not fit" in msg
-    assert "nearest allowed video.num_frames: 1021 or 1053" in msg
-    # fewer latent frames than one block: only the value above is allowed
-    msg = one_error(with_(video={"num_frames": 5}))
-    assert "nearest allowed video.num_frames: 29 " in msg  # 4*(1*8-1)+1
-    # the 4k+1 error comes alone, not followed by a fit error
-    assert len(errors_of(with_(video={"num_frames": 1024}))) == 1
+@pytest.mark.parametrize(
+    "num_frames, latent, blocks",
+    # ceil((N - 1) / 4) + 1 latent frames, whole blocks of 8 (the last block may reach past the video)
+    [(1, 1, 1), (2, 2, 1), (5, 2, 1), (6, 3, 1), (29, 8, 1), (30, 9, 2), (100, 26, 4), (1021, 256, 32), (1025, 257, 33)],
+)
+def test_latent_frames_and_whole_blocks(num_frames, latent, blocks):
+    cfg = load_config(with_(video={"num_frames": num_frames}), check_paths=False)
+    assert (cfg.num_latent_frames, cfg.num_blocks) == (latent, blocks)
 
 
 def test_context_larger_than_block():
@@ -460,7 +460,7 @@ def test_unused_prompt_warns():
 
 def test_all_errors_collected():
     d = {
-        "video": {"num_frames": 500, "height": 100, "fps": -1},
+        "video": {"num_frames": 0, "height": 100, "fps": -1},
         "sampling": {"scheduler": "ddim", "prompts": []},
         "strategy": {"context_latent_frames": 9},
         "runtime": {"devic": "cpu"},
@@ -468,7 +468,7 @@ def test_all_errors_collected():
     with pytest.raises(ConfigError) as info:
         load_config(d, ["cluster.nodes=0"], check_paths=True)
     errors = info.value.errors
-    keys = ["video.num_frames=500", "video.height=100", "video.fps=-1.0", "sampling.scheduler='ddim'",
+    keys = ["video.num_frames=0", "video.height=100", "video.fps=-1.0", "sampling.scheduler='ddim'",
             "sampling.prompts=[]", "strategy.context_latent_frames=9", "'runtime.devic'", "cluster.nodes=0",
             "store.path=None"]
     for key in keys:
@@ -564,15 +564,15 @@ def test_to_dict_from_dict_round_trip():
 
 def test_from_dict_validates():
     d = load_config("tiny-test", check_paths=False).to_dict()
-    d["video"]["num_frames"] = 30
-    with pytest.raises(ConfigError, match="video.num_frames=30"):
+    d["video"]["num_frames"] = 0
+    with pytest.raises(ConfigError, match="video.num_frames=0"):
         RunConfig.from_dict(d)
 
 
 def test_validate_config_and_source_runconfig():
     cfg = load_config("tiny-test", check_paths=False)
-    cfg.video.num_frames = 31
-    with pytest.raises(ConfigError, match="video.num_frames=31"):
+    cfg.video.num_frames = -1
+    with pytest.raises(ConfigError, match="video.num_frames=-1"):
         validate_config(cfg)
     cfg.video.num_frames = 13  # blocks start at frames 0 and 5: the prompt from frame 9 is never used
     with pytest.warns(UserWarning, match="used by no block"):

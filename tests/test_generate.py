@@ -122,6 +122,54 @@ def test_extend_equals_asking_for_the_longer_video(tmp_path, reference_run):
     assert_same_run(path, reference_run)
 
 
+def test_any_frame_count_and_an_extension_that_needs_no_new_block(tmp_path, reference_run):
+    """22 and 25 frames both need 7 latent frames = 4 whole blocks of 2 (8 latent frames, 29 decoded frames):
+    the store holds exactly N frames; extending 22 -> 25 -> 29 writes the missing frames of the last block
+    as an uninterrupted run of the larger N does, bit for bit."""
+    scratch = tmp_path / "scratch25.zarr"
+    cli("generate", "tiny-test", "--output", scratch, "--frames", 25)
+    status = RunStore.open(scratch).status_dict()
+    assert status["complete"] and status["num_frames"] == status["num_frames_written"] == 25
+    assert status["num_frames_ready"] == 25 and status["num_blocks"] == 4 and status["num_latent_frames"] == 8
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, "--frames", 22)
+    store = RunStore.open(path)
+    assert store.status_dict()["complete"] and store.num_frames == 22 and store.read_frames(0, 22).shape[0] == 22
+    assert store.frame_range(3) == (21, 22)  # block 3 decodes frames [21, 29); the store keeps frame 21
+    cli("generate", "tiny-test", "--output", path, "--frames", 25)  # no new block: the frames 22..24 come in
+    assert_same_run(path, arrays(scratch))
+    cli("generate", "tiny-test", "--output", path)  # 29 frames, still 4 blocks: equals the reference run
+    assert_same_run(path, reference_run)
+    # status, the mp4 and xarray see exactly N frames
+    import av
+    import xarray
+
+    status = json.loads(cli("status", scratch, "--json").stdout)
+    assert status["complete"] is True and status["num_frames"] == status["num_frames_written"] == 25
+    video = tmp_path / "scratch25.mp4"
+    assert "25 frames" in cli("export", scratch, video).stdout
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(container.streams.video[0])) == 25
+    assert xarray.open_zarr(scratch, consolidated=False)["frames"].shape == (25, 32, 32, 3)
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_extension_that_needs_new_blocks_from_a_cut_last_block(tmp_path, steps):
+    """10 frames = 4 latent frames = 2 blocks whose last one is cut (13 decoded frames); extending to 22
+    frames (4 blocks) equals a from-scratch run of 22 frames. With 4 steps block 1 is still in the queue
+    at the extension tick and is denoised again; with 1 step it left the queue before it, and its missing
+    frames come from the kept decode of the shorter run."""
+    steps_arg = ("--set", f"sampling.num_inference_steps={steps}")
+    scratch = tmp_path / "scratch.zarr"
+    cli("generate", "tiny-test", "--output", scratch, "--frames", 22, *steps_arg)
+    path = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, "--frames", 10, *steps_arg)
+    short = RunStore.open(path).status_dict()
+    assert short["complete"] and short["num_frames"] == short["num_frames_written"] == 10 and short["num_blocks"] == 2
+    cli("generate", "tiny-test", "--output", path, "--frames", 22, *steps_arg)
+    assert_same_run(path, arrays(scratch))
+
+
 def test_extend_after_a_kill_past_the_end_of_the_shorter_run(tmp_path, reference_run):
     path = tmp_path / "run.zarr"
     cli("generate", "tiny-test", "--output", path, "--frames", 13, fault="tick:4", check=False)
@@ -147,9 +195,14 @@ def test_store_with_different_config_is_refused_and_untouched(tmp_path, referenc
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--frames", "30"], "video.num_frames=30"),
+        (["--frames", "0"], "video.num_frames=0 is out of range; allowed: any whole number >= 1"),
+        (["--frames", "-3"], "video.num_frames=-3 is out of range; allowed: any whole number >= 1"),
         (["--set", "video.height=40"], "video.height=40"),
-        (["--set", "strategy.block_latent_frames=3"], "strategy.block_latent_frames=3"),
+        (["--set", "strategy.block_latent_frames=0"], "strategy.block_latent_frames=0"),
+        (["--ranks", "0"], "--ranks 0: 0 ranks is not allowed; allowed: a whole number of ranks >= 1"),
+        (["--ranks", "-1"], "--ranks -1: -1 ranks is not allowed"),
+        (["--ranks", "64"], "--ranks 64: 64 ranks cannot split the model's 4 transformer blocks"),
+        (["--ranks", "3", "--set", "runtime.stage_layers=[2,2]"], "runtime.stage_layers=[2, 2] gives 2 pipeline"),
         (["--set", "video.num_frame=5"], "did you mean 'video.num_frames'"),
         (["--set", "model.path=/nonexistent/model"], "model.path"),
         (["--set", "sampling.prompts=[{from_frame: 9, prompt: a}, {from_frame: 0, prompt: b}]"], "sampling.prompts"),
@@ -160,7 +213,25 @@ def test_bad_input_fails_before_any_work(tmp_path, args, needle):
     result = cli("generate", "tiny-test", "--output", path, *args, check=False)
     assert result.returncode == 2
     assert needle in result.stderr
+    assert "Traceback" not in result.stderr
     assert not path.exists()
+    if "--ranks" in args:  # one line, before mpiexec started anything (no per-rank log folder)
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "never.zarr.logs").exists()
+
+
+def test_a_rank_count_the_run_cannot_use_fails_inside_the_launcher(tmp_path):
+    """Under a launcher (mpiexec -n 64 ...) every rank reaches the same verdict before MPI starts:
+    rank 0 says why in one line, the others exit 2 quietly."""
+    path = tmp_path / "never.zarr"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "HYDRA_", "MPI"))}
+    for rank, expected in ((0, "64 rank(s): 64 ranks cannot split the model's 4 transformer blocks"), (5, "")):
+        result = subprocess.run(
+            [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output", str(path)],
+            env={**environ, "PMI_RANK": str(rank), "PMI_SIZE": "64"}, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert (expected in result.stderr) if expected else result.stderr.strip() == ""
+        assert "Traceback" not in result.stderr and not path.exists()
 
 
 def test_unwritable_output_is_refused(tmp_path):

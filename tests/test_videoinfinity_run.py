@@ -60,6 +60,28 @@ def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_refer
     assert [s["bytes_received"] for s in stats] == [(h + g) * 4 * 24 * 4 * 4 * 2 * 4 for h, g in zip(halo, not_owned)]
 
 
+def test_any_frame_count_on_two_ranks_keeps_exactly_the_frames_asked_for(tmp_path, wan_reference):
+    """25 frames = 7 latent frames; on 2 ranks the derived clips are 4 + 4 latent frames (the last one reaches
+    past the video): the same 8 latent frames as the reference, and its first 25 frames."""
+    path = tmp_path / "run.zarr"
+    ok(run(2, "tiny-vi-wan", "--output", path, "--frames", 25))
+    latents, frames = arrays(path)
+    store = RunStore.open(path)
+    assert store.num_frames == 25 and store.num_blocks == 2 and store.config["strategy"]["clip_latent_frames"] == 4
+    assert store.status_dict()["num_frames_written"] == 25
+    assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1][:25])
+
+
+def test_rank_counts_that_cannot_lay_out_the_clips_are_refused_before_mpiexec(tmp_path):
+    path = tmp_path / "never.zarr"
+    for args, needle in ((("--ranks", 5), "allowed: 1-4, 8 ranks"),  # 8 latent frames: clips of 2 fill 4 ranks
+                         (("--ranks", 9), "fewer latent frames than ranks"),
+                         (("--ranks", 2, "--set", "strategy.clip_latent_frames=2"), "allowed: 4 rank(s)")):
+        result = run(1, "tiny-vi-wan", "--output", path, *args)
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not path.exists()
+
+
 def test_a_killed_run_resumes_bit_identically(tmp_path, wan_reference):
     """Rank 1 is SIGKILLed at the start of step 2 of 4 (on 2 ranks); the same command finishes the run,
     and the result equals the uninterrupted single-process one bit for bit."""
@@ -81,7 +103,10 @@ def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     single = ("--set", "sampling.prompt=a red ball rolling on grass")  # one prompt: clips of any size agree
     ok(run(1, "tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
-    ok(run(2, "tiny-vi-unet3d", "--output", two, "--set", "strategy.clip_latent_frames=8", *single))
+    # the README's command: --ranks 2 starts mpiexec itself; the clip length is derived (16 / 2 = 8)
+    ok(run(1, "tiny-vi-unet3d", "--output", two, "--ranks", 2, *single))
+    assert RunStore.open(two).config["strategy"]["clip_latent_frames"] == 8  # the store records the derived value
+    ok(run(1, "tiny-vi-unet3d", "--output", two, "--ranks", 2, *single))  # the same command again: nothing to do
     (l1, f1), (l2, f2) = arrays(one), arrays(two)
     assert l1.shape == (16, 4, 8, 8) and f1.shape == (16, 64, 64, 3)
     np.testing.assert_allclose(l2, l1, atol=2e-4, rtol=0)

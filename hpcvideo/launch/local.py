@@ -173,6 +173,47 @@ def _launcher_world_size() -> int | None:
     return None
 
 
+def launcher_rank_and_size() -> tuple[int, int] | None:
+    """(rank, world_size) as the MPI launcher that started this process says (before MPI is
+    initialised), or None outside a launcher or when its variables do not tell."""
+    if not (under_mpi_launcher() or os.environ.get(RELAUNCHED_VAR) == "1"):
+        return None
+    size = _launcher_world_size()
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if size is not None and os.environ.get(var, "").isdigit():
+            return int(os.environ[var]), size
+    return None
+
+
+def planned_world_size(args_ranks: int | None) -> int:
+    """The number of ranks a ``generate`` command will run on: the launcher's count under a launcher,
+    else ``--ranks`` (may be < 1: the caller refuses it), else 1."""
+    launched = launcher_rank_and_size()
+    if launched is not None:
+        return launched[1]
+    return 1 if args_ranks is None else args_ranks
+
+
+def check_launch(cfg, args_ranks: int | None) -> None:
+    """Refuse (:class:`hpcvideo.layout.RanksError`, one line) a rank count ``cfg`` cannot run on,
+    before any rank starts: ``--ranks`` < 1, more DualParal stages than transformer blocks, a
+    stage split of another length, Video-Infinity clips that do not fit. Under a launcher the
+    launcher's count is checked; ranks other than 0 then exit 2 (SystemExit) without a message."""
+    from ..layout import check_ranks
+
+    from ..layout import RanksError
+
+    world_size = planned_world_size(args_ranks)
+    launched = launcher_rank_and_size()
+    what = f"--ranks {world_size}: " if launched is None and args_ranks is not None else f"{world_size} rank(s): "
+    try:
+        check_ranks(cfg, world_size, what=what)
+    except RanksError:
+        if launched is not None and launched[0] != 0:
+            raise SystemExit(2) from None  # every rank reaches the same verdict; rank 0 says it once
+        raise
+
+
 class _Tee:
     """A text stream that writes to the terminal stream and the log file."""
 

@@ -26,9 +26,12 @@ rank raises ``Preempted``, and rank 0 hands over to submitit's own handler, whic
 (``scontrol requeue``) and exits. The requeued job resumes from the store, so a run spread over
 several allocations ends bit-identical to an uninterrupted one.
 
-Everything is checked on the login node before ``sbatch``: the whole config, the model's JSON
-configs against the video shape and the stage split over ``nodes * gpus_per_node`` ranks, the
-memory plan against ``cluster.gpu_mem_gb`` (:mod:`hpcvideo.plan`), and the run store is created.
+Everything is checked on the login node before ``sbatch`` (:func:`check_job`, also behind
+``hpcvideo sbatch`` and ``hpcvideo check``): the whole config, a preset's placeholder model path, the
+rank count ``nodes * gpus_per_node`` against the strategy and the model, the model's JSON configs
+against the video shape, an existing store against the config, the memory plan against
+``cluster.gpu_mem_gb`` (:mod:`hpcvideo.plan`). Then SLURM's presence is checked, and only then is the
+run store created; if the submission fails, what this call created is removed.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,11 +99,33 @@ def clean_shm_line(nodes: int | str, *, python: str | None = None) -> str:
     return f"srun --ntasks={nodes} --ntasks-per-node=1 --mpi=none --kill-on-bad-exit=1 {command}"
 
 
+class NotOnClusterError(RuntimeError):
+    """No SLURM here (no sbatch/srun on PATH): ``hpcvideo submit`` must run on a login node."""
+
+
+def slurm_missing() -> str | None:
+    """None where SLURM's commands can be run from here, else one line saying what is missing."""
+    missing = [exe for exe in ("sbatch", "srun") if shutil.which(exe) is None]
+    if not missing:
+        return None
+    return (f"no SLURM here ({' and '.join(missing)} not found on PATH): run `hpcvideo submit` on the cluster's "
+            "login node; `hpcvideo check CONFIG --ranks N` checks a config anywhere, `hpcvideo sbatch CONFIG` "
+            "writes a job script, `hpcvideo generate CONFIG` runs locally")
+
+
 def make_executor(cfg: RunConfig, *, folder: Path | None = None):
-    """A submitit executor for SLURM with the resources of ``cfg.cluster``."""
-    executor = submitit.AutoExecutor(
-        folder=folder or log_folder(cfg), cluster="slurm", slurm_max_num_timeout=cfg.cluster.max_timeouts
-    )
+    """A submitit executor for SLURM with the resources of ``cfg.cluster`` (creates nothing).
+
+    Raises :class:`NotOnClusterError` (one line) where SLURM's commands are not on PATH."""
+    missing = slurm_missing()
+    if missing:
+        raise NotOnClusterError(missing)
+    try:
+        executor = submitit.AutoExecutor(
+            folder=folder or log_folder(cfg), cluster="slurm", slurm_max_num_timeout=cfg.cluster.max_timeouts
+        )
+    except RuntimeError as error:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise NotOnClusterError(f"SLURM is not usable here ({error})") from None
     executor.update_parameters(**executor_parameters(cfg))
     return executor
 
@@ -137,40 +164,132 @@ class GenerateJob(submitit.helpers.Checkpointable):
             uninstall_stop_handler()
 
 
-def prepare_store(cfg: RunConfig) -> dict:
-    """Login-node checks of a run before it is submitted, then create (or check) its store.
+PLACEHOLDER_PREFIX = "/path/to/"  # the real-model presets' model.path until the user sets it
 
-    Reads the model's JSON configs (no weights), checks the video shape and the stage split over the
-    job's ranks, and opens or creates ``cfg.store.path``. Raises ConfigError / StoreError. Returns
-    the model info.
+
+def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None = None,
+              check_memory: bool = True) -> RunConfig:
+    """Every check of a run before it is queued or started, creating nothing and loading no weights.
+
+    ``world_size``: the job's ranks (default: ``cluster.nodes x cluster.gpus_per_node``); ``what``:
+    how the rank count is named in messages (default: the cluster keys). Checks, all reported at once:
+
+    * the paths: ``model.path`` is not a preset's placeholder and is "tiny", "demo" or a diffusers
+      folder; ``store.path`` is set and creatable (or an existing store);
+    * the rank count against the strategy and the model (:func:`hpcvideo.layout.ranks_problem`);
+    * the model's JSON configs against the video shape (and the stage split, DualParal);
+    * an existing store: the same run (config identity) and not shortened;
+    * the memory plan against ``cluster.gpu_mem_gb`` when set (DualParal; :func:`hpcvideo.plan.check_fits`).
+
+    Returns ``cfg`` resolved for ``world_size`` (values derived from the rank count filled in, see
+    :func:`hpcvideo.layout.resolve_config`). Raises ConfigError listing every problem.
     """
-    if cfg.strategy.name == "videoinfinity":  # clip parallelism: its own checks (one clip per rank) and store
+    from ..config import IDENTITY_IGNORED, validate_config
+    from ..layout import model_num_layers, ranks_problem, resolve_config
+    from ..store import RunStore, StoreError
+
+    if world_size is None:
+        world_size = num_ranks(cfg)
+    if what is None:
+        what = (f"cluster.nodes={cfg.cluster.nodes} x cluster.gpus_per_node={cfg.cluster.gpus_per_node} = "
+                f"{world_size} rank(s): ")
+    problems: list[str] = []
+    model_ok = True
+    placeholder = str(cfg.model.path).startswith(PLACEHOLDER_PREFIX)
+    try:
+        with warnings.catch_warnings():  # loading the config warned already
+            warnings.simplefilter("ignore")
+            validate_config(cfg, check_paths=True)
+    except ConfigError as error:
+        model_ok = not any(e.startswith(("model.path=", "model.family=")) for e in error.errors)
+        problems += [e for e in error.errors if not (placeholder and e.startswith("model.path="))]
+    if placeholder:
+        model_ok = False
+        problems.insert(0, f"model.path={cfg.model.path!r} is the preset's placeholder, not a model folder; allowed: "
+                           "your local copy of the model in diffusers format (a folder with model_index.json), "
+                           "e.g. --set model.path=/scratch/models/NAME")
+    rank_problem = ranks_problem(cfg, world_size, num_layers=model_num_layers(cfg) if model_ok else None)
+    if rank_problem:
+        problems.append(f"{what}{rank_problem}")
+    resolved = cfg if rank_problem else resolve_config(cfg, world_size)
+    if model_ok and not rank_problem:
+        try:
+            problems += _model_problems(resolved, world_size, check_memory=check_memory)
+        except ConfigError as error:
+            problems += error.errors
+        except (OSError, ValueError, KeyError) as error:  # unreadable model JSON: the run would fail the same way
+            problems.append(f"model.path={cfg.model.path!r}: cannot read the model's configs ({error})")
+    if not problems and cfg.store.path and RunStore.exists(Path(cfg.store.path)):
+        try:
+            store = RunStore.open(Path(cfg.store.path), mode="r")
+            if cfg.strategy.name == "videoinfinity" and cfg.video.num_frames != store.num_frames:
+                problems.append(f"video.num_frames={cfg.video.num_frames} differs from the store's {store.num_frames} "
+                                f"frames ({cfg.store.path}); a Video-Infinity run cannot be extended or shortened: "
+                                "use the same length, or a new --output")
+            else:
+                store.check_config(resolved.to_dict(), ignore=IDENTITY_IGNORED)
+                if cfg.video.num_frames < store.num_frames:
+                    problems.append(f"video.num_frames={cfg.video.num_frames} is shorter than the store's "
+                                    f"{store.num_frames} frames ({cfg.store.path}); a run cannot be shortened: pass "
+                                    f"--frames {store.num_frames} or more, or a new --output")
+        except StoreError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError(problems)
+    return resolved
+
+
+def _model_problems(cfg: RunConfig, world_size: int, *, check_memory: bool) -> list[str]:
+    """Checks that read the model's JSON configs (no weights): shape, stage split, memory plan."""
+    if cfg.strategy.name == "videoinfinity":  # clip parallelism: its own checks (one clip per rank)
         from ..strategies.videoinfinity import run as videoinfinity
 
-        path = videoinfinity.model_path(cfg)
-        info = videoinfinity.model_info(cfg, path)
-        problems = videoinfinity.check_fit(cfg, info, num_ranks(cfg))
-        if problems:
-            raise ConfigError(problems)
-        videoinfinity._open_store(cfg, info)
-        return info
-    from ..generate import check_model_fit, open_or_create_store, resolve_model_path
+        info = videoinfinity.model_info(cfg, videoinfinity.model_path(cfg))
+        if check_memory and cfg.cluster.gpu_mem_gb is not None:
+            log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan covers strategy dualparal only",
+                        cfg.cluster.gpu_mem_gb)
+        return videoinfinity.check_fit(cfg, info, world_size)
+    from ..generate import check_model_fit, resolve_model_path
     from ..models import read_model_info
     from ..strategies.dualparal.pipeline import split_layers
 
-    model_path = resolve_model_path(cfg)
-    info = read_model_info(model_path)
+    info = read_model_info(resolve_model_path(cfg))
     problems = check_model_fit(cfg, info)
     try:
-        split_layers(info["num_layers"], num_ranks(cfg), cfg.runtime.stage_layers)
+        split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
     except ValueError as error:
-        problems.append(f"{error} (cluster.nodes={cfg.cluster.nodes} x cluster.gpus_per_node="
-                        f"{cfg.cluster.gpus_per_node} = {num_ranks(cfg)} ranks)")
-    if problems:
-        raise ConfigError(problems)
-    store, _ = open_or_create_store(cfg, info, info.get("model_id", model_path.name))
-    del store
-    return info
+        problems.append(f"{error} ({world_size} ranks)")
+    if not problems and check_memory and cfg.cluster.gpu_mem_gb is not None:
+        from ..plan import check_fits, make_plan
+
+        check_fits(make_plan(cfg, num_ranks=None if world_size == num_ranks(cfg) else world_size), cfg)
+    return problems
+
+
+def _new_root(path: Path) -> Path | None:
+    """The topmost folder of ``path`` (absolute) that does not exist yet, or None if ``path`` exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def create_store(cfg: RunConfig) -> None:
+    """Create the run store of a checked (:func:`check_job`) config, or grow an existing one for an
+    extension. Raises ConfigError / StoreError."""
+    if cfg.strategy.name == "videoinfinity":
+        from ..strategies.videoinfinity import run as videoinfinity
+
+        videoinfinity._open_store(cfg, videoinfinity.model_info(cfg, videoinfinity.model_path(cfg)))
+        return
+    from ..generate import open_or_create_store, resolve_model_path
+    from ..models import read_model_info
+
+    model_path = resolve_model_path(cfg)
+    info = read_model_info(model_path)
+    open_or_create_store(cfg, info, info.get("model_id", model_path.name))
 
 
 def array_configs(cfg: RunConfig, prompts: list[str]) -> list[RunConfig]:
@@ -202,29 +321,38 @@ class Submitted:
 
 
 def submit(cfg: RunConfig, *, prompts: list[str] | None = None, check_memory: bool = True) -> list[Submitted]:
-    """Validate, plan, create the store(s), then submit one job, or a job array with one store per
-    prompt. Nothing is submitted when any check fails (ConfigError / StoreError)."""
+    """Check every run (:func:`check_job`), make sure SLURM is here, create the store(s), then submit
+    one job, or a job array with one store per prompt.
+
+    Nothing is created or submitted when a check fails (ConfigError / StoreError) or SLURM is not
+    here (:class:`NotOnClusterError`); when the submission itself fails, the stores and the log
+    folder this call created are removed again (never anything that existed before) and the error
+    is raised."""
     if prompts is not None and not prompts:
         raise ConfigError(["--prompts file holds no prompt; allowed: one prompt per non-empty line"])
     configs = array_configs(cfg, prompts) if prompts else [cfg]
-    if check_memory and cfg.cluster.gpu_mem_gb is not None and cfg.strategy.name != "dualparal":
-        log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan covers strategy dualparal only",
-                    cfg.cluster.gpu_mem_gb)
-    elif check_memory and cfg.cluster.gpu_mem_gb is not None:
-        from ..plan import check_fits, make_plan
-
-        check_fits(make_plan(cfg), cfg)
-    for c in configs:
-        prepare_store(c)
-    executor = make_executor(cfg, folder=log_folder(configs[0]))
-    if len(configs) == 1:
-        jobs = [executor.submit(GenerateJob(configs[0].to_dict()))]
-    else:
-        with executor.batch():
-            jobs = [executor.submit(GenerateJob(c.to_dict())) for c in configs]
+    configs = [check_job(c, check_memory=check_memory) for c in configs]
+    folder = log_folder(configs[0])
+    executor = make_executor(cfg, folder=folder)  # NotOnClusterError off a cluster, before anything is created
+    # what this call may create (the topmost folder of each path that does not exist yet), known before it does
+    created = {root for root in (_new_root(folder), *(_new_root(Path(c.store.path)) for c in configs)) if root}
+    try:
+        for c in configs:
+            if not Path(c.store.path).exists():  # an existing store was checked; the job itself grows it if needed
+                create_store(c)
+        if len(configs) == 1:
+            jobs = [executor.submit(GenerateJob(configs[0].to_dict()))]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(GenerateJob(c.to_dict())) for c in configs]
+    except BaseException:
+        for path in sorted(created):  # only what this call created: a store that existed keeps everything
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return [Submitted(job=job, store_path=str(c.store.path), log_folder=log_folder(c)) for job, c in zip(jobs, configs)]
 
 
 def load_submit_config(source: str, overrides: list[str], **shortcuts: Any) -> RunConfig:
-    """``load_config`` with every path checked (the login node must see model and store folders)."""
-    return load_config(source, overrides, check_paths=True, **shortcuts)
+    """``load_config`` without the path checks: :func:`check_job` makes them (the login node must see
+    model and store folders), naming a preset's placeholder model path as such."""
+    return load_config(source, overrides, check_paths=False, **shortcuts)

@@ -6,8 +6,8 @@
 #   bash slurm/lab/down.sh [LAB_DIR]    # stops the daemons by the PIDs recorded here
 #
 # Needs Debian's slurmctld, slurmd and slurm-client (22.05; `apt-get install -y --no-install-recommends
-# slurmctld slurmd slurm-client munge libpmix-dev`) and root (slurmd runs jobs as their user). Why
-# the settings are as they are:
+# slurmctld slurmd slurm-client munge libpmix-dev`) and root (slurmd runs jobs as their user). Why each
+# setting (measured with slurm-wlm 22.05):
 #
 # * no systemd: the daemons run in the foreground (-D) as background processes; their PIDs go to
 #   LAB_DIR/pids and down.sh kills exactly those;

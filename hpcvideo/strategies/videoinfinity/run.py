@@ -1,6 +1,9 @@
 """The Video-Infinity job on one rank: clip r on rank r, all clips denoised in lock-step.
 
-Rank layout (``strategy.clip_latent_frames`` = F, T = num_latent_frames, world_size = T / F)::
+Rank layout (``strategy.clip_latent_frames`` = F, T = num_latent_frames, world_size = ceil(T / F); a null
+F is derived from the rank count as ceil(T / world_size), see :mod:`hpcvideo.layout`; the clips cover
+world_size * F >= T latent frames, the store keeps the latents of every clip and exactly
+``video.num_frames`` pixel frames)::
 
     rank 0   clip 0: latent frames [0, F)    encodes the prompts (broadcast), creates the store,
                                              saves the checkpoints (every rank's state, gathered)
@@ -34,11 +37,12 @@ import torch
 from ...config import IDENTITY_IGNORED, ConfigError, RunConfig
 from ...faults import fault
 from ...noise import frame_noise
-from ...progress import Heartbeat
+from ...progress import Heartbeat, new_attempt
 from ...runtime import abort_on_failure
 from ...runtime.control import bcast_object, gather_object
 from ...runtime.preempt import Preempted, should_stop
 from ...schedulers import fresh_copy, load_scheduler_state, make_scheduler, scheduler_state
+from ...layout import generated_latent_frames, ranks_problem, resolve_config
 from ...store import RunStore, StoreError
 from .clips import ClipComm, ClipLayout, DualScope
 from .reference import patch_functions
@@ -93,19 +97,16 @@ def model_info(cfg: RunConfig, path: Path) -> dict:
 def check_fit(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
     """Problems that need the model's config or the rank count (no weights read)."""
     problems = []
-    clips = cfg.num_blocks
-    if clips != world_size:
-        problems.append(
-            f"strategy.clip_latent_frames={cfg.strategy.clip_latent_frames} splits video.num_frames="
-            f"{cfg.video.num_frames} ({cfg.num_latent_frames} latent frames) into {clips} clips, one per rank, but the "
-            f"job has {world_size} rank(s): run on {clips} ranks (--ranks {clips}, mpiexec -n {clips}) or change "
-            "video.num_frames / strategy.clip_latent_frames (a mismatch would hang the clip exchange)")
+    problem = ranks_problem(cfg, world_size)  # a mismatch would hang the clip exchange
+    if problem:
+        problems.append(problem)
     for key, value in (("video.height", cfg.video.height), ("video.width", cfg.video.width)):
         if value % info["stride"]:
             problems.append(f"{key}={value} is not a multiple of {info['stride']} (VAE x UNet/patch stride of "
                             f"{info['model_id']})")
     if cfg.model.family == "wan":
-        reach = cfg.num_latent_frames + min(cfg.strategy.global_frames, cfg.num_latent_frames)
+        total = generated_latent_frames(cfg, world_size)
+        reach = total + min(cfg.strategy.global_frames, total)
         if reach > info["rope_max_seq_len"]:
             problems.append(f"video.num_frames={cfg.video.num_frames} + strategy.global_frames need {reach} rotary "
                             f"positions, beyond the model's rope_max_seq_len={info['rope_max_seq_len']}")
@@ -117,17 +118,18 @@ def _open_store(cfg: RunConfig, info: dict) -> RunStore:
     scale = info["vae_scale_factor_spatial"]
     if not RunStore.exists(path):
         return RunStore.create(
-            path, config=cfg.to_dict(), num_latent_frames=cfg.num_latent_frames,
+            path, config=cfg.to_dict(), num_latent_frames=generated_latent_frames(cfg),
+            num_frames=cfg.video.num_frames,
             block_latent_frames=cfg.strategy.clip_latent_frames, latent_channels=info["latent_channels"],
             latent_height=cfg.video.height // scale, latent_width=cfg.video.width // scale,
             height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps, model_id=info["model_id"],
             vae_temporal_stride=info["vae_temporal_stride"])
     store = RunStore.open(path, mode="r+")
-    store.check_config(cfg.to_dict(), ignore=IDENTITY_IGNORED)
-    if store.num_latent_frames != cfg.num_latent_frames:
+    if store.num_frames != cfg.video.num_frames:  # before the config check: the derived clip length follows it
         raise StoreError(f"video.num_frames={cfg.video.num_frames} differs from the store's {store.num_frames} frames "
-                         f"({path}); a Video-Infinity run cannot be extended or shortened (its length is ranks x "
-                         "clip frames): use the same length, or a new --output")
+                         f"({path}); a Video-Infinity run cannot be extended or shortened (every clip sees the "
+                         "whole video): use the same length, or a new --output")
+    store.check_config(cfg.to_dict(), ignore=IDENTITY_IGNORED)
     store.sweep_orphans()
     return store
 
@@ -159,7 +161,9 @@ def run_videoinfinity(cfg: RunConfig, env, *, progress: bool = True) -> dict | N
     """Run (or resume) the Video-Infinity job of ``cfg`` on this rank. Returns the store's status
     dict on rank 0, None elsewhere. Raises ConfigError / StoreError before any weights load
     (rank count that does not match the clips, a size the model cannot take, a store of another
-    config); a failure after that aborts every rank."""
+    config); a failure after that aborts every rank. A null ``strategy.clip_latent_frames`` is derived
+    from ``env.world_size`` (:func:`hpcvideo.layout.resolve_config`)."""
+    cfg = resolve_config(cfg, env.world_size)
     path, info = _prepare(cfg, env)
     with abort_on_failure(env):
         return _run(cfg, env, path, info, progress=progress)
@@ -296,7 +300,8 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
     denoise_s = checkpoint_s = 0.0
     last_checkpoint = time.monotonic()
     heartbeat = Heartbeat(cfg.store.path, rank=env.rank, num_ticks=num_steps,
-                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None)
+                          interval_s=cfg.store.heartbeat_every_s, store=store if main else None,
+                          world_size=env.world_size, attempt=new_attempt(env))  # new_attempt: collective
     heartbeat.beat(step)  # per-rank record for `hpcvideo status` (hpcvideo.progress); a tick = one step here
     try:
         while step < num_steps:
@@ -320,6 +325,7 @@ def _run(cfg: RunConfig, env, path: Path, info: dict, *, progress: bool) -> dict
                 clips = gather_object(env, mine)
                 if main:
                     store.save_state(_dump({"step": step, "clips": clips}), tick=step, num_blocks=env.world_size)
+                    heartbeat.beat(step, force=True)  # `hpcvideo status` never shows a step behind the checkpoint
                 last_checkpoint = time.monotonic()
                 checkpoint_s += time.perf_counter() - t0
             if stop:
@@ -356,7 +362,7 @@ def _write(cfg: RunConfig, env, store: RunStore, vae, latents: torch.Tensor, inf
     if cfg.model.family == "unet3d":  # per-frame VAE: every rank decodes its own clip
         frames = latents[0].permute(1, 0, 2, 3).to(vae.device, vae.dtype) / info["scaling_factor"]  # (F, C, h, w)
         video = torch.cat([vae.decode(part, return_dict=False)[0] for part in frames.split(DECODE_FRAMES)])  # (F, 3, H, W)
-        store.write_block_frames(rank, to_uint8(video.permute(1, 0, 2, 3).unsqueeze(0)))
+        store.write_block_frames(rank, to_uint8(video.permute(1, 0, 2, 3).unsqueeze(0)), keep_tail=False)
         fault("frames", rank, rank=rank)
         store.mark_done("frames", rank)
         return
@@ -366,6 +372,6 @@ def _write(cfg: RunConfig, env, store: RunStore, vae, latents: torch.Tensor, inf
 
         decoder = StreamingDecoder(vae, device=env.device)
         for index, clip in enumerate(clips):
-            store.write_block_frames(index, to_uint8(decoder.decode_block(clip)))
+            store.write_block_frames(index, to_uint8(decoder.decode_block(clip)), keep_tail=False)
             fault("frames", index, rank=0)
             store.mark_done("frames", index)
