@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--ranks", type=int, default=None,
         help="start N local MPI ranks (mpiexec of the installed MPI) when not already under mpiexec/srun; "
-        "one DualParal pipeline stage per rank; per-rank logs in RUN.zarr.logs/",
+        "one DualParal pipeline stage per rank (at most the model's transformer blocks), or one Video-Infinity "
+        "clip per rank; a count the run cannot use is refused before any rank starts; per-rank logs in RUN.zarr.logs/",
     )
 
     status = sub.add_parser("status", help="progress of a run store (works while the run is going)")

@@ -174,7 +174,9 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     """Run (or resume, or extend) the job of ``cfg`` to completion on every rank of the MPI job
     (one rank: a plain process). Returns the store's status dict on rank 0, None elsewhere.
 
-    Errors (raised on every rank, before any weights are loaded): ConfigMismatchError (the store was
+    Errors (raised on every rank, before any weights are loaded): RanksError (a rank count the run cannot
+    use, :func:`hpcvideo.layout.ranks_problem`: raised on rank 0 before MPI starts, the other ranks exit 2),
+    ConfigMismatchError (the store was
     made with a different config; lists the keys), StoreError (shorter --frames, corrupt store),
     ConfigError (a stage split that does not fit the model or the rank count), RuntimeError (device
     unavailable). A failure after that aborts the whole job with a message naming the failed rank

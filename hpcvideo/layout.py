@@ -173,7 +173,7 @@ def ranks_problem(cfg: RunConfig, world_size: int, *, num_layers: int | None = N
         if -(-L // clip) == world_size:
             return None
         counts = videoinfinity_rank_counts(L)
-        why = (f"fewer latent frames than ranks" if L < world_size else
+        why = ("fewer latent frames than ranks" if L < world_size else
                f"clips of {clip} latent frames fill only {-(-L // clip)} rank(s)")
         return (f"{world_size} ranks cannot share video.num_frames={N} ({L} latent frames) as Video-Infinity "
                 f"clips, one per rank ({why}); allowed: {format_counts(counts)} ranks for this video.num_frames")

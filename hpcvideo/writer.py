@@ -5,7 +5,8 @@ thread writes its latents and their done marker, decodes it with the streaming V
 side CUDA stream on GPU; on CPU the decode runs in the caller's thread instead, because two threads
 sharing torch's intra-op pool on a few cores slow each other down far more than they overlap:
 measured 22 s -> 40 s for the tiny-cpu preset on 2 cores), then writes its frames and their marker (data first, marker second, as
-docs/DESIGN.md, section 5 asks). ``flush`` waits until everything submitted is on disk: it is called before every
+docs/DESIGN.md, section 5 asks; the store keeps the frames below ``video.num_frames`` and the whole decode of a last block
+that reaches past it, see :meth:`hpcvideo.store.RunStore.write_block_frames`). ``flush`` waits until everything submitted is on disk: it is called before every
 checkpoint, because a checkpoint says "every block before this tick is written and the decoder state
 is past it" — after a kill, the blocks it covers are never recomputed. An error in the thread is
 raised again on the next submit/flush/close.

@@ -317,3 +317,36 @@ def test_sigkill_during_checkpoints_leaves_intact_state(store, delay_s):
     assert hashlib.sha256(blob).hexdigest() == meta["sha256"] and blob == expected_blob(tick)
     s.save_state(b"after", tick=tick + 1, num_blocks=0)  # the store stays usable
     assert s.load_state()[0] == b"after"
+
+
+def test_any_num_frames_cuts_the_last_block_and_keeps_its_decoded_frames(tmp_path):
+    """6 latent frames = 3 blocks of 2 decode to 21 frames; a store of 15 frames keeps frames [0, 15): block 2
+    (decoded frames [13, 21)) is cut. Growing to 18 frames clears block 2's frames marker, and the kept
+    decode writes the missing frames."""
+    store = RunStore.create(tmp_path / "run.zarr", config=CONFIG, num_latent_frames=6, block_latent_frames=N,
+                            latent_channels=C, latent_height=h, latent_width=w, height=H, width=W, fps=16.0,
+                            model_id="tiny-wan", num_frames=15)
+    assert (store.num_frames, store.num_blocks, store.frame_range(2)) == (15, 3, (13, 15))
+    decoded = {j: np.full((b - a, H, W, 3), j + 1, dtype=np.uint8)
+               for j, (a, b) in enumerate([(0, 5), (5, 13), (13, 21)])}
+    for j in range(3):
+        store.write_block_latents(j, block_latents(j))
+        store.mark_done("latents", j)
+        store.write_block_frames(j, decoded[j])  # every decoded frame; only those below 15 are stored
+        store.mark_done("frames", j)
+    assert store.status_dict()["complete"] and store.status_dict()["num_frames_written"] == 15
+    assert store.read_frames_tail()[0] == 2 and np.array_equal(store.read_frames_tail()[1], decoded[2])
+    store.write_block_frames(2, decoded[2][:2])  # the cut count is accepted too
+    with pytest.raises(ValueError, match="f = 8 \\(decoded\\) or 2 \\(below num_frames=15\\)"):
+        store.write_block_frames(2, decoded[2][:3])
+    store.resize(6, 18)
+    assert store.num_frames == 18 and store.done("frames").tolist() == [True, True, False]
+    assert not store.status_dict()["complete"] and store.num_frames_ready() == 13
+    assert not store.fill_frames_from_tail(1) and store.fill_frames_from_tail(2)
+    assert store.status_dict()["complete"] and np.array_equal(store.read_frames(13, 18), decoded[2][:5])
+    with pytest.raises(StoreError, match="cannot shrink"):
+        store.resize(6, 16)
+    with pytest.raises(ValueError, match="allowed: 14 to 21"):  # 13 frames would leave block 2 empty
+        RunStore.create(
+            tmp_path / "bad.zarr", config=CONFIG, num_latent_frames=6, block_latent_frames=N, latent_channels=C,
+            latent_height=h, latent_width=w, height=H, width=W, fps=16.0, model_id="tiny-wan", num_frames=13)

@@ -178,10 +178,13 @@ def launcher_rank_and_size() -> tuple[int, int] | None:
     initialised), or None outside a launcher or when its variables do not tell."""
     if not (under_mpi_launcher() or os.environ.get(RELAUNCHED_VAR) == "1"):
         return None
-    size = _launcher_world_size()
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if size is not None and os.environ.get(var, "").isdigit():
-            return int(os.environ[var]), size
+    env = os.environ
+    pairs = [("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")]
+    if "SLURM_STEP_ID" in env:  # srun: the step's task count (SLURM_NTASKS may describe the whole allocation)
+        pairs.append(("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
+    for rank_var, size_var in pairs:
+        if env.get(rank_var, "").isdigit() and env.get(size_var, "").isdigit():
+            return int(env[rank_var]), int(env[size_var])
     return None
 
 

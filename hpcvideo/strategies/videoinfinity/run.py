@@ -114,6 +114,10 @@ def check_fit(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
 
 
 def _open_store(cfg: RunConfig, info: dict) -> RunStore:
+    """Create or reopen the store of a resolved ``cfg`` (clip length set: :func:`hpcvideo.layout.resolve_config`)."""
+    if cfg.strategy.clip_latent_frames is None:
+        raise ConfigError(["strategy.clip_latent_frames=None: the store needs the clip length the ranks will use; "
+                           "resolve it first (hpcvideo.layout.resolve_config(cfg, world_size))"])
     path = Path(cfg.store.path)
     scale = info["vae_scale_factor_spatial"]
     if not RunStore.exists(path):
