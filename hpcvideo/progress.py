@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+rom .layout import latent_frames_for
+
 HEARTBEAT_DIR = "heartbeat"
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 STALE_AFTER_INTERVALS = 2  # a heartbeat older than 2 intervals + STALE_GRACE_S: the rank stopped reporting
@@ -255,7 +257,8 @@ def _blocks_in_flight(config: dict, tick: int) -> list[int] | None:
     if strategy.get("name") != "dualparal" or tick <= 0:
         return None
     n, steps = strategy["block_latent_frames"], sampling["num_inference_steps"]
-    num_blocks = ((config["video"]["num_frames"] - 1) // 4 + 1) // n
+    latent_frames = latent_frames_for(config["video"]["num_frames"], config.get("model", {}).get("family", "wan"))
+    num_blocks = -(-latent_frames // n)  # whole blocks: the last one may reach past video.num_frames
     first, last = max(0, tick - steps + 1), min(tick - 1, num_blocks - 1)
     return [first, last] if first <= last else None
 
