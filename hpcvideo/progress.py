@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-rom .layout import latent_frames_for
+from .layout import latent_frames_for
 
 HEARTBEAT_DIR = "heartbeat"
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
