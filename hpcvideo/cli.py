@@ -260,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .config import ConfigError
-    from .runtime.env import MPIUnavailable
+    from .runtime.env import LaunchError
     from .store import StoreError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, StoreError, FileNotFoundError, MPIUnavailable) as error:
+    except (ConfigError, StoreError, FileNotFoundError, LaunchError) as error:
         print(f"hpcvideo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -51,7 +51,7 @@ RUN: dict[str, str | None] = {
     "mpiexec -n 2 hpcvideo generate tiny-test --output runs/x.zarr --frames 61": "runs/x.zarr: 61/61 frames, complete=True",
     "hpcvideo generate tiny-vi-wan --output runs/vi.zarr --ranks 4": "runs/vi.zarr: 29/29 frames, complete=True",
     "hpcvideo generate tiny-vi-unet3d --output runs/vu.zarr --ranks 2": "runs/vu.zarr: 16/16 frames, complete=True",
-    "hpcvideo check tiny-vi-wan --ranks 4": None,
+    "hpcvideo check tiny-vi-wan --output runs/vi.zarr --ranks 4": None,
     "hpcvideo plan tiny-cpu --ranks 2": "tiny-wan-v2-seed0: 2 rank(s), 18 blocks, 25 ticks",
     "hpcvideo status runs/tiny-cpu.zarr --seams": "seams      block boundaries: 17 over 501 frames",
     "HPCVIDEO_RUN=runs/tiny-cpu.zarr jupyter execute notebooks/inspect_run.ipynb": None,

@@ -93,7 +93,12 @@ MPI_HELP = (
 )
 
 
-class MPIUnavailable(RuntimeError):
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot work (wrong launcher, PMI flavour, task count); the
+    message names the fix. The CLI prints it as one line (exit 2)."""
+
+
+class MPIUnavailable(LaunchError):
     """Several ranks were asked for but no MPI library (or mpi4py) can be loaded; the message says how to get one."""
 
 
@@ -149,7 +154,7 @@ def check_world_size(world_size: int, environ: Mapping[str, str] | None = None) 
         ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
     ):
         if environ.get(var, "").isdigit() and int(environ[var]) != world_size:
-            raise RuntimeError(
+            raise LaunchError(
                 f"{what} started {environ[var]} ranks ({var}={environ[var]}) but MPI COMM_WORLD has size "
                 f"{world_size}: the launcher belongs to a different MPI library than the one mpi4py loaded "
                 f"(mpi4py uses: {_mpi_library_name()}); use that library's mpiexec (with the mpich wheel: "
@@ -160,11 +165,28 @@ def check_world_size(world_size: int, environ: Mapping[str, str] | None = None) 
     ntasks = environ.get("SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in environ else None
     ntasks = ntasks or environ.get("SLURM_NTASKS")
     if ntasks and ntasks.isdigit() and int(ntasks) > 1 and int(ntasks) != world_size:
-        raise RuntimeError(
+        raise LaunchError(
             f"SLURM started {ntasks} tasks (SLURM_NTASKS={ntasks}) but MPI COMM_WORLD has size {world_size}: "
             "every task initialised MPI as a singleton because srun's PMI does not match the MPI library "
             f"(mpi4py uses: {_mpi_library_name()}). Launch with `srun --mpi=pmi2` for MPICH (the mpich wheel, "
             "Intel MPI) or `srun --mpi=pmix` for Open MPI; `srun --mpi=list` shows what this cluster offers"
+        )
+
+
+def check_not_a_lone_task(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a plain process (no launcher) inside a SLURM allocation of several tasks.
+
+    In an sbatch script with ``--ntasks=4``, ``hpcvideo generate`` run without ``srun`` is one process
+    of world size 1: it would do the work of one rank while three GPUs idle. Raises RuntimeError naming
+    the fix (:class:`LaunchError`); a one-task allocation is fine.
+    """
+    environ = os.environ if environ is None else environ
+    ntasks = environ.get("SLURM_NTASKS", "")
+    if ntasks.isdigit() and int(ntasks) > 1:
+        raise LaunchError(
+            f"SLURM allocated {ntasks} tasks (SLURM_NTASKS={ntasks}) but this process was not started by an MPI "
+            "launcher, so it would run alone as rank 0 of 1: start the ranks with `srun --mpi=pmi2 hpcvideo generate "
+            "...` (MPICH; --mpi=pmix for Open MPI), or ask for one task"
         )
 
 
@@ -253,6 +275,7 @@ def init_rank_env(*, device: str = "auto", timeout_s: float = 60.0, announce: bo
         raise ValueError(f"device={device!r} is not allowed; use one of {', '.join(DEVICES)}")
     node = socket.gethostname()
     if not under_mpi_launcher():  # a plain process: one rank, no MPI library loaded at all
+        check_not_a_lone_task()
         comm, rank, world_size, local_rank, local_world_size = None, 0, 1, 0, 1
         peers = ((node, os.getpid()),)
     else:
