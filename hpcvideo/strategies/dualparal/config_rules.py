@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ...config.schema import STRATEGIES
+
 if TYPE_CHECKING:
     from ...config import RunConfig
 
-NAME = "dualparal"
-MODEL_FAMILIES = ("wan",)  # model.family values this strategy runs (hpcvideo.config.MODEL_FAMILIES)
+NAME = STRATEGIES[0]  # "dualparal"
+MODEL_FAMILIES = ("wan",)  # model.family values this strategy runs (of hpcvideo.config.MODEL_FAMILIES)
 
 
 def check(cfg: RunConfig, ok: Callable[..., bool], fail: Callable[[str, str], None]) -> None:

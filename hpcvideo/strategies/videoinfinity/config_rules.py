@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ...config.schema import MODEL_FAMILIES as _ALL_FAMILIES, STRATEGIES
+
 if TYPE_CHECKING:
     from ...config import RunConfig
 
-NAME = "videoinfinity"
-MODEL_FAMILIES = ("wan", "unet3d")  # model.family values this strategy runs (hpcvideo.config.MODEL_FAMILIES)
+NAME = STRATEGIES[1]  # "videoinfinity"
+MODEL_FAMILIES = _ALL_FAMILIES  # model.family values this strategy runs: all (wan, unet3d)
 
 
 def check(cfg: RunConfig, ok: Callable[..., bool], fail: Callable[[str, str], None]) -> None:
