@@ -71,4 +71,7 @@ __all__ = [
     "StoreConfig", "RuntimeConfig", "ClusterConfig", "RunConfig", "load_config", "validate_config",
     "list_presets", "config_diff", "identity_dict", "format_diff", "IDENTITY_IGNORED", "PRESETS_DIR",
     "MISSING",
+    # the allowed names of the enumerated keys (defined once here; the modules that act on them import them)
+    "STRATEGIES", "MODEL_FAMILIES", "DTYPES", "SCHEDULERS", "UNET3D_SCHEDULERS", "NOISE_MODES", "DEVICES", "CLUSTER_MPI",
+    "SBATCH_OPTIONS_SET", "SEED_LIMIT", "WAN_NEGATIVE_PROMPT", "DEMO_WEIGHTS_DIR",
 ]

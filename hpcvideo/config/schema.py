@@ -218,7 +218,9 @@ class RunConfig:
         """Number of DualParal blocks: ceil(num_latent_frames / block_latent_frames) (videoinfinity: clips,
         ceil(num_latent_frames / clip_latent_frames), which is also the number of ranks; a null clip
         length raises ValueError: resolve it first with :func:`hpcvideo.layout.resolve_config`)."""
-        return -(-self.num_latent_frames // self._unit_latent_frames)
+        from ..layout import num_units
+
+        return num_units(self)
 
     def block_first_frame(self, j: int) -> int:
         """First pixel frame of block ``j``: 0 for j == 0, else 4 * (j * n - 1) + 1 (n = block_latent_frames;

@@ -49,7 +49,7 @@ from typing import Any
 
 import submitit
 
-from ..check import PLACEHOLDER_PREFIX, validate_for_model  # noqa: F401 - PLACEHOLDER_PREFIX: public here too
+from ..check import PLACEHOLDER_PREFIX, validate_for_model  # noqa: F401 (PLACEHOLDER_PREFIX: kept public here)
 from ..config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger(__name__)
