@@ -145,6 +145,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict | None:
         from ..generate import generate
         from ..runtime.preempt import Preempted, install_stop_handler, uninstall_stop_handler
+        from .local import launcher_rank_and_size
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,7 +155,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
         try:
             return generate(cfg, progress=False)
         except Preempted as stop:
-            rank = int(os.environ.get("SLURM_PROCID", "0"))
+            rank = (launcher_rank_and_size() or (0, 1))[0]  # srun's task id, read where every launcher's is
             log.warning("rank %d: %s", rank, stop)
             if rank == 0:  # submitit's handler: checkpoint() -> dump -> scontrol requeue -> sys.exit
                 request.call_previous(signal.SIGUSR2)
