@@ -110,9 +110,8 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     one_of("strategy.noise_init", st.noise_init, NOISE_MODES)
     for name in STRATEGIES:  # each strategy checks its own keys (and, when it is the one selected, the rest)
         strategy_rules(name).check(cfg, ok, fail)
-    derived = st.name == "videoinfinity" and st.clip_latent_frames is None  # clips known once the ranks are
     if ok("video.num_frames", "strategy.block_latent_frames", "sampling.prompts") and s.prompts and not errors \
-            and not derived:
+            and _units_known(cfg):
         _warn_unused_prompts(cfg)
 
     if ok("store.path") and cfg.store.path == "":
@@ -146,6 +145,18 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
         fail("cluster.request_gpus", "cluster.request_gpus=False with runtime.device='cuda': the ranks would get no GPU; "
              "allowed: true, or runtime.device cpu/auto")
     return errors
+
+
+def _units_known(cfg: RunConfig) -> bool:
+    """Whether the block/clip length is known without the rank count (Video-Infinity derives a null
+    ``strategy.clip_latent_frames`` from it: :func:`hpcvideo.layout.unit_latent_frames`)."""
+    from ..layout import unit_latent_frames
+
+    try:
+        unit_latent_frames(cfg)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_prompts(prompts: list[PromptEntry]) -> list[str]:
