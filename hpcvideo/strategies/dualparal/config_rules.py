@@ -16,7 +16,8 @@ from ...config.schema import STRATEGIES
 if TYPE_CHECKING:
     from ...config import RunConfig
 
-NAME = STRATEGIES[0]  # "dualparal"
+NAME = __name__.rsplit(".", 2)[-2]  # the strategy.name this module checks: its package's name
+assert NAME in STRATEGIES, NAME
 MODEL_FAMILIES = ("wan",)  # model.family values this strategy runs (of hpcvideo.config.MODEL_FAMILIES)
 
 

@@ -17,7 +17,8 @@ from ...config.schema import MODEL_FAMILIES as _ALL_FAMILIES, STRATEGIES
 if TYPE_CHECKING:
     from ...config import RunConfig
 
-NAME = STRATEGIES[1]  # "videoinfinity"
+NAME = __name__.rsplit(".", 2)[-2]  # the strategy.name this module checks: its package's name
+assert NAME in STRATEGIES, NAME
 MODEL_FAMILIES = _ALL_FAMILIES  # model.family values this strategy runs: all (wan, unet3d)
 
 
