@@ -201,15 +201,15 @@ def _cmd_sbatch(args) -> int:
 
 
 def _cmd_check(args) -> int:
+    from .check import validate_for_model
     from .config import load_config
     from .launch.local import launcher_rank_and_size
-    from .launch.slurm import check_job
 
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output,
                       check_paths=False)
     launched = launcher_rank_and_size()
     world_size = args.ranks if args.ranks is not None else (launched[1] if launched else 1)
-    cfg = check_job(cfg, world_size, what=f"--ranks {world_size}: " if args.ranks is not None else f"{world_size} rank(s): ")
+    cfg = validate_for_model(cfg, world_size, what=f"--ranks {world_size}: " if args.ranks is not None else f"{world_size} rank(s): ")
     units = "clips" if cfg.strategy.name == "videoinfinity" else "blocks"
     print(f"ok: {cfg.video.num_frames} frames in {cfg.num_blocks} {units} ({cfg.strategy.name}) on {world_size} rank(s), "
           f"model {cfg.model.path}, store {cfg.store.path}")
@@ -224,10 +224,11 @@ def _cmd_clean_shm(args) -> int:
 
 def _cmd_plan(args) -> int:
     from .config import load_config
-    from .plan import check_fits, format_plan, make_plan, throughput_from_store
+    from .plan import check_fits, check_plan, format_plan, make_plan, throughput_from_store
 
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output,
                       check_paths=False)
+    check_plan(cfg, args.ranks)  # the model's JSON and the rank count (hpcvideo.check.validate_for_model)
     tflops = args.tflops
     if args.from_store:
         tflops = throughput_from_store(cfg, args.from_store)

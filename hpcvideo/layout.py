@@ -149,52 +149,21 @@ def resolve_config(cfg: RunConfig, world_size: int) -> RunConfig:
 def ranks_problem(cfg: RunConfig, world_size: int, *, num_layers: int | None = None) -> str | None:
     """None if ``cfg`` can run on ``world_size`` ranks, else one line naming the value(s) and what would work.
 
-    Checks: world_size >= 1; DualParal: at most ``num_layers`` ranks (one pipeline stage per rank; the
-    model's transformer blocks, when known) and ``runtime.stage_layers`` (when set) with one count per
-    rank summing to ``num_layers``; Video-Infinity: the clips fit the rank count (see
+    Checks: world_size >= 1, then the strategy's own rule (``ranks_problem`` of
+    ``hpcvideo/strategies/<name>/config_rules.py``). DualParal: at most ``num_layers`` ranks (one pipeline
+    stage per rank; the model's transformer blocks, when known) and ``runtime.stage_layers`` (when set)
+    with one count per rank summing to ``num_layers``; Video-Infinity: the clips fit the rank count (see
     :func:`videoinfinity_rank_counts`). Reads nothing (pass ``num_layers``, e.g. from :func:`model_num_layers`).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         return f"{world_size!r} ranks is not allowed; allowed: a whole number of ranks >= 1"
-    st = cfg.strategy
-    if st.name == "videoinfinity":
-        L, N = cfg.num_latent_frames, cfg.video.num_frames
-        clip = st.clip_latent_frames
-        if clip is not None:
-            clips = -(-L // clip)
-            if clips == world_size:
-                return None
-            derived = videoinfinity_rank_counts(L)
-            return (f"strategy.clip_latent_frames={clip} splits video.num_frames={N} ({L} latent frames) into "
-                    f"{clips} clip(s), one per rank, but the job has {world_size} rank(s); allowed: {clips} rank(s), "
-                    f"or strategy.clip_latent_frames=null (derived from the rank count; works on "
-                    f"{format_counts(derived)} ranks)")
-        clip = derive_clip_latent_frames(L, world_size)
-        if -(-L // clip) == world_size:
-            return None
-        counts = videoinfinity_rank_counts(L)
-        why = ("fewer latent frames than ranks" if L < world_size else
-               f"clips of {clip} latent frames fill only {-(-L // clip)} rank(s)")
-        return (f"{world_size} ranks cannot share video.num_frames={N} ({L} latent frames) as Video-Infinity "
-                f"clips, one per rank ({why}); allowed: {format_counts(counts)} ranks for this video.num_frames")
-    if st.name != "dualparal":
+    from .config.validate import strategy_rules  # each strategy's rank rules: strategies/<name>/config_rules.py
+
+    try:
+        rules = strategy_rules(cfg.strategy.name)
+    except KeyError:  # an unknown strategy is the config check's to report
         return None
-    stages = cfg.runtime.stage_layers
-    if stages is not None:
-        total = f" summing to {num_layers}" if num_layers is not None else ""
-        if len(stages) != world_size:
-            return (f"runtime.stage_layers={list(stages)} gives {len(stages)} pipeline stage(s) but the job has "
-                    f"{world_size} rank(s) (one stage per rank); allowed: {len(stages)} rank(s), a list of "
-                    f"{world_size} counts{total}, or runtime.stage_layers=null")
-        if num_layers is not None and sum(stages) != num_layers:
-            return (f"runtime.stage_layers={list(stages)} sums to {sum(stages)} but the model has {num_layers} "
-                    f"transformer blocks; allowed: {world_size} positive counts summing to {num_layers}, "
-                    "or runtime.stage_layers=null")
-        return None
-    if num_layers is not None and world_size > num_layers:
-        return (f"{world_size} ranks cannot split the model's {num_layers} transformer blocks into pipeline stages "
-                f"(DualParal: one stage of >= 1 block per rank); allowed: 1-{num_layers} ranks")
-    return None
+    return rules.ranks_problem(cfg, world_size, num_layers)
 
 
 def model_num_layers(cfg: RunConfig) -> int | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NOISE_MODES = ("coordinated", "independent")
+from .config.schema import NOISE_MODES  # the allowed strategy.noise_init names, defined once
 
 
 def _generator(seed: int, *key: int) -> torch.Generator:

@@ -131,19 +131,46 @@ def model_bytes(model_path: Path, dtype: str) -> dict:
     return out
 
 
+def _check_supported(cfg: RunConfig) -> None:
+    if cfg.strategy.name != "dualparal" or cfg.model.family != "wan":
+        raise ConfigError([f"strategy.name={cfg.strategy.name!r} (model.family={cfg.model.family!r}): hpcvideo plan "
+                           "covers strategy dualparal with the wan family only, for now"])
+
+
+def check_plan(cfg: RunConfig, num_ranks: int | None = None) -> RunConfig:
+    """What ``hpcvideo plan`` checks before planning: the strategy is one the plan covers, then
+    :func:`hpcvideo.check.validate_for_model` on ``num_ranks`` (default: cluster.nodes x gpus_per_node;
+    given, the plan splits the blocks evenly, so ``runtime.stage_layers`` is not used) without the store
+    and memory checks (the memory verdict is the plan's own, :func:`check_fits`). Raises ConfigError."""
+    from .check import validate_for_model
+
+    _check_supported(cfg)
+    cluster_ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    if num_ranks is None:
+        what = (f"cluster.nodes={cfg.cluster.nodes} x cluster.gpus_per_node={cfg.cluster.gpus_per_node} = "
+                f"{cluster_ranks} rank(s): ")
+    else:
+        what = f"--ranks {num_ranks}: "
+        if cfg.runtime.stage_layers is not None:
+            d = cfg.to_dict()
+            d["runtime"]["stage_layers"] = None
+            cfg = RunConfig.from_dict(d)
+    return validate_for_model(cfg, num_ranks or cluster_ranks, what=what, check_store=False, check_memory=False)
+
+
 def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops: float | None = None,
               model_bytes_cache: dict | None = None) -> Plan:
-    """The per-rank plan of ``cfg`` on ``num_ranks`` ranks (default: cluster.nodes x gpus_per_node)."""
-    from .generate import resolve_model_path
+    """The per-rank plan of ``cfg`` on ``num_ranks`` ranks (default: cluster.nodes x gpus_per_node; given,
+    the blocks are split evenly and ``runtime.stage_layers`` is not used). Check ``cfg`` first with
+    :func:`check_plan`; a layout that cannot run raises ConfigError here too."""
+    from .check import model_folder
     from .models import read_model_info
     from .strategies.dualparal.pipeline import split_layers
     from .strategies.dualparal.queue import num_ticks, tick_plan
 
-    if cfg.strategy.name != "dualparal" or cfg.model.family != "wan":
-        raise ConfigError([f"strategy.name={cfg.strategy.name!r} (model.family={cfg.model.family!r}): hpcvideo plan "
-                           "covers strategy dualparal with the wan family only, for now"])
+    _check_supported(cfg)
     ranks = num_ranks or cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    model_path = resolve_model_path(cfg)
+    model_path = model_folder(cfg)
     info = read_model_info(model_path)
     sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(model_path, cfg.model.dtype)
     try:

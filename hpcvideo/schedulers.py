@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-SCHEDULERS = ("unipc", "flow_euler")
+from .config.schema import SCHEDULERS  # the allowed sampling.scheduler names (Wan), defined once
 
 
 def make_scheduler(name: str, *, scheduler_config: dict, flow_shift: float, num_inference_steps: int, device="cpu"):

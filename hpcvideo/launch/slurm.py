@@ -26,11 +26,11 @@ rank raises ``Preempted``, and rank 0 hands over to submitit's own handler, whic
 (``scontrol requeue``) and exits. The requeued job resumes from the store, so a run spread over
 several allocations ends bit-identical to an uninterrupted one.
 
-Everything is checked on the login node before ``sbatch`` (:func:`check_job`, also behind
-``hpcvideo sbatch`` and ``hpcvideo check``): the whole config, a preset's placeholder model path, the
-rank count ``nodes * gpus_per_node`` against the strategy and the model, the model's JSON configs
-against the video shape, an existing store against the config, the memory plan against
-``cluster.gpu_mem_gb`` (:mod:`hpcvideo.plan`). Then SLURM's presence is checked, and only then is the
+Everything is checked on the login node before ``sbatch`` (:func:`check_job`, i.e.
+:func:`hpcvideo.check.validate_for_model` on the job's ranks, also behind ``hpcvideo sbatch``): the
+whole config, a preset's placeholder model path, the rank count ``nodes * gpus_per_node`` against the
+strategy and the model, the model's JSON configs against the video shape, an existing store against
+the config, the memory plan against ``cluster.gpu_mem_gb`` (:mod:`hpcvideo.plan`). Then SLURM's presence is checked, and only then is the
 run store created; if the submission fails, what this call created is removed.
 """
 
@@ -43,13 +43,13 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
+from ..check import PLACEHOLDER_PREFIX, validate_for_model  # noqa: F401 (PLACEHOLDER_PREFIX: kept public here)
 from ..config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict | None:
         from ..generate import generate
         from ..runtime.preempt import Preempted, install_stop_handler, uninstall_stop_handler
+        from .local import launcher_rank_and_size
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,7 +155,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
         try:
             return generate(cfg, progress=False)
         except Preempted as stop:
-            rank = int(os.environ.get("SLURM_PROCID", "0"))
+            rank = (launcher_rank_and_size() or (0, 1))[0]  # srun's task id, read where every launcher's is
             log.warning("rank %d: %s", rank, stop)
             if rank == 0:  # submitit's handler: checkpoint() -> dump -> scontrol requeue -> sys.exit
                 request.call_previous(signal.SIGUSR2)
@@ -164,106 +165,22 @@ class GenerateJob(submitit.helpers.Checkpointable):
             uninstall_stop_handler()
 
 
-PLACEHOLDER_PREFIX = "/path/to/"  # the real-model presets' model.path until the user sets it
-
-
 def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None = None,
               check_memory: bool = True) -> RunConfig:
-    """Every check of a run before it is queued or started, creating nothing and loading no weights.
+    """Every check of a job before it is queued: :func:`hpcvideo.check.validate_for_model` (paths, a preset's
+    placeholder model path, the rank count against the strategy and the model, the model's JSON configs,
+    an existing store, the memory plan), creating nothing and loading no weights.
 
     ``world_size``: the job's ranks (default: ``cluster.nodes x cluster.gpus_per_node``); ``what``:
-    how the rank count is named in messages (default: the cluster keys). Checks, all reported at once:
-
-    * the paths: ``model.path`` is not a preset's placeholder and is "tiny", "demo" or a diffusers
-      folder; ``store.path`` is set and creatable (or an existing store);
-    * the rank count against the strategy and the model (:func:`hpcvideo.layout.ranks_problem`);
-    * the model's JSON configs against the video shape (and the stage split, DualParal);
-    * an existing store: the same run (config identity) and not shortened;
-    * the memory plan against ``cluster.gpu_mem_gb`` when set (DualParal; :func:`hpcvideo.plan.check_fits`).
-
-    Returns ``cfg`` resolved for ``world_size`` (values derived from the rank count filled in, see
-    :func:`hpcvideo.layout.resolve_config`). Raises ConfigError listing every problem.
+    how the rank count is named in messages (default: the cluster keys). Returns ``cfg`` resolved for
+    ``world_size`` (:func:`hpcvideo.layout.resolve_config`). Raises ConfigError listing every problem.
     """
-    from ..config import IDENTITY_IGNORED, validate_config
-    from ..layout import model_num_layers, ranks_problem, resolve_config
-    from ..store import RunStore, StoreError
-
     if world_size is None:
         world_size = num_ranks(cfg)
     if what is None:
         what = (f"cluster.nodes={cfg.cluster.nodes} x cluster.gpus_per_node={cfg.cluster.gpus_per_node} = "
                 f"{world_size} rank(s): ")
-    problems: list[str] = []
-    model_ok = True
-    placeholder = str(cfg.model.path).startswith(PLACEHOLDER_PREFIX)
-    try:
-        with warnings.catch_warnings():  # loading the config warned already
-            warnings.simplefilter("ignore")
-            validate_config(cfg, check_paths=True)
-    except ConfigError as error:
-        model_ok = not any(e.startswith(("model.path=", "model.family=")) for e in error.errors)
-        problems += [e for e in error.errors if not (placeholder and e.startswith("model.path="))]
-    if placeholder:
-        model_ok = False
-        problems.insert(0, f"model.path={cfg.model.path!r} is the preset's placeholder, not a model folder; allowed: "
-                           "your local copy of the model in diffusers format (a folder with model_index.json), "
-                           "e.g. --set model.path=/scratch/models/NAME")
-    rank_problem = ranks_problem(cfg, world_size, num_layers=model_num_layers(cfg) if model_ok else None)
-    if rank_problem:
-        problems.append(f"{what}{rank_problem}")
-    resolved = cfg if rank_problem else resolve_config(cfg, world_size)
-    if model_ok and not rank_problem:
-        try:
-            problems += _model_problems(resolved, world_size, check_memory=check_memory)
-        except ConfigError as error:
-            problems += error.errors
-        except (OSError, ValueError, KeyError) as error:  # unreadable model JSON: the run would fail the same way
-            problems.append(f"model.path={cfg.model.path!r}: cannot read the model's configs ({error})")
-    if not problems and cfg.store.path and RunStore.exists(Path(cfg.store.path)):
-        try:
-            store = RunStore.open(Path(cfg.store.path), mode="r")
-            if cfg.strategy.name == "videoinfinity" and cfg.video.num_frames != store.num_frames:
-                problems.append(f"video.num_frames={cfg.video.num_frames} differs from the store's {store.num_frames} "
-                                f"frames ({cfg.store.path}); a Video-Infinity run cannot be extended or shortened: "
-                                "use the same length, or a new --output")
-            else:
-                store.check_config(resolved.to_dict(), ignore=IDENTITY_IGNORED)
-                if cfg.video.num_frames < store.num_frames:
-                    problems.append(f"video.num_frames={cfg.video.num_frames} is shorter than the store's "
-                                    f"{store.num_frames} frames ({cfg.store.path}); a run cannot be shortened: pass "
-                                    f"--frames {store.num_frames} or more, or a new --output")
-        except StoreError as error:
-            problems.append(str(error))
-    if problems:
-        raise ConfigError(problems)
-    return resolved
-
-
-def _model_problems(cfg: RunConfig, world_size: int, *, check_memory: bool) -> list[str]:
-    """Checks that read the model's JSON configs (no weights): shape, stage split, memory plan."""
-    if cfg.strategy.name == "videoinfinity":  # clip parallelism: its own checks (one clip per rank)
-        from ..strategies.videoinfinity import run as videoinfinity
-
-        info = videoinfinity.model_info(cfg, videoinfinity.model_path(cfg))
-        if check_memory and cfg.cluster.gpu_mem_gb is not None:
-            log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan covers strategy dualparal only",
-                        cfg.cluster.gpu_mem_gb)
-        return videoinfinity.check_fit(cfg, info, world_size)
-    from ..generate import check_model_fit, resolve_model_path
-    from ..models import read_model_info
-    from ..strategies.dualparal.pipeline import split_layers
-
-    info = read_model_info(resolve_model_path(cfg))
-    problems = check_model_fit(cfg, info)
-    try:
-        split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
-    except ValueError as error:
-        problems.append(f"{error} ({world_size} ranks)")
-    if not problems and check_memory and cfg.cluster.gpu_mem_gb is not None:
-        from ..plan import check_fits, make_plan
-
-        check_fits(make_plan(cfg, num_ranks=None if world_size == num_ranks(cfg) else world_size), cfg)
-    return problems
+    return validate_for_model(cfg, world_size, what=what, check_memory=check_memory)
 
 
 def _new_root(path: Path) -> Path | None:

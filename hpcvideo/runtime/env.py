@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..config.schema import DEVICES  # the allowed runtime.device names, defined once
+
 if TYPE_CHECKING:  # torch is imported when a rank env is built, so launchers stay light
     import torch
 
-DEVICES = ("auto", "cpu", "cuda")
 
 # Variables a process launcher sets in every rank it starts. srun sets SLURM_PROCID in every task
 # but also in the batch shell of an allocation, so it counts only together with SLURM_NTASKS and

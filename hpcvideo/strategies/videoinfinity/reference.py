@@ -19,7 +19,7 @@ from .clips import ClipComm, ClipLayout, DualScope
 from .unet3d import apply_video_infinity_unet3d, remove_video_infinity_unet3d
 from .wan import apply_video_infinity_wan, remove_video_infinity_wan
 
-FAMILIES = ("unet3d", "wan")
+from .config_rules import MODEL_FAMILIES as FAMILIES  # the model families Video-Infinity patches
 
 
 def patch_functions(family: str):
