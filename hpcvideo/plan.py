@@ -134,7 +134,7 @@ def model_bytes(model_path: Path, dtype: str) -> dict:
 def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops: float | None = None,
               model_bytes_cache: dict | None = None) -> Plan:
     """The per-rank plan of ``cfg`` on ``num_ranks`` ranks (default: cluster.nodes x gpus_per_node)."""
-    from .generate import resolve_model_path
+    from .models.family import resolve_model_path
     from .models import read_model_info
     from .strategies.dualparal.pipeline import split_layers
     from .strategies.dualparal.queue import num_ticks, tick_plan

@@ -240,29 +240,19 @@ def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None
 
 
 def _model_problems(cfg: RunConfig, world_size: int, *, check_memory: bool) -> list[str]:
-    """Checks that read the model's JSON configs (no weights): shape, stage split, memory plan."""
-    if cfg.strategy.name == "videoinfinity":  # clip parallelism: its own checks (one clip per rank)
-        from ..strategies.videoinfinity import run as videoinfinity
+    """Checks that read the model's JSON configs (no weights): the strategy's model fit (stage split,
+    clips, resolution), and the memory plan when ``cluster.gpu_mem_gb`` is set (DualParal)."""
+    from ..runner import model_problems
 
-        info = videoinfinity.model_info(cfg, videoinfinity.model_path(cfg))
-        if check_memory and cfg.cluster.gpu_mem_gb is not None:
+    problems, _ = model_problems(cfg, world_size)
+    if check_memory and cfg.cluster.gpu_mem_gb is not None:
+        if cfg.strategy.name != "dualparal":
             log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan covers strategy dualparal only",
                         cfg.cluster.gpu_mem_gb)
-        return videoinfinity.check_fit(cfg, info, world_size)
-    from ..generate import check_model_fit, resolve_model_path
-    from ..models import read_model_info
-    from ..strategies.dualparal.pipeline import split_layers
+        elif not problems:
+            from ..plan import check_fits, make_plan
 
-    info = read_model_info(resolve_model_path(cfg))
-    problems = check_model_fit(cfg, info)
-    try:
-        split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
-    except ValueError as error:
-        problems.append(f"{error} ({world_size} ranks)")
-    if not problems and check_memory and cfg.cluster.gpu_mem_gb is not None:
-        from ..plan import check_fits, make_plan
-
-        check_fits(make_plan(cfg, num_ranks=None if world_size == num_ranks(cfg) else world_size), cfg)
+            check_fits(make_plan(cfg, num_ranks=None if world_size == num_ranks(cfg) else world_size), cfg)
     return problems
 
 
@@ -279,17 +269,9 @@ def _new_root(path: Path) -> Path | None:
 def create_store(cfg: RunConfig) -> None:
     """Create the run store of a checked (:func:`check_job`) config, or grow an existing one for an
     extension. Raises ConfigError / StoreError."""
-    if cfg.strategy.name == "videoinfinity":
-        from ..strategies.videoinfinity import run as videoinfinity
+    from ..runner import create_store as create
 
-        videoinfinity._open_store(cfg, videoinfinity.model_info(cfg, videoinfinity.model_path(cfg)))
-        return
-    from ..generate import open_or_create_store, resolve_model_path
-    from ..models import read_model_info
-
-    model_path = resolve_model_path(cfg)
-    info = read_model_info(model_path)
-    open_or_create_store(cfg, info, info.get("model_id", model_path.name))
+    create(cfg)
 
 
 def array_configs(cfg: RunConfig, prompts: list[str]) -> list[RunConfig]:
