@@ -55,7 +55,7 @@ MODEL_FAMILIES = ("wan", "unet3d")  # unet3d: ModelScope/Zeroscope/VideoCrafter2
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("unipc", "flow_euler")  # same names as hpcvideo.schedulers.SCHEDULERS
 STRATEGIES = ("dualparal", "videoinfinity")
-UNET3D_SCHEDULERS = ("ddim", "dpmsolver")  # same names as strategies.videoinfinity.run
+UNET3D_SCHEDULERS = ("ddim", "dpmsolver")  # the names models.family.UNet3DFamily.make_scheduler takes
 NOISE_MODES = ("coordinated", "independent")  # same names as hpcvideo.noise.NOISE_MODES
 DEVICES = ("auto", "cpu", "cuda")
 CLUSTER_MPI = ("pmi2", "pmix")  # srun --mpi=...: pmi2 for MPICH-based MPI (the mpich wheel), pmix for Open MPI

@@ -210,12 +210,13 @@ class _Setup:
     store: RunStore | None  # rank 0, and every rank when every rank writes
 
 
-def run(cfg: RunConfig, env, *, progress: bool = True) -> dict | None:
+def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None) -> dict | None:
     """Run (or resume, or extend) the job of the resolved ``cfg`` on this rank of a started job. Returns
     the store's status dict on rank 0, None elsewhere. User errors (ConfigError, StoreError incl.
     ConfigMismatchError, FileNotFoundError, ValueError) are raised on rank 0 before any weights load,
-    the other ranks exit 2; a failure after that aborts every rank (:func:`hpcvideo.runtime.abort_on_failure`)."""
-    spec, family = spec_for(cfg), family_of(cfg)
+    the other ranks exit 2; a failure after that aborts every rank (:func:`hpcvideo.runtime.abort_on_failure`).
+    ``spec`` / ``family``: the strategy spec and model family (default: those ``cfg`` names; tests pass fakes)."""
+    spec, family = spec or spec_for(cfg), family or family_of(cfg)
     setup = _prepare(cfg, env, spec, family)
     with abort_on_failure(env):
         return _run(cfg, env, spec, family, setup, progress=progress)

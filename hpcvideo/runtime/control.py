@@ -2,7 +2,8 @@
 
 MPICH's blocking calls busy-poll: a rank waiting in ``comm.bcast`` while rank 0 loads a text encoder
 burns a whole core. On an oversubscribed CPU node (tests: 4 ranks on 2 cores) that starves the rank
-doing the work by an order of magnitude. :func:`bcast_object` waits with ``Iprobe`` + sleep instead.
+doing the work by an order of magnitude. :func:`bcast_object`, :func:`gather_object` and
+:func:`scatter_object` wait with ``Iprobe``/``Test`` + sleep instead.
 """
 
 from __future__ import annotations
