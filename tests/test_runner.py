@@ -213,3 +213,15 @@ def test_a_preempted_run_stops_at_the_next_tick_boundary_with_a_checkpoint_there
     run(cfg, env, progress=False, spec=spec, family=FakeFamily())
     assert sorted(spec.sink.units) == [0, 1, 2, 3]  # stale_from(3) = 0: unit 0 leaves at tick 3 -> comes again
     assert all(np.array_equal(spec.sink.units[j].numpy(), whole[j].numpy()) for j in range(4))
+
+
+def test_the_config_allows_exactly_the_registered_families_strategies_and_dtypes():
+    """The config schema lists allowed names without importing torch; the registries the runner uses
+    must hold the same names."""
+    from hpcvideo import config
+    from hpcvideo.models.family import DTYPES, FAMILIES
+    from hpcvideo.strategies import specs
+
+    assert set(FAMILIES) == set(config.MODEL_FAMILIES)
+    assert set(specs()) == set(config.STRATEGIES)
+    assert tuple(DTYPES) == tuple(config.DTYPES)

@@ -3,13 +3,14 @@
 * :mod:`.dualparal` — DualParal: the block queue, layer-split pipeline stages (spec: :mod:`.dualparal.spec`).
 * :mod:`.videoinfinity` — Video-Infinity: clip parallelism (executor and spec: :mod:`.videoinfinity.executor`).
 
-:func:`spec_for` maps ``strategy.name`` to its spec; a new strategy registers its spec in :data:`SPECS`.
+:func:`spec_for` maps ``strategy.name`` to its spec; a new strategy adds its spec to :func:`specs`.
 """
 
 from __future__ import annotations
 
 
-def _specs() -> dict:
+def specs() -> dict:
+    """Every registered strategy: name -> :class:`.base.StrategySpec` (imports the strategies)."""
     from .dualparal.spec import DualParalSpec
     from .videoinfinity.executor import VideoInfinitySpec
 
@@ -18,8 +19,8 @@ def _specs() -> dict:
 
 def spec_for(cfg):
     """The :class:`.base.StrategySpec` of ``cfg.strategy.name``. Raises ValueError naming the allowed names."""
-    specs = _specs()
+    registered = specs()
     try:
-        return specs[cfg.strategy.name]
+        return registered[cfg.strategy.name]
     except KeyError:
-        raise ValueError(f"strategy.name={cfg.strategy.name!r}; allowed: {sorted(specs)}") from None
+        raise ValueError(f"strategy.name={cfg.strategy.name!r}; allowed: {sorted(registered)}") from None

@@ -12,7 +12,7 @@ executor the same way::
 
 A *unit* is what the store keeps as one chunk with a done marker: a block (DualParal) or a clip
 (Video-Infinity); ``num_units`` of them, ``spec.unit_latent_frames(cfg)`` latent frames each. A third
-strategy is an :class:`Executor` + a :class:`StrategySpec` registered in :mod:`hpcvideo.strategies`.
+strategy is an :class:`Executor` + a :class:`StrategySpec` registered in :func:`hpcvideo.strategies.specs`.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from .pipeline import DualParalPipeline, split_layers
 
 
 def check_model_fit(cfg, info: dict) -> list[str]:
-    """Checks that need the model's config (read from JSON, no weights): resolution against the VAE
-    and patch strides, and the attention window against the rotary table."""
+    """Checks that need the model's config (``ModelFamily.info``: JSON, no weights): resolution against the
+    VAE and patch strides, and the attention window against the rotary table."""
     problems = []
-    stride = info["vae_scale_factor_spatial"] * max(info["patch_size"][1], info["patch_size"][2])
+    stride = info["stride"]  # VAE stride x patch size
     for key, value in (("video.height", cfg.video.height), ("video.width", cfg.video.width)):
         if value % stride:
             problems.append(f"{key}={value} is not a multiple of {stride} (VAE stride x patch size of {info['model_id']})")
