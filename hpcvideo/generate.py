@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 
 from .config import RunConfig
-from .launch.local import LOG_DIR_VAR, launcher_rank_and_size, redirect_rank_output
 from .layout import RanksError, model_num_layers, ranks_problem, resolve_config
 from .models.family import resolve_model_path  # noqa: F401  (public: the model folder of a config)
 from .runner import run
 from .runtime import init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
+from .runtime.env import launcher_rank_and_size
+from .runtime.output import LOG_DIR_VAR, redirect_rank_output
 
 
 def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
