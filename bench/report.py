@@ -49,7 +49,7 @@ def _child_diffusers(preset: str, num_frames: int, overrides: list[str], threads
     from diffusers import WanPipeline
 
     from hpcvideo.config import load_config
-    from hpcvideo.generate import resolve_model_path
+    from hpcvideo.models.family import resolve_model_path
 
     torch.set_num_threads(threads)
     cfg = load_config(preset, overrides, num_frames=num_frames, check_paths=False)

@@ -1,6 +1,10 @@
-"""Decode and write finished blocks in the background, overlapping the denoising loop.
+"""The runner's sinks: where finished units (blocks, clips) are decoded and written to the run store.
 
-One thread, one bounded queue: ``submit`` hands over a block that left the queue and returns; the
+:class:`BlockSink` (DualParal, rank 0 streaming): decode and write finished blocks in the background,
+overlapping the denoising loop. :class:`ClipSink` (Video-Infinity): each rank writes its own clip at
+the end of the run (per-frame VAE: each rank decodes it too; causal VAE: gathered, rank 0 decodes).
+
+BlockSink: one thread, one bounded queue: ``submit`` hands over a block that left the queue and returns; the
 thread writes its latents and their done marker, decodes it with the streaming VAE decoder (on a
 side CUDA stream on GPU; on CPU the decode runs in the caller's thread instead, because two threads
 sharing torch's intra-op pool on a few cores slow each other down far more than they overlap:
@@ -105,10 +109,96 @@ class BlockSink:
         self.wait_s += time.perf_counter() - start
         self._raise()
 
+    def state_dict(self):
+        """The streaming decoder's carry (a checkpoint keeps it with the executor state)."""
+        return self.decoder.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.decoder.load_state_dict(state)
+
+    def finish(self) -> None:
+        """Everything submitted is on disk (nothing waits for the end of the run here)."""
+        self.flush()
+
     def close(self) -> None:
-        """Flush and stop the thread."""
+        """Flush and stop the thread (idempotent)."""
+        if not self._thread.is_alive():
+            return
         try:
             self.flush()
         finally:
             self._queue.put(None)
             self._thread.join()
+
+
+class ClipSink:
+    """Writes the clip of each rank at the end of a Video-Infinity run (every rank holds one).
+
+    ``submit`` keeps this rank's finished clip (latents (1, C, F, h, w)); :meth:`finish` (collective)
+    writes its latents chunk and done marker, then the frames as the VAE allows: a per-frame VAE
+    (``vae_kind`` "per_frame") lets each rank decode its own clip, ``DECODE_FRAMES`` frames per call; a
+    causal VAE needs the clips in video order, so they are gathered to rank 0, which streams them
+    through one :class:`hpcvideo.decode.StreamingDecoder`. Nothing is written before :meth:`finish`, so
+    the runner's last checkpoint comes before any write and a run killed while writing redoes only the
+    writes. ``scaling_factor``: the per-frame VAE's latent scale.
+    """
+
+    DECODE_FRAMES = 8  # frames per 2-D VAE decode call: bounds decode memory, as diffusers' VAE slicing
+
+    def __init__(self, store: RunStore, vae, env, *, vae_kind: str, scaling_factor: float | None = None) -> None:
+        self.store, self.vae, self.env = store, vae, env
+        self.vae_kind, self.scaling_factor = vae_kind, scaling_factor
+        self.wait_s = self.decode_s = self.write_s = 0.0
+        self._clips: list[tuple[int, torch.Tensor]] = []
+
+    def submit(self, unit: int, latents: torch.Tensor) -> None:
+        self._clips.append((unit, latents))
+
+    def flush(self) -> None:
+        """Nothing is written before :meth:`finish`."""
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+    def close(self) -> None:
+        self._clips = []
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        (rank, latents), = self._clips  # one clip per rank
+        start = time.perf_counter()
+        self.store.write_block_latents(rank, latents[0].permute(1, 0, 2, 3).float().cpu().numpy())  # (F, C, h, w)
+        fault("latents", rank, rank=rank)
+        self.store.mark_done("latents", rank)
+        self.write_s += time.perf_counter() - start
+        if self.vae_kind == "per_frame":  # every rank decodes its own clip
+            start = time.perf_counter()
+            vae = self.vae
+            frames = latents[0].permute(1, 0, 2, 3).to(vae.device, vae.dtype) / self.scaling_factor  # (F, C, h, w)
+            video = torch.cat([vae.decode(part, return_dict=False)[0] for part in frames.split(self.DECODE_FRAMES)])
+            pixels = to_uint8(video.permute(1, 0, 2, 3).unsqueeze(0))  # (F, 3, H, W) -> (1, 3, F, H, W)
+            self.decode_s += time.perf_counter() - start
+            start = time.perf_counter()
+            self.store.write_block_frames(rank, pixels, keep_tail=False)
+            fault("frames", rank, rank=rank)
+            self.store.mark_done("frames", rank)
+            self.write_s += time.perf_counter() - start
+            return
+        from .runtime.control import gather_object
+
+        clips = gather_object(self.env, latents.cpu())  # a causal VAE: rank 0 decodes the clips in order
+        if not self.env.is_main:
+            return
+        decoder = StreamingDecoder(self.vae, device=self.env.device)
+        for index, clip in enumerate(clips):
+            start = time.perf_counter()
+            pixels = to_uint8(decoder.decode_block(clip))
+            self.decode_s += time.perf_counter() - start
+            start = time.perf_counter()
+            self.store.write_block_frames(index, pixels, keep_tail=False)
+            fault("frames", index, rank=0)
+            self.store.mark_done("frames", index)
+            self.write_s += time.perf_counter() - start

@@ -166,7 +166,7 @@ def test_ranks_equal_the_reference_and_exact_mode_equals_diffusers(tmp_path, tin
 
 def test_config_rules_for_clips():
     from hpcvideo.config import ConfigError, load_config
-    from hpcvideo.strategies.videoinfinity.run import check_fit, scope_of
+    from hpcvideo.strategies.videoinfinity.executor import check_fit, scope_of
 
     from hpcvideo.layout import resolve_config
 

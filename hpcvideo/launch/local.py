@@ -9,7 +9,8 @@ Open MPI gets ``--oversubscribe`` and, as root, ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIR
 
 Per-rank logs are written by the ranks themselves (not by mpiexec flags, which differ between MPI
 libraries and cannot put stdout and stderr into one file): the parent passes the folder in the
-environment variable :data:`LOG_DIR_VAR` and each rank calls :func:`redirect_rank_output` right
+environment variable :data:`LOG_DIR_VAR` and each rank calls :func:`redirect_rank_output` (both in
+:mod:`hpcvideo.runtime.output`; importable from here too) right
 after ``init_rank_env``:
 
 * rank R != 0: its file descriptors 1 and 2 are pointed at ``log_dir/rank<R>.log`` (everything,
@@ -30,16 +31,15 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
-from ..runtime.env import MPI_HELP, MPIUnavailable, RankEnv, mpi_available, under_mpi_launcher
+from ..runtime.env import (  # noqa: F401  (launcher_rank_and_size, RELAUNCHED_VAR: public here too)
+    MPI_HELP, RELAUNCHED_VAR, MPIUnavailable, launcher_rank_and_size, mpi_available, under_mpi_launcher,
+)
+from ..runtime.output import LOG_DIR_VAR, RankOutput, redirect_rank_output  # noqa: F401  (public here too)
 
 logger = logging.getLogger(__name__)
 
-LOG_DIR_VAR = "HPCVIDEO_RANK_LOG_DIR"  # per-rank log folder, set by the parent for its ranks
-RELAUNCHED_VAR = "HPCVIDEO_RELAUNCHED"  # "1" in ranks started by relaunch_under_mpiexec (never relaunch again)
 
 
 def find_mpiexec() -> Path:
@@ -173,21 +173,6 @@ def _launcher_world_size() -> int | None:
     return None
 
 
-def launcher_rank_and_size() -> tuple[int, int] | None:
-    """(rank, world_size) as the MPI launcher that started this process says (before MPI is
-    initialised), or None outside a launcher or when its variables do not tell."""
-    if not (under_mpi_launcher() or os.environ.get(RELAUNCHED_VAR) == "1"):
-        return None
-    env = os.environ
-    pairs = [("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")]
-    if "SLURM_STEP_ID" in env:  # srun: the step's task count (SLURM_NTASKS may describe the whole allocation)
-        pairs.append(("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
-    for rank_var, size_var in pairs:
-        if env.get(rank_var, "").isdigit() and env.get(size_var, "").isdigit():
-            return int(env[rank_var]), int(env[size_var])
-    return None
-
-
 def planned_world_size(args_ranks: int | None) -> int:
     """The number of ranks a ``generate`` command will run on: the launcher's count under a launcher,
     else ``--ranks`` (may be < 1: the caller refuses it), else 1."""
@@ -215,69 +200,3 @@ def check_launch(cfg, args_ranks: int | None) -> None:
         if launched is not None and launched[0] != 0:
             raise SystemExit(2) from None  # every rank reaches the same verdict; rank 0 says it once
         raise
-
-
-class _Tee:
-    """A text stream that writes to the terminal stream and the log file."""
-
-    def __init__(self, stream: TextIO, log: TextIO) -> None:
-        self._stream, self._log = stream, log
-
-    def write(self, text: str) -> int:
-        self._log.write(text)
-        return self._stream.write(text)
-
-    def flush(self) -> None:
-        self._log.flush()
-        self._stream.flush()
-
-    def isatty(self) -> bool:
-        return self._stream.isatty()
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-@dataclass(kw_only=True)
-class RankOutput:
-    """Where a rank's output went; :meth:`close` flushes (and on rank 0 restores sys.stdout/stderr)."""
-
-    path: Path
-    log: TextIO
-    teed: bool
-
-    def close(self) -> None:
-        if self.teed:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        else:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        self.log.flush()
-
-
-def redirect_rank_output(env: RankEnv, log_dir: Path | str | None = None) -> RankOutput | None:
-    """Send this rank's output to ``log_dir/rank<R>.log`` (rank 0: also to the terminal).
-
-    ``log_dir`` None: the folder from :data:`LOG_DIR_VAR` (set by :func:`relaunch_under_mpiexec`);
-    neither: nothing changes and None is returned. Call it once, right after ``init_rank_env``.
-    """
-    log_dir = log_dir if log_dir is not None else os.environ.get(LOG_DIR_VAR)
-    if not log_dir:
-        return None
-    path = Path(log_dir) / f"rank{env.rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "w", buffering=1, encoding="utf-8", errors="replace")  # line-buffered; closed at exit
-    if env.rank == 0:
-        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
-        return RankOutput(path=path, log=log, teed=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    for stream in (sys.stdout, sys.stderr):  # a file is block-buffered: keep lines even if the rank is killed
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
-    return RankOutput(path=path, log=log, teed=False)

@@ -196,17 +196,9 @@ def _new_root(path: Path) -> Path | None:
 def create_store(cfg: RunConfig) -> None:
     """Create the run store of a checked (:func:`check_job`) config, or grow an existing one for an
     extension. Raises ConfigError / StoreError."""
-    if cfg.strategy.name == "videoinfinity":
-        from ..strategies.videoinfinity import run as videoinfinity
+    from ..runner import create_store as create
 
-        videoinfinity._open_store(cfg, videoinfinity.model_info(cfg, videoinfinity.model_path(cfg)))
-        return
-    from ..generate import open_or_create_store, resolve_model_path
-    from ..models import read_model_info
-
-    model_path = resolve_model_path(cfg)
-    info = read_model_info(model_path)
-    open_or_create_store(cfg, info, info.get("model_id", model_path.name))
+    create(cfg)
 
 
 def array_configs(cfg: RunConfig, prompts: list[str]) -> list[RunConfig]:

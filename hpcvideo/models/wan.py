@@ -264,6 +264,17 @@ def encode_prompts(
     return prompt_embeds, negative_embeds
 
 
+def apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE, the same arithmetic as diffusers' WanAttnProcessor (B, S, heads, head_dim)."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
 class AbsentBlock(torch.nn.Module):
     """Stands in ``transformer.blocks`` for a block another pipeline stage owns (no weights)."""
 

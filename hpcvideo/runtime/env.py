@@ -342,3 +342,21 @@ def shutdown_rank_env(env: RankEnv) -> None:
 
     if env.backend is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+RELAUNCHED_VAR = "HPCVIDEO_RELAUNCHED"  # "1" in ranks started by launch.local.relaunch_under_mpiexec (never relaunch again)
+
+
+def launcher_rank_and_size() -> tuple[int, int] | None:
+    """(rank, world_size) as the MPI launcher that started this process says (before MPI is
+    initialised), or None outside a launcher or when its variables do not tell."""
+    if not (under_mpi_launcher() or os.environ.get(RELAUNCHED_VAR) == "1"):
+        return None
+    env = os.environ
+    pairs = [("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")]
+    if "SLURM_STEP_ID" in env:  # srun: the step's task count (SLURM_NTASKS may describe the whole allocation)
+        pairs.append(("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
+    for rank_var, size_var in pairs:
+        if env.get(rank_var, "").isdigit() and env.get(size_var, "").isdigit():
+            return int(env[rank_var]), int(env[size_var])
+    return None

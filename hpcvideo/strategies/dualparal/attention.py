@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from ...models.wan import apply_rotary_emb
+
 
 @dataclass(kw_only=True)
 class CachePlan:
@@ -66,17 +68,6 @@ class FeatureCache:
         return any(key[0] == branch for key in self.incoming)
 
 
-def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE, the same arithmetic as diffusers' WanAttnProcessor (B, S, heads, head_dim)."""
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
-
-
 class FeatureCacheAttnProcessor:
     """Self-attention processor of one layer with the feature cache (text-to-video, no I2V branch)."""
 
@@ -116,8 +107,8 @@ class FeatureCacheAttnProcessor:
             key_rotary_emb = plan.key_rotary_emb
 
         if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *key_rotary_emb)
+            query = apply_rotary_emb(query, *rotary_emb)
+            key = apply_rotary_emb(key, *key_rotary_emb)
 
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -82,8 +82,9 @@ class DualParalPipeline(DualParalReference):
         # one message counter per stream (r-1 -> r received here, r -> r+1 sent here, N-1 -> 0):
         # both ends of a stream count its messages in the same order, so the tags match
         self._recv_seq = self._send_seq = self._feedback_seq = 0
-        # measured per rank: bytes sent/received, seconds blocked on messages, seconds computing
-        self.stats = {"bytes_sent": 0, "bytes_received": 0, "wait_s": 0.0, "tick_s": 0.0, "ticks": 0}
+        # measured per rank: its layers, bytes sent/received, seconds blocked on messages, seconds computing
+        self.stats = {"layers": [layers.start, layers.stop], "bytes_sent": 0, "bytes_received": 0, "wait_s": 0.0,
+                      "tick_s": 0.0, "ticks": 0}
         # rank 0: block index -> (work, noise_pred buffer, irecv) of a step not applied yet (at most one
         # per block); blocks that left the queue since the last return; sends not known complete
         self._pending: dict[int, tuple] = {}
@@ -169,10 +170,34 @@ class DualParalPipeline(DualParalReference):
     def done(self) -> bool:
         return self.tick >= self.num_ticks and not self._pending
 
+    # -- the executor protocol (hpcvideo.strategies.base.Executor): a unit is a block --------------
+    @property
+    def num_units(self) -> int:
+        return self.num_blocks
+
+    @property
+    def extend_tick(self) -> int:
+        """Tick ``num_blocks``: block ``num_blocks`` would enter now, so the state is also one of any
+        longer run (no end effect has happened yet)."""
+        return self.num_blocks
+
+    @property
+    def stale_from(self) -> int:
+        """Blocks from here on had not left the queue at this tick: they are recomputed after a resume."""
+        return max(0, self.tick - self.num_inference_steps + 1)
+
     def state_dict(self) -> dict:
         if self._pending:
             raise RuntimeError("state_dict() between ticks only: call drain() first")
         return super().state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rank 0: continue from ``state``, a state of a run of ``state["num_blocks"]`` <= ``num_blocks``
+        blocks (an extension; ValueError when that state already has end effects)."""
+        num_blocks = self.num_blocks
+        super().load_state_dict(state)
+        self.num_blocks = int(state["num_blocks"])
+        self.set_num_blocks(num_blocks)
 
     def _send(self, tensor: torch.Tensor, *, dst: int, group, kind: str) -> None:
         """isend, kept (with its tensor) until completed; completed sends are pruned as we go."""

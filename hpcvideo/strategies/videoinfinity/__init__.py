@@ -2,7 +2,8 @@
 
 Four nouns: :class:`~.clips.ClipLayout` (which frames a rank owns), :class:`~.clips.ClipComm` (halos,
 the global set and GroupNorm sums between clips), the patches (:mod:`.unet3d`, :mod:`.wan`: reversible
-apply/remove transforms of the stock diffusers models) and the run loop (:mod:`.run`). The
+apply/remove transforms of the stock diffusers models) and the executor (:mod:`.executor`: one
+denoising step of all clips per tick, driven by :mod:`hpcvideo.runner`). The
 single-process executor of the same algorithm is the patch on one rank whose clip is the whole video
 (:mod:`.reference`).
 """

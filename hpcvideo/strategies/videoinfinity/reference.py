@@ -20,15 +20,18 @@ from .unet3d import apply_video_infinity_unet3d, remove_video_infinity_unet3d
 from .wan import apply_video_infinity_wan, remove_video_infinity_wan
 
 from .config_rules import MODEL_FAMILIES as FAMILIES  # the model families Video-Infinity patches
+PATCHES = {  # model family -> (apply, remove)
+    "unet3d": (apply_video_infinity_unet3d, remove_video_infinity_unet3d),
+    "wan": (apply_video_infinity_wan, remove_video_infinity_wan),
+}
 
 
 def patch_functions(family: str):
     """(apply, remove) for a model family: "unet3d" or "wan". Raises ValueError otherwise."""
-    if family == "unet3d":
-        return apply_video_infinity_unet3d, remove_video_infinity_unet3d
-    if family == "wan":
-        return apply_video_infinity_wan, remove_video_infinity_wan
-    raise ValueError(f"model.family={family!r} is not one of {FAMILIES}")
+    try:
+        return PATCHES[family]
+    except KeyError:
+        raise ValueError(f"model.family={family!r} is not one of {FAMILIES}") from None
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from ..dualparal.attention import _apply_rotary_emb
+from ...models.wan import apply_rotary_emb
 from .clips import ClipComm, DualScope
 from .masks import phase
 
@@ -148,8 +148,8 @@ class DualScopeWanAttnProcessor:
         key, global_key = key[:, :num_local], key[:, num_local:]  # global keys: rotated per group below
         value, global_value = value[:, :num_local], value[:, num_local:]
         query_pos, local_pos, groups = state.plan(num_left, num_right, num_global)
-        query = _apply_rotary_emb(query, *state.rotary(query_pos))
-        key = _apply_rotary_emb(key, *state.rotary(local_pos))
+        query = apply_rotary_emb(query, *state.rotary(query_pos))
+        key = apply_rotary_emb(key, *state.rotary(local_pos))
 
         mask = None
         if num_global:
@@ -160,7 +160,7 @@ class DualScopeWanAttnProcessor:
         for q0, q1, a, b, global_pos in groups:
             k, v = key[:, a * hw : b * hw], value[:, a * hw : b * hw]
             if num_global:
-                k = torch.cat([_apply_rotary_emb(global_key, *state.rotary(global_pos)), k], dim=1)
+                k = torch.cat([apply_rotary_emb(global_key, *state.rotary(global_pos)), k], dim=1)
                 v = torch.cat([global_value, v], dim=1)
                 mask = self._bias(global_key.shape[1], k.shape[1] - global_key.shape[1], bias_global, bias_local, query)
             outs.append(dispatch_attention_fn(

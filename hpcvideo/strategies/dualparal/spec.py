@@ -1,0 +1,65 @@
+"""DualParal's spec for the runner: its model-fit checks (no weights), its store layout (a unit is a block of
+``strategy.block_latent_frames``; a run can be extended) and its builder (this rank's pipeline stage,
+and on rank 0 the streaming decoder behind a background :class:`hpcvideo.writer.BlockSink`).
+
+Queue state lives on rank 0 only (:class:`.pipeline.DualParalPipeline`): rank 0 checkpoints, decodes and
+writes; the other stages are stateless between ticks.
+"""
+
+from __future__ import annotations
+
+from ...noise import block_noise
+from ..base import BuildContext, StrategySpec
+from .config_rules import model_problems
+from .pipeline import DualParalPipeline, split_layers
+
+
+class DualParalSpec(StrategySpec):
+    name, title = "dualparal", "DualParal"
+    every_rank_writes = False
+    extendable = True
+
+    def unit_latent_frames(self, cfg) -> int:
+        return cfg.strategy.block_latent_frames
+
+    def problems(self, cfg, family, info, world_size):
+        """The config rules' model checks (:func:`.config_rules.model_problems`: strides, rotary table, stage split)."""
+        return model_problems(cfg, info, world_size)
+
+    def plan(self, cfg, info, world_size):
+        """The stage split: one layer range per rank."""
+        return split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
+
+    def build(self, ctx: BuildContext):
+        cfg, env, info = ctx.cfg, ctx.env, ctx.info
+        strategy, sampling = cfg.strategy, cfg.sampling
+        layers = ctx.plan[env.rank]
+        transformer = ctx.family.load_stage(ctx.model_path, layers, device=env.device, dtype=ctx.dtype)
+        scale = info["vae_scale_factor_spatial"]
+        latent_shape = (info["latent_channels"], cfg.video.height // scale, cfg.video.width // scale)
+
+        def noise_fn(block_index: int):
+            return block_noise(
+                seed=sampling.seed, block_index=block_index, block_latent_frames=strategy.block_latent_frames,
+                context_latent_frames=strategy.context_latent_frames, mode=strategy.noise_init,
+                latent_channels=latent_shape[0], latent_height=latent_shape[1], latent_width=latent_shape[2],
+            )
+
+        components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=env.is_main)
+        template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
+        executor = DualParalPipeline(
+            env=env, layers=layers, latent_shape=latent_shape,
+            transformer=transformer, scheduler_template=template, prompt_embeds=ctx.prompt_embeds,
+            negative_prompt_embeds=ctx.negative_prompt_embeds, prompt_index_for_block=cfg.prompt_index_for_block,
+            guidance_scale=sampling.guidance_scale, num_blocks=cfg.num_blocks,
+            block_latent_frames=strategy.block_latent_frames, context_latent_frames=strategy.context_latent_frames,
+            feature_cache=strategy.feature_cache, noise_fn=noise_fn,
+        )
+        ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
+        sink = None
+        if env.is_main:
+            from ...decode import StreamingDecoder
+            from ...writer import BlockSink
+
+            sink = BlockSink(ctx.store, StreamingDecoder(components.vae, device=env.device))
+        return executor, sink

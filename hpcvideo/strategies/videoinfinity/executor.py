@@ -1,0 +1,173 @@
+"""Video-Infinity's executor and spec: clip r on rank r, all clips denoised in lock-step.
+
+Rank layout (``strategy.clip_latent_frames`` = F, T = num_latent_frames, world_size = ceil(T / F); a null
+F is derived from the rank count as ceil(T / world_size), see :mod:`hpcvideo.layout`; the clips cover
+world_size * F >= T latent frames, the store keeps the latents of every clip and exactly
+``video.num_frames`` pixel frames)::
+
+    rank 0   clip 0: latent frames [0, F)    (the runner: encodes the prompts, creates the store,
+                                             saves the checkpoints of every rank's state, gathered)
+    rank r   clip r: latent frames [rF, (r+1)F)   writes its clip's latents chunk and done marker
+                                             (:class:`hpcvideo.writer.ClipSink`); a per-frame VAE
+                                             (UNet3D): decodes its own clip; a causal VAE (Wan): rank 0
+                                             decodes all clips in order (streaming decoder)
+
+A tick is one denoising step of all clips (the loop of ``TextToVideoSDPipeline`` / ``WanPipeline``:
+model -> guidance -> scheduler.step): every rank runs the patched model on its clip with the same
+timestep (the patched layers exchange halos, the global set and GroupNorm statistics); the scheduler
+of each rank steps its own clip. The state of a rank is its clip's latents and scheduler; the runner
+gathers them for a checkpoint and hands each rank its own on resume. The clips are written after the
+last checkpoint (the sink waits for the end of the run), so a run killed while writing redoes only
+the writes. The frame count of a store is fixed (every clip sees the whole video).
+
+Noise: :func:`hpcvideo.noise.frame_noise` (a generator per latent frame), so the initial video is
+the same for any split. Prompts: clip r takes the prompt of its first frame (prompt schedule).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ...config import ConfigError
+from ...layout import ranks_problem
+from ...noise import frame_noise
+from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
+from ..base import BuildContext, StrategySpec
+from .clips import ClipComm, ClipLayout, DualScope
+from .config_rules import model_problems
+from .reference import patch_functions
+
+
+def scope_of(cfg) -> DualScope:
+    s = cfg.strategy
+    return DualScope(local_frames=s.local_frames, global_frames=s.global_frames,
+                     switch_timestep=s.switch_timestep, global_bias=s.global_bias)
+
+
+class ClipExecutor:
+    """One rank's clip of a Video-Infinity run (:class:`hpcvideo.strategies.base.Executor`).
+
+    ``family``: the model family (its ``noise_pred`` is the pipeline's forward); ``model``: the denoiser,
+    patched here for clip parallelism (``close`` removes the patches); ``template``: a scheduler at step
+    0; ``latents``: the clip's initial latents (1, C, F, h, w) float32 (scaled by the scheduler's initial
+    sigma); ``prompt_embeds`` (1, L, D) of this clip, ``negative_prompt_embeds`` or None (no CFG).
+    """
+
+    def __init__(self, *, family, model, template, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                 negative_prompt_embeds: torch.Tensor | None, guidance_scale: float, dtype: torch.dtype,
+                 layout: ClipLayout, comm: ClipComm, scope: DualScope) -> None:
+        self.family, self.model, self.template = family, model, template
+        self.scheduler = fresh_copy(template)  # the template stays at step 0: checkpoints store the difference
+        self.latents = latents
+        self.prompt_embeds, self.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
+        self.guidance_scale, self.dtype = guidance_scale, dtype
+        self.layout, self.comm = layout, comm
+        self.timesteps = self.scheduler.timesteps
+        self.num_ticks = len(self.timesteps)
+        self.num_units = layout.world_size
+        self.extend_tick = None  # a run cannot be extended
+        self.stale_from = 0  # the clips are written after the last step: every unit is (re)written at the end
+        self.tick = 0
+        self.denoise_s = 0.0
+        self._handed_out = False
+        self._apply, self._remove = patch_functions(family.name)
+        self._apply(model, comm=comm, scope=scope)
+        self._patched = True
+
+    @property
+    def done(self) -> bool:
+        return self.tick >= self.num_ticks
+
+    @property
+    def stats(self) -> dict:
+        return {"clip": [self.layout.start, self.layout.stop], "bytes_sent": self.comm.bytes_sent,
+                "bytes_received": self.comm.bytes_received, "denoise_s": round(self.denoise_s, 4)}
+
+    @torch.no_grad()
+    def run_tick(self) -> list[tuple[int, torch.Tensor]]:
+        """One denoising step of this clip (collective: every rank steps at once); returns [(rank,
+        latents)] after the last step, else []."""
+        if self.done:
+            raise RuntimeError("the clip has finished")
+        start = time.perf_counter()
+        t = self.timesteps[self.tick]
+        # the diffusers loop: model -> classifier-free guidance -> scheduler.step
+        cond, uncond = self.family.noise_pred(self.model, self.latents, t, self.prompt_embeds,
+                                              self.negative_prompt_embeds, self.scheduler, self.dtype)
+        noise_pred = cond if uncond is None else uncond + self.guidance_scale * (cond - uncond)
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
+        self.tick += 1
+        self.denoise_s += time.perf_counter() - start
+        return self.drain()
+
+    def drain(self) -> list[tuple[int, torch.Tensor]]:
+        """Nothing runs in the background; after the last step, the finished clip (once)."""
+        if not self.done or self._handed_out:
+            return []
+        self._handed_out = True
+        return [(self.layout.rank, self.latents)]
+
+    def state_dict(self) -> dict:
+        return {"step": self.tick, "latents": self.latents.cpu(), "scheduler": scheduler_state(self.scheduler, self.template)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tick = int(state["step"])
+        self.latents = state["latents"].to(self.latents.device)
+        self.scheduler = load_scheduler_state(self.template, state["scheduler"], device=self.latents.device)
+
+    def close(self) -> None:
+        if self._patched:
+            self._remove(self.model)
+            self._patched = False
+
+
+def check_fit(cfg, info: dict, world_size: int) -> list[str]:
+    """Problems that need the model's config (``ModelFamily.info``) or the rank count (no weights read): the
+    rank layout (:func:`hpcvideo.layout.ranks_problem`; a mismatch would hang the clip exchange), then the
+    config rules' model checks (:func:`.config_rules.model_problems`)."""
+    problem = ranks_problem(cfg, world_size)
+    return ([problem] if problem else []) + model_problems(cfg, info, world_size)
+
+
+class VideoInfinitySpec(StrategySpec):
+    name, title = "videoinfinity", "Video-Infinity"
+    every_rank_writes = True
+    extendable = False
+
+    def unit_latent_frames(self, cfg) -> int:
+        if cfg.strategy.clip_latent_frames is None:
+            raise ConfigError(["strategy.clip_latent_frames=None: the store needs the clip length the ranks will use; "
+                               "resolve it first (hpcvideo.layout.resolve_config(cfg, world_size))"])
+        return cfg.strategy.clip_latent_frames
+
+    def problems(self, cfg, family, info, world_size):
+        return check_fit(cfg, info, world_size)
+
+    def build(self, ctx: BuildContext):
+        cfg, env, family, info = ctx.cfg, ctx.env, ctx.family, ctx.info
+        # a per-frame VAE decodes on every rank (its own clip); a causal one on rank 0 only
+        components = family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, denoiser=True,
+                                 vae=env.is_main or family.vae_kind == "per_frame")
+        model = components.model
+        family.prepare_denoiser(model, ctx.model_path, cfg)
+        template = family.make_scheduler(cfg, components.scheduler_config, env.device)
+        layout = ClipLayout(rank=env.rank, world_size=env.world_size, clip_frames=cfg.strategy.clip_latent_frames)
+        scale = info["vae_scale_factor_spatial"]
+        latents = frame_noise(seed=cfg.sampling.seed, start=layout.start, stop=layout.stop,
+                              latent_channels=info["latent_channels"], latent_height=cfg.video.height // scale,
+                              latent_width=cfg.video.width // scale).to(env.device)
+        latents = latents * getattr(template, "init_noise_sigma", 1.0)
+        executor = ClipExecutor(
+            family=family, model=model, template=template, latents=latents,
+            prompt_embeds=ctx.prompt_embeds[cfg.prompt_index_for_block(env.rank)],
+            negative_prompt_embeds=ctx.negative_prompt_embeds, guidance_scale=cfg.sampling.guidance_scale,
+            dtype=ctx.dtype, layout=layout,
+            comm=ClipComm(layout, sync=cfg.strategy.sync_clips),  # sync_clips false: independent clips (baseline)
+            scope=scope_of(cfg),
+        )
+        from ...writer import ClipSink
+
+        sink = ClipSink(ctx.store, components.vae, env, vae_kind=family.vae_kind, scaling_factor=info.get("scaling_factor"))
+        return executor, sink
