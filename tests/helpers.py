@@ -1,0 +1,240 @@
+"""Helpers shared by the test files: run the CLI (in this process, in a fork of a pre-imported worker, or
+in a fresh subprocess), read a finished run's arrays, find mpiexec, a launcher-free environment.
+
+Which way to run the CLI:
+
+* :func:`cli` runs ``hpcvideo.cli.main(argv)`` in this process: no interpreter start, no torch import.
+  For everything where the process boundary is not what is tested (refusals, status, export, runs whose
+  result is compared). A fault there may only raise (``raise:...``): a SIGKILL would kill pytest.
+* :class:`Forker` (the ``forker`` session fixture) runs ``hpcvideo.cli.main(argv)`` in a child forked from
+  a worker process that imported torch, diffusers and hpcvideo once and never computes itself: a real
+  process that can be really SIGKILLed at an ``HPCVIDEO_FAULT`` point, for the cost of a fork.
+* :func:`cli_subprocess` starts ``python -m hpcvideo.cli``: where the interpreter start, the launcher
+  environment or an external signal is what is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MPI_SCRIPTS = ROOT / "tests" / "mpi"
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_", "MPI_LOCAL", "MASTER_", "HPCVIDEO_R")
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+
+
+@dataclass
+class Result:
+    """What a CLI call gave: exit status (negative: killed by that signal), its output, its wall time."""
+
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    elapsed_s: float = 0.0
+    args: list = field(default_factory=list)
+
+
+def _check(result: Result, check: bool) -> Result:
+    if check and result.returncode != 0:
+        raise AssertionError(f"hpcvideo {result.args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher/rendezvous variables and without a fault (the tests may themselves run
+    under a launcher), single-threaded, with this checkout first on the path; ``extra`` added."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(LAUNCHER_PREFIXES)}
+    environ.pop("HPCVIDEO_FAULT", None)
+    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return environ
+
+
+def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None) -> Result:
+    """``hpcvideo ARGS`` in this process (``hpcvideo.cli.main``), stdout and stderr captured; ``env`` entries are set
+    for the call (None removes one) and restored after it. ``fault`` must be a ``raise:`` fault here."""
+    from hpcvideo.cli import main
+    from hpcvideo.runtime.preempt import active_stop_request, uninstall_stop_handler
+
+    if fault is not None and not fault.startswith("raise:"):
+        raise ValueError(f"fault={fault!r}: a SIGKILL fault in this process would kill pytest; use the forker")
+    argv = [str(a) for a in args]
+    changes = {"HPCVIDEO_FAULT": fault, **(env or {})}
+    saved = {key: os.environ.get(key) for key in changes}
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    try:
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as stop:  # argparse, or a rank that is told to stop
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        if active_stop_request() is not None:  # generate under SLURM_JOB_ID installed one: never leave it behind
+            uninstall_stop_handler()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return _check(Result(code, out.getvalue(), err.getvalue(), time.monotonic() - start, argv), check)
+
+
+def cli_subprocess(*args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None,
+                   launcher: list[str] | None = None, timeout: float = 300, cwd: Path | str | None = None) -> Result:
+    """``[launcher...] python -m hpcvideo.cli ARGS`` as a fresh process (``env`` replaces the environment,
+    default: this one without a fault)."""
+    environ = dict(os.environ) if env is None else dict(env)
+    environ.pop("HPCVIDEO_FAULT", None)
+    if fault:
+        environ["HPCVIDEO_FAULT"] = fault
+    argv = [str(a) for a in args]
+    command = [*(launcher or []), sys.executable, "-m", "hpcvideo.cli", *argv]
+    start = time.monotonic()
+    done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return _check(Result(done.returncode, done.stdout, done.stderr, time.monotonic() - start, argv), check)
+
+
+def mpi_cli(num_ranks: int, *args, fault: str | None = None, check: bool = True, timeout: float = 300) -> Result:
+    """``mpiexec -n N python -m hpcvideo.cli ARGS`` (a plain process for N = 1)."""
+    launcher = [MPIEXEC, "-n", str(num_ranks)] if num_ranks > 1 else None
+    return cli_subprocess(*args, fault=fault, check=check, launcher=launcher, timeout=timeout)
+
+
+def mpirun_script(num_ranks: int, script: str, *args: str, mpiexec_flags: tuple[str, ...] = (),
+                  timeout_s: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """``mpiexec [flags] -n N python tests/mpi/SCRIPT ARGS`` in a launcher-free environment; (result, wall s)."""
+    command = [MPIEXEC, *mpiexec_flags, "-n", str(num_ranks), sys.executable, str(MPI_SCRIPTS / script), *args]
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=clean_env(), cwd=ROOT)
+    return result, time.monotonic() - start
+
+
+def store_arrays(path) -> tuple[np.ndarray, np.ndarray]:
+    """(latents (L, C, h, w) float32, frames (F, H, W, 3) uint8) of a run store that must be complete."""
+    from hpcvideo.store import RunStore
+
+    store = RunStore.open(path)
+    assert store.status_dict()["complete"], f"{path} is not complete"
+    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+
+
+def assert_same_run(path, reference: tuple[np.ndarray, np.ndarray]) -> None:
+    """The run at ``path`` is complete and bit-identical (latents and frames) to ``reference``."""
+    latents, frames = store_arrays(path)
+    ref_latents, ref_frames = reference
+    assert latents.shape == ref_latents.shape and frames.shape == ref_frames.shape
+    assert np.array_equal(latents, ref_latents)
+    assert np.array_equal(frames, ref_frames)
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """A private copy of a finished store (for a test that changes it)."""
+    shutil.copytree(source, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------- the forker
+
+
+class Forker:
+    """A worker process that imports torch, diffusers and hpcvideo once; :meth:`run` forks it and runs
+    ``hpcvideo.cli.main(argv)`` in the child (a real process: an ``HPCVIDEO_FAULT`` SIGKILL kills it).
+    The worker itself never computes and starts no thread, so every fork is clean."""
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="hpcvideo-forker-"))
+        self._process = subprocess.Popen([sys.executable, "-m", "tests.helpers"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, cwd=ROOT, env=clean_env())
+        assert self._process.stdout.readline().strip() == "ready", "the forker did not start"
+        self._count = 0
+
+    def run(self, *args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 300) -> Result:
+        """``hpcvideo ARGS`` in a fresh fork; ``env`` replaces the environment (default: this one); ``fault`` is set."""
+        environ = dict(os.environ) if env is None else dict(env)
+        environ.pop("HPCVIDEO_FAULT", None)
+        if fault:
+            environ["HPCVIDEO_FAULT"] = fault
+        environ.setdefault("PYTHONPATH", str(ROOT))
+        self._count += 1
+        out, err = self._dir / f"{self._count}.out", self._dir / f"{self._count}.err"
+        argv = [str(a) for a in args]
+        request = {"argv": argv, "env": environ, "cwd": os.getcwd(), "stdout": str(out), "stderr": str(err)}
+        start = time.monotonic()
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()  # the child's exit status, once it ended
+        if not line:
+            raise AssertionError("the forker died")
+        code = json.loads(line)["returncode"]
+        result = Result(code, out.read_text(), err.read_text(), time.monotonic() - start, argv)
+        return _check(result, check)
+
+    def close(self) -> None:
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _serve() -> None:
+    """The forker's worker loop: one JSON request per stdin line, one JSON answer per stdout line."""
+    import hpcvideo.cli  # noqa: F401 - the expensive imports, once, before any fork
+    import hpcvideo.generate  # noqa: F401
+    import hpcvideo.strategies.videoinfinity.run  # noqa: F401
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: run the command, never return into this loop
+            code = 1
+            try:
+                os.chdir(request["cwd"])
+                os.environ.clear()
+                os.environ.update(request["env"])
+                for fd, name in ((1, "stdout"), (2, "stderr")):
+                    target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.dup2(target, fd)
+                    os.close(target)
+                from hpcvideo.cli import main
+
+                try:
+                    code = main(request["argv"])
+                except SystemExit as stop:
+                    code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:  # noqa: BLE001 - reported like an uncaught error of a real process
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+if __name__ == "__main__":
+    _serve()
