@@ -5,6 +5,7 @@ Layers (markers, pyproject.toml): unit (in this process, seconds), e2e (whole ru
 a fork or a subprocess), mpi (several ranks under mpiexec), slurm (a real SLURM). `python -m pytest -q tests`
 runs them all; `-m unit` is the quick loop, `-m "not slurm"` skips the cluster lab."""
 
+import json
 import os
 
 import pytest
@@ -77,3 +78,55 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(name) for name in LAYERS):
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory, tiny_model_dir):
+    """The tiny-test run on 2 ranks (``mpiexec -n 2 hpcvideo generate tiny-test``), made once per session: read
+    by tests/test_pipeline.py (bit-identity, rank stats, logs, heartbeats) and tests/test_plan.py (bytes sent)."""
+    from tests.helpers import MPIEXEC, mpi_cli
+
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    path = tmp_path_factory.mktemp("two-rank-run") / "run.zarr"
+    mpi_cli(2, "generate", "tiny-test", "--output", path, "--no-progress")
+    return path
+
+
+# What each world size's one mpiexec launch of tests/mpi/scenarios.py runs (OUT, UNET3D, WAN: filled in below).
+MPI_SCENARIOS = {
+    2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
+    3: ["exchange", "preempt:0:3", "preempt:2:3"],
+    4: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
+}
+
+
+@pytest.fixture(scope="session")
+def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
+    """``mpi_world(K)``: the outcome of one ``mpiexec -n K python tests/mpi/scenarios.py ...`` launch per world size
+    and session (tests/test_runtime.py, test_preempt.py and test_videoinfinity.py read it): a dict with the
+    CompletedProcess ("result"), rank 0's report per scenario name ("exchange", "preempt:0:3", ...) and the
+    path of the Video-Infinity forward results ("vi_forward", a torch.save file) where that scenario ran."""
+    from tests.helpers import MPIEXEC, mpirun_script
+
+    worlds: dict[int, dict] = {}
+
+    def world(num_ranks: int) -> dict:
+        if MPIEXEC is None:
+            pytest.skip("no mpiexec (pip install mpich)")
+        if num_ranks not in worlds:
+            out = tmp_path_factory.mktemp(f"mpi-world-{num_ranks}") / "vi_forward.pt"
+            scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir) for s in MPI_SCENARIOS[num_ranks]]
+            result, _ = mpirun_script(num_ranks, "scenarios.py", *scenarios, timeout_s=300)
+            assert result.returncode == 0, result.stdout + result.stderr
+            reports = {"result": result}
+            for line in result.stdout.splitlines():
+                if line.startswith("SCENARIO "):
+                    _, scenario, report = line.split(" ", 2)
+                    name = "vi_forward" if scenario.startswith("vi_forward:") else scenario
+                    reports[name] = out if name == "vi_forward" else json.loads(report)
+            assert all((s.split(":")[0] if s.startswith("vi_forward") else s) in reports for s in scenarios), result.stdout
+            worlds[num_ranks] = reports
+        return worlds[num_ranks]
+
+    return world

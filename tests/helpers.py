@@ -98,6 +98,37 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
     return _check(Result(code, out.getvalue(), err.getvalue(), time.monotonic() - start, argv), check)
 
 
+def cli_signalled(*args, store: Path, min_checkpoint_tick: int, signum: int = 0, timeout_s: float = 240) -> Result:
+    """``hpcvideo ARGS`` in this process under SLURM (``SLURM_JOB_ID`` set, so the CLI installs its stop handler),
+    sent ``signum`` (default USR2) by a watcher thread once ``store`` has a checkpoint at ``min_checkpoint_tick`` or
+    later, as SLURM signals a running job. A signal that comes after the command ended meets a no-op handler."""
+    import signal
+    import threading
+
+    from hpcvideo.store import RunStore
+
+    signum = signum or signal.SIGUSR2
+    finished = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not finished.is_set():
+            if RunStore.exists(store) and (RunStore.open(store).status_dict()["last_checkpoint_tick"] or 0) >= min_checkpoint_tick:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    previous = signal.signal(signum, lambda *_: None)  # what the CLI's handler restores when it is removed
+    watcher = threading.Thread(target=watch, name="test-signal-sender", daemon=True)
+    watcher.start()
+    try:
+        return cli(*args, env={"SLURM_JOB_ID": "12345"}, check=False)
+    finally:
+        finished.set()
+        watcher.join()
+        signal.signal(signum, previous)
+
+
 def cli_subprocess(*args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None,
                    launcher: list[str] | None = None, timeout: float = 300, cwd: Path | str | None = None) -> Result:
     """``[launcher...] python -m hpcvideo.cli ARGS`` as a fresh process (``env`` replaces the environment,

@@ -1,43 +1,28 @@
 """DualParal across MPI ranks (gloo on CPU): bit-identical to the single-process reference executor
 for 1-4 ranks, resume on another rank count, and failures that stop every rank without hanging."""
 
-import os
-import shutil
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
 
 from hpcvideo.config import load_config
-from hpcvideo.models import encode_prompts, ensure_tiny_wan, load_wan
+from hpcvideo.models import encode_prompts, load_wan
 from hpcvideo.noise import block_noise
 from hpcvideo.schedulers import make_scheduler
 from hpcvideo.progress import read_heartbeats
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.dualparal.pipeline import split_layers
 from hpcvideo.strategies.dualparal.reference import DualParalReference
+from tests.helpers import cli_subprocess, mpi_cli, needs_mpiexec, store_arrays
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")]
 
 
 def run(num_ranks, *args, fault=None, timeout=240, launcher="mpiexec"):
-    env = dict(os.environ)
-    env.pop("HPCVIDEO_FAULT", None)
-    if fault:
-        env["HPCVIDEO_FAULT"] = fault
-    cli = [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", *map(str, args)]
+    """``hpcvideo generate tiny-test ARGS`` on ``num_ranks`` ranks: ``mpiexec -n N`` or ``--ranks N`` (relaunch)."""
     if launcher == "relaunch":
-        command = [*cli, "--ranks", str(num_ranks)]
-    else:
-        command = [MPIEXEC, "-n", str(num_ranks), *cli] if num_ranks > 1 else cli
-    start = time.monotonic()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    result.elapsed_s = time.monotonic() - start
-    return result
+        return cli_subprocess("generate", "tiny-test", *args, "--ranks", num_ranks, fault=fault, check=False,
+                              timeout=timeout)
+    return mpi_cli(num_ranks, "generate", "tiny-test", *args, fault=fault, check=False, timeout=timeout)
 
 
 def ok(result):
@@ -73,36 +58,43 @@ def reference_latents(tiny_model_dir):
     return torch.cat([blocks[j][0] for j in range(cfg.num_blocks)], dim=1).permute(1, 0, 2, 3).numpy()
 
 
-def store_arrays(path):
-    store = RunStore.open(path)
-    assert store.status_dict()["complete"]
-    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
-
-
 @pytest.fixture(scope="module")
-def one_rank_frames(tmp_path_factory, reference_latents):
-    path = tmp_path_factory.mktemp("one") / "run.zarr"
-    ok(run(1, "--output", path))
-    latents, frames = store_arrays(path)
+def one_rank_frames(tiny_test_arrays, reference_latents):
+    """The frames of the session's 1-rank tiny-test run (tests/conftest.py), whose latents equal the reference's."""
+    latents, frames = tiny_test_arrays
     assert np.array_equal(latents, reference_latents)
     return frames
 
 
+@pytest.mark.e2e
+def test_one_rank_run_equals_the_reference_executor(tiny_test_arrays, reference_latents):
+    assert np.array_equal(tiny_test_arrays[0], reference_latents)
+
+
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.parametrize("num_ranks,launcher", [(2, "mpiexec"), (3, "relaunch"), (4, "mpiexec")])
-def test_ranks_are_bit_identical_to_the_reference(tmp_path, reference_latents, one_rank_frames, num_ranks, launcher):
-    path = tmp_path / "run.zarr"
-    ok(run(num_ranks, "--output", path, launcher=launcher))
+def test_ranks_are_bit_identical_to_the_reference(tmp_path, request, reference_latents, one_rank_frames, num_ranks, launcher):
+    if num_ranks == 2:  # the session's 2-rank run (tests/conftest.py), also read by test_plan.py
+        path = request.getfixturevalue("two_rank_run")
+    else:
+        path = tmp_path / "run.zarr"
+        ok(run(num_ranks, "--output", path, launcher=launcher))
     latents, frames = store_arrays(path)
     assert np.array_equal(latents, reference_latents)
     assert np.array_equal(frames, one_rank_frames)
     stats = RunStore.open(path).attrs["rank_stats"]
     assert [s["rank"] for s in stats] == list(range(num_ranks))
     assert [tuple(s["layers"]) for s in stats] == [(r.start, r.stop) for r in split_layers(4, num_ranks)]
-    assert sorted(p.name for p in (tmp_path / "run.zarr.logs").iterdir()) == [f"rank{r}.log" for r in range(num_ranks)]
+    assert sorted(p.name for p in path.parent.joinpath("run.zarr.logs").iterdir()) == [f"rank{r}.log" for r in range(num_ranks)]
     beats = read_heartbeats(path)  # every rank's last heartbeat, written at the end of the run (hpcvideo.progress)
     assert [(b["rank"], b["tick"], b["state"]) for b in beats] == [(r, beats[0]["num_ticks"], "finished") for r in range(num_ranks)]
 
 
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_given_stage_split_is_used_and_bad_splits_are_refused(tmp_path, reference_latents):
     path = tmp_path / "run.zarr"
     ok(run(2, "--output", path, "--set", "runtime.stage_layers=[3, 1]"))
@@ -124,10 +116,16 @@ def test_split_layers():
         split_layers(5, 2, [2, 2])
 
 
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.parametrize("first,second,fault", [(3, 2, "tick:3"), (1, 4, "tick:4"), (2, 3, "frames:1")])
-def test_resume_on_another_number_of_ranks(tmp_path, reference_latents, one_rank_frames, first, second, fault):
+def test_resume_on_another_number_of_ranks(tmp_path, forker, reference_latents, one_rank_frames, first, second, fault):
     path = tmp_path / "run.zarr"
-    killed = run(first, "--output", path, fault=fault)
+    if first == 1:  # one rank: a fork of the pre-imported worker, really SIGKILLed
+        killed = forker.run("generate", "tiny-test", "--output", path, fault=fault, check=False)
+    else:
+        killed = run(first, "--output", path, fault=fault)
     assert killed.returncode != 0
     assert not RunStore.open(path).status_dict()["complete"]
     ok(run(second, "--output", path))
@@ -135,6 +133,9 @@ def test_resume_on_another_number_of_ranks(tmp_path, reference_latents, one_rank
     assert np.array_equal(latents, reference_latents) and np.array_equal(frames, one_rank_frames)
 
 
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.parametrize("fault,needle", [("raise:tick:2@1", "rank 1 failed"), ("tick:2@2", "")])
 def test_a_failed_rank_stops_every_rank_and_the_run_resumes(tmp_path, reference_latents, fault, needle):
     """A rank that raises (or is SIGKILLed) ends the whole job non-zero within 60 s; nothing hangs;

@@ -2,28 +2,21 @@
 single-process executor (one rank whose clip is the whole video), and a killed run resumes
 bit-identically. (A rank count that does not match the clips is refused: test_videoinfinity.py.)"""
 
-import os
-import shutil
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
+from tests.helpers import cli, cli_signalled, mpi_cli, needs_mpiexec
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")]
+pytestmark = pytest.mark.e2e  # the multi-rank ones are also marked mpi
 
 
 def run(num_ranks, preset, *args, fault=None, timeout=300):
-    env = dict(os.environ)
-    env.pop("HPCVIDEO_FAULT", None)
-    if fault:
-        env["HPCVIDEO_FAULT"] = fault
-    cli = [sys.executable, "-m", "hpcvideo.cli", "generate", preset, "--no-progress", *map(str, args)]
-    command = [MPIEXEC, "-n", str(num_ranks), *cli] if num_ranks > 1 else cli
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    """``hpcvideo generate PRESET --no-progress ARGS`` on ``num_ranks`` ranks (mpiexec), or, for one rank, in this
+    process (a fault must then be a ``raise:`` one)."""
+    if num_ranks == 1:
+        return cli("generate", preset, "--no-progress", *args, fault=fault, check=False)
+    return mpi_cli(num_ranks, "generate", preset, "--no-progress", *args, fault=fault, check=False, timeout=timeout)
 
 
 def ok(result):
@@ -44,6 +37,8 @@ def wan_reference(tmp_path_factory, tiny_model_dir):
     return arrays(path)
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_reference):
     path = tmp_path / "run.zarr"
     ok(run(4, "tiny-vi-wan", "--output", path))
@@ -60,6 +55,8 @@ def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_refer
     assert [s["bytes_received"] for s in stats] == [(h + g) * 4 * 24 * 4 * 4 * 2 * 4 for h, g in zip(halo, not_owned)]
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_any_frame_count_on_two_ranks_keeps_exactly_the_frames_asked_for(tmp_path, wan_reference):
     """25 frames = 7 latent frames; on 2 ranks the derived clips are 4 + 4 latent frames (the last one reaches
     past the video): the same 8 latent frames as the reference, and its first 25 frames."""
@@ -82,6 +79,8 @@ def test_rank_counts_that_cannot_lay_out_the_clips_are_refused_before_mpiexec(tm
         assert len(result.stderr.strip().splitlines()) == 1 and not path.exists()
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_killed_run_resumes_bit_identically(tmp_path, wan_reference):
     """Rank 1 is SIGKILLed at the start of step 2 of 4 (on 2 ranks); the same command finishes the run,
     and the result equals the uninterrupted single-process one bit for bit."""
@@ -97,6 +96,8 @@ def test_a_killed_run_resumes_bit_identically(tmp_path, wan_reference):
     assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1])
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
     """UNet3D: float32 round-off of the video-wide GroupNorm statistics, after 4 DDIM steps with CFG 7.5:
     measured max |diff| 3e-5 in latents of magnitude ~3; asserted 2e-4 (frames within 1 of 255)."""
@@ -117,31 +118,17 @@ def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
 def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identically(tmp_path):
     """Under SLURM (SLURM_JOB_ID set) USR2 makes the run checkpoint the next step and exit 75 (the
     sbatch scripts requeue on it); the rerun ends equal to an uninterrupted run."""
-    import signal
-    import time
-
     from hpcvideo.runtime.preempt import EXIT_REQUEUE
 
     args = ("--set", "strategy.clip_latent_frames=8", "--set", "sampling.num_inference_steps=12")
     whole = tmp_path / "whole.zarr"
     ok(run(1, "tiny-vi-wan", "--output", whole, *args))
     path = tmp_path / "run.zarr"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "HYDRA_", "MPI"))}
-    environ.pop("HPCVIDEO_FAULT", None)
-    environ["SLURM_JOB_ID"] = "12345"
-    process = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-vi-wan", "--no-progress",
-                                "--output", str(path), *args], env=environ, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            if RunStore.exists(path) and (RunStore.open(path).status_dict()["last_checkpoint_tick"] or 0) >= 2:
-                break
-            time.sleep(0.05)
-        process.send_signal(signal.SIGUSR2)
-        _, stderr = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+    # in this process, signalled by a thread as SLURM signals the job (tests.helpers.cli_signalled)
+    result = cli_signalled("generate", "tiny-vi-wan", "--no-progress", "--output", path, *args, store=path,
+                           min_checkpoint_tick=2)
+    process, stderr = result, result.stderr
     assert process.returncode == EXIT_REQUEUE, stderr
     stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
     status = RunStore.open(path).status_dict()
@@ -152,6 +139,8 @@ def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identicall
     assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path):
     # strategy.sync_clips=false (the seam-comparison baseline): no messages, and clip 0 of the 4-rank run is
     # the 1-rank run of a video that is only that clip (noise is per video frame, so frames 0..1 match)
