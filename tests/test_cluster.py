@@ -25,7 +25,7 @@ import pytest
 from hpcvideo.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 # tiny-test (blocks of 2 latent frames, 4 steps) made longer: 4*(2B - 1) + 1 frames for B blocks;
 # B = 40 -> 317 frames, 43 ticks, long enough to signal the job twice while it runs.

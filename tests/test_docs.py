@@ -216,7 +216,7 @@ def workdir(tmp_path_factory) -> Path:
     return work
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("snippet", TO_RUN, ids=lambda s: f"{s.doc}: {s.text.splitlines()[0][:70]}")
 def test_command_runs_as_written(snippet, workdir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")

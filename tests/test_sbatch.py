@@ -139,7 +139,7 @@ def test_both_scripts_stop_before_srun_when_the_check_fails(tmp_path, template):
     assert srun_args is None and requeue is None and not (tmp_path / "clean.args").exists()  # no step started
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_real_check_ends_the_job_in_seconds_with_the_reason(tmp_path, tiny_model_dir):
     """The scripts run the real `hpcvideo check` with the job's task count: 8 tasks for a 4-block model,
     and a preset whose model path is still the placeholder, end before srun with the reason."""
