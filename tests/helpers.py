@@ -65,8 +65,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None) -> Result:
     """``hpcvideo ARGS`` in this process (``hpcvideo.cli.main``), stdout and stderr captured; ``env`` entries are set
-    for the call (None removes one) and restored after it. ``fault`` must be a ``raise:`` fault here."""
+    for the call (None removes one) and restored after it. ``fault`` must be a ``raise:`` fault here. A ``--ranks N``
+    that relaunches starts ``mpiexec -n N python -m hpcvideo.cli ...`` (its ranks' output is not captured here)."""
     from hpcvideo.cli import main
+    from hpcvideo.launch import local
     from hpcvideo.runtime.preempt import active_stop_request, uninstall_stop_handler
 
     if fault is not None and not fault.startswith("raise:"):
@@ -76,6 +78,9 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
     saved = {key: os.environ.get(key) for key in changes}
     out, err = io.StringIO(), io.StringIO()
     start = time.monotonic()
+    program = local.current_program
+    # `--ranks N` relaunches "this program" under mpiexec: here that must be the CLI, not pytest
+    local.current_program = lambda: ["-m", "hpcvideo.cli"]
     try:
         for key, value in changes.items():
             if value is None:
@@ -88,6 +93,7 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
             except SystemExit as stop:  # argparse, or a rank that is told to stop
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
+        local.current_program = program
         if active_stop_request() is not None:  # generate under SLURM_JOB_ID installed one: never leave it behind
             uninstall_stop_handler()
         for key, value in saved.items():
