@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli
+from tests.helpers import ROOT, cli
 
-ROOT = Path(__file__).resolve().parents[1]
 HPCVIDEO = [sys.executable, "-m", "hpcvideo.cli"]
 NO_MPI = {"MPI4PY_LIBMPI": "/nonexistent/libmpi.so"}  # what mpi4py without an MPI library does: fail to dlopen
 

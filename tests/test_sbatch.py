@@ -14,8 +14,8 @@ import pytest
 from hpcvideo.config import ConfigError, load_config
 from hpcvideo.launch.sbatch import render_sbatch
 from hpcvideo.launch.slurm import executor_parameters
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 NASTY_PROMPT = "it's a \"fox\" $(touch pwned) `touch pwned2`; rm -rf ~ & echo $HOME"
 NASTY_STORE = "runs/a b/$(touch pwned3).zarr"
