@@ -80,17 +80,55 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
-@pytest.fixture(scope="session")
-def two_rank_run(tmp_path_factory, tiny_model_dir):
-    """The tiny-test run on 2 ranks (``mpiexec -n 2 hpcvideo generate tiny-test``), made once per session: read
-    by tests/test_pipeline.py (bit-identity, rank stats, logs, heartbeats) and tests/test_plan.py (bytes sent)."""
-    from tests.helpers import MPIEXEC, mpi_cli
+# The fresh multi-rank `generate` runs that tests only read, by world size: one launch of tests/mpi/generate_many.py
+# per world size runs them all (name: preset and arguments after `--output PATH --no-progress`).
+MPI_RUNS = {
+    2: {"tiny-test": ["tiny-test"],  # test_pipeline.py, test_plan.py
+        "tiny-test-stages-3-1": ["tiny-test", "--set", "runtime.stage_layers=[3, 1]"],  # test_pipeline.py
+        "tiny-test-stages-2-1": ["tiny-test", "--set", "runtime.stage_layers=[2, 1]"],  # test_pipeline.py: refused
+        "tiny-vi-wan-25-frames": ["tiny-vi-wan", "--frames", "25"]},  # test_videoinfinity_run.py
+    4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
+        "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
+        "tiny-vi-wan-independent": ["tiny-vi-wan", "--set", "strategy.sync_clips=false"]},  # test_videoinfinity_run.py
+}
 
-    if MPIEXEC is None:
-        pytest.skip("no mpiexec (pip install mpich)")
-    path = tmp_path_factory.mktemp("two-rank-run") / "run.zarr"
-    mpi_cli(2, "generate", "tiny-test", "--output", path, "--no-progress")
-    return path
+
+@pytest.fixture(scope="session")
+def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
+    """``mpi_runs(K)[name]``: the outcome of the run ``name`` of :data:`MPI_RUNS` on K ranks, all of a world size run
+    by one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per session: a dict with "path" (the store,
+    in a folder of its own), "returncode", and rank 0's "stdout" and "stderr" of that run."""
+    from tests.helpers import MPIEXEC, mpirun_script
+
+    launches: dict[int, dict] = {}
+
+    def runs(num_ranks: int) -> dict:
+        if MPIEXEC is None:
+            pytest.skip("no mpiexec (pip install mpich)")
+        if num_ranks not in launches:
+            folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
+            paths = {name: folder / name / "run.zarr" for name in MPI_RUNS[num_ranks]}
+            argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
+                     for name, args in MPI_RUNS[num_ranks].items()]
+            for path in paths.values():
+                path.parent.mkdir()
+            report = folder / "report.json"
+            result, _ = mpirun_script(num_ranks, "generate_many.py", str(report), *argvs, timeout_s=600)
+            assert result.returncode == 0, result.stdout + result.stderr
+            reports = json.loads(report.read_text())
+            assert len(reports) == len(paths), result.stdout + result.stderr
+            launches[num_ranks] = {name: {**r, "path": paths[name]} for name, r in zip(paths, reports)}
+        return launches[num_ranks]
+
+    return runs
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(mpi_runs):
+    """The store of tiny-test on 2 ranks (``mpi_runs(2)["tiny-test"]``), read by test_pipeline.py and test_plan.py."""
+    run = mpi_runs(2)["tiny-test"]
+    assert run["returncode"] == 0, run["stderr"]
+    return run["path"]
 
 
 # What each world size's one mpiexec launch of tests/mpi/scenarios.py runs (OUT, UNET3D, WAN: filled in below).

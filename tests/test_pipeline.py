@@ -26,6 +26,10 @@ def run(num_ranks, *args, fault=None, timeout=240, launcher="mpiexec"):
 
 
 def ok(result):
+    """A Result, or a run of the mpi_runs fixture (a dict), that exited 0."""
+    if isinstance(result, dict):
+        assert result["returncode"] == 0, f"exit {result['returncode']}\n{result['stdout']}\n{result['stderr']}"
+        return result
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -75,9 +79,11 @@ def test_one_rank_run_equals_the_reference_executor(tiny_test_arrays, reference_
 @pytest.mark.mpi
 @needs_mpiexec
 @pytest.mark.parametrize("num_ranks,launcher", [(2, "mpiexec"), (3, "relaunch"), (4, "mpiexec")])
-def test_ranks_are_bit_identical_to_the_reference(tmp_path, request, reference_latents, one_rank_frames, num_ranks, launcher):
-    if num_ranks == 2:  # the session's 2-rank run (tests/conftest.py), also read by test_plan.py
-        path = request.getfixturevalue("two_rank_run")
+def test_ranks_are_bit_identical_to_the_reference(tmp_path, mpi_runs, reference_latents, one_rank_frames, num_ranks, launcher):
+    if launcher == "mpiexec":  # the session's launch for this world size (tests/conftest.py: mpi_runs)
+        run_ = mpi_runs(num_ranks)["tiny-test"]
+        ok(run_)
+        path = run_["path"]
     else:
         path = tmp_path / "run.zarr"
         ok(run(num_ranks, "--output", path, launcher=launcher))
@@ -95,15 +101,17 @@ def test_ranks_are_bit_identical_to_the_reference(tmp_path, request, reference_l
 @pytest.mark.e2e
 @pytest.mark.mpi
 @needs_mpiexec
-def test_a_given_stage_split_is_used_and_bad_splits_are_refused(tmp_path, reference_latents):
-    path = tmp_path / "run.zarr"
-    ok(run(2, "--output", path, "--set", "runtime.stage_layers=[3, 1]"))
+def test_a_given_stage_split_is_used_and_bad_splits_are_refused(mpi_runs, reference_latents):
+    """Two runs of the session's 2-rank launch (tests/conftest.py: mpi_runs)."""
+    given = mpi_runs(2)["tiny-test-stages-3-1"]
+    ok(given)
+    path = given["path"]
     assert np.array_equal(store_arrays(path)[0], reference_latents)
     assert [s["layers"] for s in RunStore.open(path).attrs["rank_stats"]] == [[0, 3], [3, 4]]
-    refused = run(2, "--output", tmp_path / "bad.zarr", "--set", "runtime.stage_layers=[2, 1]")
-    assert refused.returncode == 2
-    assert "runtime.stage_layers=[2, 1]" in refused.stderr
-    assert not (tmp_path / "bad.zarr").exists()
+    refused = mpi_runs(2)["tiny-test-stages-2-1"]
+    assert refused["returncode"] == 2
+    assert "runtime.stage_layers=[2, 1]" in refused["stderr"]
+    assert not refused["path"].exists()
 
 
 def test_split_layers():

@@ -20,6 +20,10 @@ def run(num_ranks, preset, *args, fault=None, timeout=300):
 
 
 def ok(result):
+    """A Result, or a run of the mpi_runs fixture (a dict), that exited 0."""
+    if isinstance(result, dict):
+        assert result["returncode"] == 0, f"exit {result['returncode']}\n{result['stdout']}\n{result['stderr']}"
+        return
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
@@ -40,9 +44,10 @@ def wan_reference(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_reference):
-    path = tmp_path / "run.zarr"
-    ok(run(4, "tiny-vi-wan", "--output", path))
+def test_wan_on_four_ranks_is_bit_identical_to_the_reference(mpi_runs, wan_reference):
+    run_ = mpi_runs(4)["tiny-vi-wan"]  # the session's 4-rank launch (tests/conftest.py)
+    ok(run_)
+    path = run_["path"]
     latents, frames = arrays(path)
     assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1])
     store = RunStore.open(path)
@@ -58,11 +63,12 @@ def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_refer
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_any_frame_count_on_two_ranks_keeps_exactly_the_frames_asked_for(tmp_path, wan_reference):
+def test_any_frame_count_on_two_ranks_keeps_exactly_the_frames_asked_for(mpi_runs, wan_reference):
     """25 frames = 7 latent frames; on 2 ranks the derived clips are 4 + 4 latent frames (the last one reaches
     past the video): the same 8 latent frames as the reference, and its first 25 frames."""
-    path = tmp_path / "run.zarr"
-    ok(run(2, "tiny-vi-wan", "--output", path, "--frames", 25))
+    run_ = mpi_runs(2)["tiny-vi-wan-25-frames"]  # the session's 2-rank launch (tests/conftest.py)
+    ok(run_)
+    path = run_["path"]
     latents, frames = arrays(path)
     store = RunStore.open(path)
     assert store.num_frames == 25 and store.num_blocks == 2 and store.config["strategy"]["clip_latent_frames"] == 4
@@ -143,11 +149,12 @@ def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identicall
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path):
+def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path, mpi_runs):
     # strategy.sync_clips=false (the seam-comparison baseline): no messages, and clip 0 of the 4-rank run is
     # the 1-rank run of a video that is only that clip (noise is per video frame, so frames 0..1 match)
-    path, alone = tmp_path / "run.zarr", tmp_path / "alone.zarr"
-    ok(run(4, "tiny-vi-wan", "--output", path, "--set", "strategy.sync_clips=false"))
+    run_, alone = mpi_runs(4)["tiny-vi-wan-independent"], tmp_path / "alone.zarr"  # the session's 4-rank launch
+    ok(run_)
+    path = run_["path"]
     ok(run(1, "tiny-vi-wan", "--output", alone, "--frames", 5))
     latents, frames = arrays(path)
     clip_latents, clip_frames = arrays(alone)
