@@ -80,44 +80,51 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
-# The fresh multi-rank `generate` runs that tests only read, by world size: one launch of tests/mpi/generate_many.py
-# per world size runs them all (name: preset and arguments after `--output PATH --no-progress`).
-MPI_RUNS = {
-    2: {"tiny-test": ["tiny-test"],  # test_pipeline.py, test_plan.py
-        "tiny-test-stages-3-1": ["tiny-test", "--set", "runtime.stage_layers=[3, 1]"],  # test_pipeline.py
-        "tiny-test-stages-2-1": ["tiny-test", "--set", "runtime.stage_layers=[2, 1]"],  # test_pipeline.py: refused
-        "tiny-vi-wan-25-frames": ["tiny-vi-wan", "--frames", "25"]},  # test_videoinfinity_run.py
-    4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
-        "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
-        "tiny-vi-wan-independent": ["tiny-vi-wan", "--set", "strategy.sync_clips=false"]},  # test_videoinfinity_run.py
-}
-
-
 @pytest.fixture(scope="session")
-def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
-    """``mpi_runs(K)[name]``: the outcome of the run ``name`` of :data:`MPI_RUNS` on K ranks, all of a world size run
-    by one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per session: a dict with "path" (the store,
-    in a folder of its own), "returncode", and rank 0's "stdout" and "stderr" of that run."""
-    from tests.helpers import MPIEXEC, mpirun_script
+def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, forker):
+    """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED` finished on K ranks, every
+    run of a world size done by one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per session: a dict
+    with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
+    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
+    and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""
+    from hpcvideo.store import RunStore
+    from tests.helpers import MPI_KILLED, MPI_RUNS, MPIEXEC, mpi_cli, mpirun_script
 
     launches: dict[int, dict] = {}
+
+    def kill(args: list[str], num_ranks: int, fault: str, path) -> dict:
+        argv = ["generate", args[0], "--output", path, "--no-progress", *args[1:]]
+        if num_ranks == 1:
+            result = forker.run(*argv, fault=fault, check=False)
+        else:
+            result = mpi_cli(num_ranks, *argv, fault=fault, check=False, timeout=120)
+        logs = "".join(p.read_text() for p in sorted(path.parent.joinpath(f"{path.name}.logs").glob("*.log")))
+        store = RunStore.open(path) if RunStore.exists(path) else None
+        state = store.load_state("resume") if store is not None else None
+        return {"result": result, "logs": logs, "status": store.status_dict() if store is not None else None,
+                "resume_tick": state[1]["tick"] if state is not None else None}
 
     def runs(num_ranks: int) -> dict:
         if MPIEXEC is None:
             pytest.skip("no mpiexec (pip install mpich)")
         if num_ranks not in launches:
             folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
-            paths = {name: folder / name / "run.zarr" for name in MPI_RUNS[num_ranks]}
-            argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
-                     for name, args in MPI_RUNS[num_ranks].items()]
+            todo = dict(MPI_RUNS[num_ranks])
+            todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items() if resume == num_ranks})
+            paths = {name: folder / name / "run.zarr" for name in todo}
             for path in paths.values():
                 path.parent.mkdir()
+            killed = {name: kill(args, ranks, fault, paths[name])
+                      for name, (args, ranks, fault, resume) in MPI_KILLED.items() if resume == num_ranks}
+            argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
+                     for name, args in todo.items()]
             report = folder / "report.json"
             result, _ = mpirun_script(num_ranks, "generate_many.py", str(report), *argvs, timeout_s=600)
             assert result.returncode == 0, result.stdout + result.stderr
             reports = json.loads(report.read_text())
             assert len(reports) == len(paths), result.stdout + result.stderr
-            launches[num_ranks] = {name: {**r, "path": paths[name]} for name, r in zip(paths, reports)}
+            launches[num_ranks] = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
+                                   for name, r in zip(paths, reports)}
         return launches[num_ranks]
 
     return runs
@@ -131,21 +138,13 @@ def two_rank_run(mpi_runs):
     return run["path"]
 
 
-# What each world size's one mpiexec launch of tests/mpi/scenarios.py runs (OUT, UNET3D, WAN: filled in below).
-MPI_SCENARIOS = {
-    2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
-    3: ["exchange", "preempt:0:3", "preempt:2:3"],
-    4: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
-}
-
-
 @pytest.fixture(scope="session")
 def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
     """``mpi_world(K)``: the outcome of one ``mpiexec -n K python tests/mpi/scenarios.py ...`` launch per world size
     and session (tests/test_runtime.py, test_preempt.py and test_videoinfinity.py read it): a dict with the
     CompletedProcess ("result"), rank 0's report per scenario name ("exchange", "preempt:0:3", ...) and the
     path of the Video-Infinity forward results ("vi_forward", a torch.save file) where that scenario ran."""
-    from tests.helpers import MPIEXEC, mpirun_script
+    from tests.helpers import MPI_SCENARIOS, MPIEXEC, mpirun_script
 
     worlds: dict[int, dict] = {}
 

@@ -189,6 +189,42 @@ def copy_store(source: Path, target: Path) -> Path:
     return target
 
 
+# ------------------------------------------------------------------------- the shared MPI launches (conftest)
+
+# What each world size's one mpiexec launch of tests/mpi/scenarios.py runs
+# (OUT, UNET3D, WAN: filled in by conftest.mpi_world).
+MPI_SCENARIOS = {
+    2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
+    3: ["exchange", "preempt:0:3", "preempt:2:3"],
+    4: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
+}
+
+
+# The multi-rank `generate` runs that tests only read, by world size: one launch of tests/mpi/generate_many.py per
+# world size runs them all, in this order (name: preset and arguments after `--output PATH --no-progress`).
+MPI_RUNS = {
+    2: {"tiny-test": ["tiny-test"],  # test_pipeline.py, test_plan.py
+        "tiny-test-stages-3-1": ["tiny-test", "--set", "runtime.stage_layers=[3, 1]"],  # test_pipeline.py
+        "tiny-test-stages-2-1": ["tiny-test", "--set", "runtime.stage_layers=[2, 1]"],  # test_pipeline.py: refused
+        "tiny-vi-wan-25-frames": ["tiny-vi-wan", "--frames", "25"]},  # test_videoinfinity_run.py
+    3: {},
+    4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
+        "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
+        "tiny-vi-wan-independent": ["tiny-vi-wan", "--set", "strategy.sync_clips=false"]},  # test_videoinfinity_run.py
+}
+# Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker), before the
+# launch of the world size ``resume_ranks``, which resumes them with the same arguments as its other runs.
+MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume)
+    "tiny-test-killed-on-3": (["tiny-test"], 3, "tick:3", 2),  # test_pipeline.py: another number of ranks
+    "tiny-test-killed-on-1": (["tiny-test"], 1, "tick:4", 4),
+    "tiny-test-killed-on-2": (["tiny-test"], 2, "frames:1", 3),
+    "tiny-test-rank-1-raised": (["tiny-test"], 3, "raise:tick:2@1", 3),  # test_pipeline.py: a failed rank
+    "tiny-test-rank-2-killed": (["tiny-test"], 3, "tick:2@2", 3),
+    "tiny-vi-wan-rank-1-killed": (["tiny-vi-wan", "--set", "strategy.clip_latent_frames=4"], 2, "tick:2@1", 2),  # VI
+}
+
+
+
 # ------------------------------------------------------------------------------------------- the forker
 
 

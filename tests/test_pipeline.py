@@ -13,16 +13,13 @@ from hpcvideo.progress import read_heartbeats
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.dualparal.pipeline import split_layers
 from hpcvideo.strategies.dualparal.reference import DualParalReference
-from tests.helpers import cli_subprocess, mpi_cli, needs_mpiexec, store_arrays
+from tests.helpers import MPI_KILLED, cli_subprocess, needs_mpiexec, store_arrays
 
 
 
-def run(num_ranks, *args, fault=None, timeout=240, launcher="mpiexec"):
-    """``hpcvideo generate tiny-test ARGS`` on ``num_ranks`` ranks: ``mpiexec -n N`` or ``--ranks N`` (relaunch)."""
-    if launcher == "relaunch":
-        return cli_subprocess("generate", "tiny-test", *args, "--ranks", num_ranks, fault=fault, check=False,
-                              timeout=timeout)
-    return mpi_cli(num_ranks, "generate", "tiny-test", *args, fault=fault, check=False, timeout=timeout)
+def relaunch(num_ranks, *args, timeout=240):
+    """``hpcvideo generate tiny-test ARGS --ranks N``: the CLI starts mpiexec itself."""
+    return cli_subprocess("generate", "tiny-test", *args, "--ranks", num_ranks, check=False, timeout=timeout)
 
 
 def ok(result):
@@ -86,7 +83,7 @@ def test_ranks_are_bit_identical_to_the_reference(tmp_path, mpi_runs, reference_
         path = run_["path"]
     else:
         path = tmp_path / "run.zarr"
-        ok(run(num_ranks, "--output", path, launcher=launcher))
+        ok(relaunch(num_ranks, "--output", path))
     latents, frames = store_arrays(path)
     assert np.array_equal(latents, reference_latents)
     assert np.array_equal(frames, one_rank_frames)
@@ -128,33 +125,36 @@ def test_split_layers():
 @pytest.mark.mpi
 @needs_mpiexec
 @pytest.mark.parametrize("first,second,fault", [(3, 2, "tick:3"), (1, 4, "tick:4"), (2, 3, "frames:1")])
-def test_resume_on_another_number_of_ranks(tmp_path, forker, reference_latents, one_rank_frames, first, second, fault):
-    path = tmp_path / "run.zarr"
-    if first == 1:  # one rank: a fork of the pre-imported worker, really SIGKILLed
-        killed = forker.run("generate", "tiny-test", "--output", path, fault=fault, check=False)
-    else:
-        killed = run(first, "--output", path, fault=fault)
-    assert killed.returncode != 0
-    assert not RunStore.open(path).status_dict()["complete"]
-    ok(run(second, "--output", path))
-    latents, frames = store_arrays(path)
+def test_resume_on_another_number_of_ranks(mpi_runs, reference_latents, one_rank_frames, first, second, fault):
+    """Killed on ``first`` ranks by a launch of its own (1 rank: a fork of the pre-imported worker), resumed by the
+    session's launch on ``second`` ranks (tests/conftest.py: MPI_KILLED, mpi_runs)."""
+    run_ = mpi_runs(second)[f"tiny-test-killed-on-{first}"]
+    assert MPI_KILLED[f"tiny-test-killed-on-{first}"][1:] == (first, fault, second)
+    killed = run_["killed"]
+    assert killed["result"].returncode != 0
+    assert not killed["status"]["complete"]
+    ok(run_)
+    latents, frames = store_arrays(run_["path"])
     assert np.array_equal(latents, reference_latents) and np.array_equal(frames, one_rank_frames)
 
 
 @pytest.mark.e2e
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("fault,needle", [("raise:tick:2@1", "rank 1 failed"), ("tick:2@2", "")])
-def test_a_failed_rank_stops_every_rank_and_the_run_resumes(tmp_path, reference_latents, fault, needle):
+@pytest.mark.parametrize("name,fault,needle", [("tiny-test-rank-1-raised", "raise:tick:2@1", "rank 1 failed"),
+                                               ("tiny-test-rank-2-killed", "tick:2@2", "")])
+def test_a_failed_rank_stops_every_rank_and_the_run_resumes(mpi_runs, reference_latents, name, fault, needle):
     """A rank that raises (or is SIGKILLed) ends the whole job non-zero within 60 s; nothing hangs;
-    the store stays consistent and the same command resumes to the reference result."""
-    path = tmp_path / "run.zarr"
-    failed = run(3, "--output", path, fault=fault, timeout=120)
+    the store stays consistent and the same command (3 ranks: the session's 3-rank launch) resumes to the
+    reference result (tests/conftest.py: MPI_KILLED, mpi_runs)."""
+    assert MPI_KILLED[name][1:] == (3, fault, 3)
+    run_ = mpi_runs(3)[name]
+    failed = run_["killed"]["result"]
     assert failed.returncode != 0
     assert failed.elapsed_s < 60 + 20  # 60 s budget after the failure, + start-up of 3 ranks on 2 cores
-    logs = failed.stdout + failed.stderr + "".join(p.read_text() for p in (tmp_path / "run.zarr.logs").glob("*.log"))
+    logs = failed.stdout + failed.stderr + run_["killed"]["logs"]
     assert needle in logs
     if needle:
         assert "stopping because rank 1 failed" in logs  # the peers say which rank failed
-    ok(run(3, "--output", path))
-    assert np.array_equal(store_arrays(path)[0], reference_latents)
+    ok(run_)
+    assert np.array_equal(store_arrays(run_["path"])[0], reference_latents)

@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
-from tests.helpers import cli, cli_signalled, cli_subprocess, mpi_cli, needs_mpiexec, store_arrays
+from tests.helpers import MPI_KILLED, cli, cli_signalled, cli_subprocess, needs_mpiexec, store_arrays
 
 pytestmark = pytest.mark.e2e  # the multi-rank ones are also marked mpi
 
 
-def run(num_ranks, preset, *args, fault=None, timeout=300):
-    """``hpcvideo generate PRESET --no-progress ARGS`` on ``num_ranks`` ranks (mpiexec), or, for one rank, in this
-    process (a fault must then be a ``raise:`` one)."""
-    if num_ranks == 1:
-        return cli("generate", preset, "--no-progress", *args, fault=fault, check=False)
-    return mpi_cli(num_ranks, "generate", preset, "--no-progress", *args, fault=fault, check=False, timeout=timeout)
+def run(preset, *args):
+    """``hpcvideo generate PRESET --no-progress ARGS`` on one rank, in this process."""
+    return cli("generate", preset, "--no-progress", *args, check=False)
 
 
 def ok(result):
@@ -38,7 +35,7 @@ def arrays(path):
 def wan_reference(tmp_path_factory, tiny_model_dir):
     """tiny-vi-wan on one rank, one clip = the whole video: the single-process executor."""
     path = tmp_path_factory.mktemp("wan1") / "run.zarr"
-    ok(run(1, "tiny-vi-wan", "--output", path, "--set", "strategy.clip_latent_frames=8"))
+    ok(run("tiny-vi-wan", "--output", path, "--set", "strategy.clip_latent_frames=8"))
     return arrays(path)
 
 
@@ -81,25 +78,26 @@ def test_rank_counts_that_cannot_lay_out_the_clips_are_refused_before_mpiexec(tm
     for args, needle in ((("--ranks", 5), "allowed: 1-4, 8 ranks"),  # 8 latent frames: clips of 2 fill 4 ranks
                          (("--ranks", 9), "fewer latent frames than ranks"),
                          (("--ranks", 2, "--set", "strategy.clip_latent_frames=2"), "allowed: 4 rank(s)")):
-        result = run(1, "tiny-vi-wan", "--output", path, *args)
+        result = run("tiny-vi-wan", "--output", path, *args)
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not path.exists()
 
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_a_killed_run_resumes_bit_identically(tmp_path, wan_reference):
-    """Rank 1 is SIGKILLed at the start of step 2 of 4 (on 2 ranks); the same command finishes the run,
-    and the result equals the uninterrupted single-process one bit for bit."""
-    path = tmp_path / "run.zarr"
-    args = ("--output", path, "--set", "strategy.clip_latent_frames=4")
-    killed = run(2, "tiny-vi-wan", *args, fault="tick:2@1")
-    assert killed.returncode != 0
-    store = RunStore.open(path)
+def test_a_killed_run_resumes_bit_identically(mpi_runs, wan_reference):
+    """Rank 1 is SIGKILLed at the start of step 2 of 4 (on 2 ranks, a launch of its own); the same command (in the
+    session's 2-rank launch, tests/conftest.py: MPI_KILLED) finishes the run, and the result equals the
+    uninterrupted single-process one bit for bit."""
+    name = "tiny-vi-wan-rank-1-killed"
+    assert MPI_KILLED[name] == (["tiny-vi-wan", "--set", "strategy.clip_latent_frames=4"], 2, "tick:2@1", 2)
+    run_ = mpi_runs(2)[name]
+    killed = run_["killed"]
+    assert killed["result"].returncode != 0
     # rank 0 may still be writing step 2's checkpoint when the launcher kills it (~10 ms after rank 1)
-    assert not store.status_dict()["complete"] and store.load_state("resume")[1]["tick"] in (1, 2)
-    ok(run(2, "tiny-vi-wan", *args))
-    latents, frames = arrays(path)
+    assert not killed["status"]["complete"] and killed["resume_tick"] in (1, 2)
+    ok(run_)
+    latents, frames = arrays(run_["path"])
     assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1])
 
 
@@ -110,7 +108,7 @@ def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
     measured max |diff| 3e-5 in latents of magnitude ~3; asserted 2e-4 (frames within 1 of 255)."""
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     single = ("--set", "sampling.prompt=a red ball rolling on grass")  # one prompt: clips of any size agree
-    ok(run(1, "tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
+    ok(run("tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
     # the README's command (a process of its own): --ranks 2 starts mpiexec itself; the clip length is derived (16 / 2 = 8)
     readme = ("generate", "tiny-vi-unet3d", "--no-progress", "--output", two, "--ranks", 2, *single)
     ok(cli_subprocess(*readme, check=False))
@@ -130,7 +128,7 @@ def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identicall
 
     args = ("--set", "strategy.clip_latent_frames=8", "--set", "sampling.num_inference_steps=12")
     whole = tmp_path / "whole.zarr"
-    ok(run(1, "tiny-vi-wan", "--output", whole, *args))
+    ok(run("tiny-vi-wan", "--output", whole, *args))
     path = tmp_path / "run.zarr"
 
     # in this process, signalled by a thread as SLURM signals the job (tests.helpers.cli_signalled)
@@ -141,7 +139,7 @@ def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identicall
     stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
     status = RunStore.open(path).status_dict()
     assert not status["complete"] and status["last_checkpoint_tick"] == stopped_at and 2 <= stopped_at < 12
-    ok(run(1, "tiny-vi-wan", "--output", path, *args))
+    ok(run("tiny-vi-wan", "--output", path, *args))
     latents, frames = arrays(path)
     expected = arrays(whole)
     assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
@@ -155,7 +153,7 @@ def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path, mpi_ru
     run_, alone = mpi_runs(4)["tiny-vi-wan-independent"], tmp_path / "alone.zarr"  # the session's 4-rank launch
     ok(run_)
     path = run_["path"]
-    ok(run(1, "tiny-vi-wan", "--output", alone, "--frames", 5))
+    ok(run("tiny-vi-wan", "--output", alone, "--frames", 5))
     latents, frames = arrays(path)
     clip_latents, clip_frames = arrays(alone)
     assert np.array_equal(latents[:2], clip_latents) and np.array_equal(frames[:5], clip_frames)
