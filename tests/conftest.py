@@ -81,9 +81,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, forker):
-    """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED` finished on K ranks, every
-    run of a world size done by one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per session: a dict
+def mpi_runs(tmp_path_factory, tiny_model_dir, forker):
+    """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED`
+    finished on K ranks, every run of a world size done by one ``mpiexec -n K python tests/mpi/generate_many.py ...``
+    launch per session (a killed run: after its own kill launch, which comes first): a dict
     with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
     for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
     and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""

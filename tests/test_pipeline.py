@@ -1,5 +1,9 @@
 """DualParal across MPI ranks (gloo on CPU): bit-identical to the single-process reference executor
-for 1-4 ranks, resume on another rank count, and failures that stop every rank without hanging."""
+for 1-4 ranks, resume on another rank count, and failures that stop every rank without hanging.
+
+The multi-rank runs (and the resumes of killed ones) come from one mpiexec launch per world size
+(tests/conftest.py: mpi_runs; the tables MPI_RUNS and MPI_KILLED in tests/helpers.py); each kill has a
+launch of its own; the 3-rank run through ``--ranks 3`` (the CLI's own relaunch) is a process of its own."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,9 @@
 """Video-Infinity runs through the CLI under mpiexec (gloo on CPU): clip-parallel runs equal the
 single-process executor (one rank whose clip is the whole video), and a killed run resumes
-bit-identically. (A rank count that does not match the clips is refused: test_videoinfinity.py.)"""
+bit-identically. (A rank count that does not match the clips is refused: test_videoinfinity.py.)
+One-rank runs go in this process; the multi-rank ones come from the session's one mpiexec launch per world size
+(tests/conftest.py: mpi_runs); the kill of rank 1 has a launch of its own, the README's ``--ranks 2`` command a
+process of its own."""
 
 import numpy as np
 import pytest
