@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
     saved = {key: os.environ.get(key) for key in changes}
     out, err = io.StringIO(), io.StringIO()
     start = time.monotonic()
-    program = local.current_program
+    program, showwarning = local.current_program, warnings.showwarning  # main() sets its own warning format
     # `--ranks N` relaunches "this program" under mpiexec: here that must be the CLI, not pytest
     local.current_program = lambda: ["-m", "hpcvideo.cli"]
     try:
@@ -93,7 +94,7 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
             except SystemExit as stop:  # argparse, or a rank that is told to stop
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
-        local.current_program = program
+        local.current_program, warnings.showwarning = program, showwarning
         if active_stop_request() is not None:  # generate under SLURM_JOB_ID installed one: never leave it behind
             uninstall_stop_handler()
         for key, value in saved.items():
