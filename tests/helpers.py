@@ -19,10 +19,13 @@ import contextlib
 import io
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -109,9 +112,6 @@ def cli_signalled(*args, store: Path, min_checkpoint_tick: int, signum: int = 0,
     """``hpcvideo ARGS`` in this process under SLURM (``SLURM_JOB_ID`` set, so the CLI installs its stop handler),
     sent ``signum`` (default USR2) by a watcher thread once ``store`` has a checkpoint at ``min_checkpoint_tick`` or
     later, as SLURM signals a running job. A signal that comes after the command ended meets a no-op handler."""
-    import signal
-    import threading
-
     from hpcvideo.store import RunStore
 
     signum = signum or signal.SIGUSR2
@@ -240,6 +240,8 @@ class Forker:
                                          stdout=subprocess.PIPE, text=True, cwd=ROOT, env=clean_env())
         assert self._process.stdout.readline().strip() == "ready", "the forker did not start"
         self._count = 0
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, name="forker-answers", daemon=True).start()
 
     def run(self, *args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None,
             timeout: float = 300) -> Result:
@@ -256,12 +258,26 @@ class Forker:
         start = time.monotonic()
         self._process.stdin.write(json.dumps(request) + "\n")
         self._process.stdin.flush()
-        line = self._process.stdout.readline()  # the child's exit status, once it ended
-        if not line:
-            raise AssertionError("the forker died")
-        code = json.loads(line)["returncode"]
+        pid = json.loads(self._readline(60))["pid"]  # the child's, at once
+        try:
+            code = json.loads(self._readline(timeout))["returncode"]  # the child's exit status, once it ended
+        except queue.Empty:  # a child that hangs: kill it, then fail
+            os.kill(pid, signal.SIGKILL)
+            self._readline(60)
+            raise AssertionError(f"hpcvideo {argv} did not end within {timeout} s:\n{out.read_text()}\n{err.read_text()}")
         result = Result(code, out.read_text(), err.read_text(), time.monotonic() - start, argv)
         return _check(result, check)
+
+    def _readline(self, timeout: float) -> str:
+        line = self._lines.get(timeout=timeout)  # queue.Empty after timeout
+        if not line:
+            raise AssertionError("the forker's worker died")
+        return line
+
+    def _read(self) -> None:  # a thread: the worker's answers, line by line ("" at its end)
+        for line in self._process.stdout:
+            self._lines.put(line)
+        self._lines.put("")
 
     def close(self) -> None:
         self._process.stdin.close()
@@ -306,6 +322,7 @@ def _serve() -> None:
                     sys.stderr.flush()
                 finally:
                     os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 
