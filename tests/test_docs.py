@@ -68,7 +68,7 @@ NOT_RUN: dict[str, str] = {
     "pip install -e '.[mpi]'": INSTALL,
     "pip install -e '.[notebook]'": INSTALL,
     "pip install -e '.[dev]'": INSTALL,
-    "bash .ci/run": "is CI itself: a fresh venv and the whole test suite (about 18 minutes)",
+    "bash .ci/run": "is CI itself: a fresh venv and the whole test suite (about 10 minutes on 2 cores)",
     f"srun --mpi=pmi2 -n 4 hpcvideo generate wan2.1-t2v-1.3b {MODEL} -o runs/y.zarr": f"{CLUSTER}; {CHECKPOINT}",
     "hpcvideo train-demo --output runs/demo-model": "trains the demo model: about an hour on one CPU thread",
     "hpcvideo generate demo-cpu --set model.path=runs/demo-model --output runs/demo-retrained.zarr":
