@@ -1,5 +1,11 @@
-"""Shared test set-up: a private model cache per session, offline hub, quiet logs."""
+"""Shared test set-up: a private model cache per session, offline hub, quiet logs; session fixtures for what
+several files only read (the tiny models, one finished tiny-test run) and the forker (tests/helpers.py).
 
+Layers (markers, pyproject.toml): unit (in this process, seconds), e2e (whole runs of the CLI, in this process,
+a fork or a subprocess), mpi (several ranks under mpiexec), slurm (a real SLURM). `python -m pytest -q tests`
+runs them all; `-m unit` is the quick loop, `-m "not slurm"` skips the cluster lab."""
+
+import json
 import os
 
 import pytest
@@ -33,3 +39,132 @@ def tiny_unet3d_dir(hpcvideo_cache):
     from hpcvideo.models.unet3d import ensure_tiny_unet3d
 
     return ensure_tiny_unet3d()
+
+
+@pytest.fixture(scope="session")
+def forker(hpcvideo_cache):
+    """One pre-imported worker per session; each ``forker.run(...)`` is a real, killable process (tests/helpers.py)."""
+    from tests.helpers import Forker
+
+    worker = Forker()
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_test_run(tmp_path_factory, tiny_model_dir):
+    """The finished tiny-test run (29 frames = 4 blocks of 2 latent frames, 4 steps, 1 rank), made once per
+    session in this process. Read it only; a test that changes a store takes a copy (tests.helpers.copy_store)."""
+    from tests.helpers import cli
+
+    path = tmp_path_factory.mktemp("tiny-test-run") / "run.zarr"
+    cli("generate", "tiny-test", "--output", path, "--no-progress")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_test_arrays(tiny_test_run):
+    """(latents, frames) of :func:`tiny_test_run`: the uninterrupted reference every resume is compared with."""
+    from tests.helpers import store_arrays
+
+    return store_arrays(tiny_test_run)
+
+
+LAYERS = ("unit", "e2e", "mpi", "slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test with none of the layer markers is a unit test (pieces in this process): `-m unit` selects it."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in LAYERS):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def mpi_runs(tmp_path_factory, tiny_model_dir, forker):
+    """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED`
+    finished on K ranks, every run of a world size done by one ``mpiexec -n K python tests/mpi/generate_many.py ...``
+    launch per session (a killed run: after its own kill launch, which comes first): a dict
+    with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
+    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
+    and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""
+    from hpcvideo.store import RunStore
+    from tests.helpers import MPI_KILLED, MPI_RUNS, MPIEXEC, mpi_cli, mpirun_script
+
+    launches: dict[int, dict] = {}
+
+    def kill(args: list[str], num_ranks: int, fault: str, path) -> dict:
+        argv = ["generate", args[0], "--output", path, "--no-progress", *args[1:]]
+        if num_ranks == 1:
+            result = forker.run(*argv, fault=fault, check=False)
+        else:
+            result = mpi_cli(num_ranks, *argv, fault=fault, check=False, timeout=120)
+        logs = "".join(p.read_text() for p in sorted(path.parent.joinpath(f"{path.name}.logs").glob("*.log")))
+        store = RunStore.open(path) if RunStore.exists(path) else None
+        state = store.load_state("resume") if store is not None else None
+        return {"result": result, "logs": logs, "status": store.status_dict() if store is not None else None,
+                "resume_tick": state[1]["tick"] if state is not None else None}
+
+    def runs(num_ranks: int) -> dict:
+        if MPIEXEC is None:
+            pytest.skip("no mpiexec (pip install mpich)")
+        if num_ranks not in launches:
+            folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
+            todo = dict(MPI_RUNS[num_ranks])
+            todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items() if resume == num_ranks})
+            paths = {name: folder / name / "run.zarr" for name in todo}
+            for path in paths.values():
+                path.parent.mkdir()
+            killed = {name: kill(args, ranks, fault, paths[name])
+                      for name, (args, ranks, fault, resume) in MPI_KILLED.items() if resume == num_ranks}
+            argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
+                     for name, args in todo.items()]
+            report = folder / "report.json"
+            result, _ = mpirun_script(num_ranks, "generate_many.py", str(report), *argvs, timeout_s=600)
+            assert result.returncode == 0, result.stdout + result.stderr
+            reports = json.loads(report.read_text())
+            assert len(reports) == len(paths), result.stdout + result.stderr
+            launches[num_ranks] = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
+                                   for name, r in zip(paths, reports)}
+        return launches[num_ranks]
+
+    return runs
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(mpi_runs):
+    """The store of tiny-test on 2 ranks (``mpi_runs(2)["tiny-test"]``), read by test_pipeline.py and test_plan.py."""
+    run = mpi_runs(2)["tiny-test"]
+    assert run["returncode"] == 0, run["stderr"]
+    return run["path"]
+
+
+@pytest.fixture(scope="session")
+def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
+    """``mpi_world(K)``: the outcome of one ``mpiexec -n K python tests/mpi/scenarios.py ...`` launch per world size
+    and session (tests/test_runtime.py, test_preempt.py and test_videoinfinity.py read it): a dict with the
+    CompletedProcess ("result"), rank 0's report per scenario name ("exchange", "preempt:0:3", ...) and the
+    path of the Video-Infinity forward results ("vi_forward", a torch.save file) where that scenario ran."""
+    from tests.helpers import MPI_SCENARIOS, MPIEXEC, mpirun_script
+
+    worlds: dict[int, dict] = {}
+
+    def world(num_ranks: int) -> dict:
+        if MPIEXEC is None:
+            pytest.skip("no mpiexec (pip install mpich)")
+        if num_ranks not in worlds:
+            out = tmp_path_factory.mktemp(f"mpi-world-{num_ranks}") / "vi_forward.pt"
+            scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir) for s in MPI_SCENARIOS[num_ranks]]
+            result, _ = mpirun_script(num_ranks, "scenarios.py", *scenarios, timeout_s=300)
+            assert result.returncode == 0, result.stdout + result.stderr
+            reports = {"result": result}
+            for line in result.stdout.splitlines():
+                if line.startswith("SCENARIO "):
+                    _, scenario, report = line.split(" ", 2)
+                    name = "vi_forward" if scenario.startswith("vi_forward:") else scenario
+                    reports[name] = out if name == "vi_forward" else json.loads(report)
+            assert all((s.split(":")[0] if s.startswith("vi_forward") else s) in reports for s in scenarios), result.stdout
+            worlds[num_ranks] = reports
+        return worlds[num_ranks]
+
+    return world

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
+from tests.helpers import ROOT, cli_subprocess, store_arrays
 
-ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 # tiny-test (blocks of 2 latent frames, 4 steps) made longer: 4*(2B - 1) + 1 frames for B blocks;
 # B = 40 -> 317 frames, 43 ticks, long enough to signal the job twice while it runs.
@@ -67,14 +67,8 @@ def slurm_lab(tmp_path_factory):
 
 
 def hv(environ, *args, timeout=300, fault=None, check=True):
-    env = dict(environ)
-    if fault:
-        env["HPCVIDEO_FAULT"] = fault  # sbatch exports the submitting environment to the job
-    result = subprocess.run([sys.executable, "-m", "hpcvideo.cli", *map(str, args)], env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"hpcvideo {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
+    """``hpcvideo ARGS`` as its own process in the lab's environment (sbatch exports it, with a fault, to the job)."""
+    return cli_subprocess(*args, env=environ, fault=fault, check=check, timeout=timeout)
 
 
 def submit(environ, path, *extra, fault=None):
@@ -111,12 +105,6 @@ def release(environ, job_id):
 def status(environ, path):
     result = hv(environ, "status", path, "--json", check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def final_arrays(path):
-    store = RunStore.open(path)
-    assert store.status_dict()["complete"]
-    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
 
 
 @pytest.fixture
@@ -164,8 +152,8 @@ def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab
     wait_for(lambda: job_state(slurm_lab, job_id) == "COMPLETED", "the job to complete")
     output, _ = reference_run.communicate(timeout=300)
     assert reference_run.returncode == 0, output
-    latents, frames = final_arrays(path)
-    reference = final_arrays(tmp_path / "reference.zarr")
+    latents, frames = store_arrays(path)
+    reference = store_arrays(tmp_path / "reference.zarr")
     assert np.array_equal(latents, reference[0]) and np.array_equal(frames, reference[1])
     assert _submitit_out(path, job_id).count("Requeued job") == 2 and len(_resume_ticks(path)) == 3
 

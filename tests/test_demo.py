@@ -171,6 +171,7 @@ def _generate(pipe, prompt: str, seed: int) -> np.ndarray:
     return np.asarray(out.frames[0])
 
 
+@pytest.mark.e2e
 @needs_weights
 @pytest.mark.parametrize("colour,direction", [("red", "left"), ("yellow", "up"), ("white", "down"), ("orange", "left")])
 def test_generated_shape_has_the_prompted_colour(demo_pipe, colour, direction):
@@ -185,7 +186,7 @@ def test_generated_shape_has_the_prompted_colour(demo_pipe, colour, direction):
     assert 20 < pixels[colour].mean() < 0.25 * 64 * 64  # a shape, not the whole frame
 
 
-@needs_weights
+@pytest.mark.e2e
 @needs_weights
 def test_generated_shape_moves_the_prompted_way(demo_pipe):
     # The same seed (the same initial noise) for all four directions: the words, not the noise, must decide
@@ -203,6 +204,7 @@ def test_generated_shape_moves_the_prompted_way(demo_pipe):
         assert travel > MIN_TRAVEL_PX and travel > across, (direction, travel, across)
 
 
+@pytest.mark.e2e
 def test_train_demo_writes_a_folder_that_load_wan_reads(tmp_path):
     from hpcvideo.demo.train import train_demo
     from hpcvideo.models import load_wan

@@ -68,7 +68,7 @@ NOT_RUN: dict[str, str] = {
     "pip install -e '.[mpi]'": INSTALL,
     "pip install -e '.[notebook]'": INSTALL,
     "pip install -e '.[dev]'": INSTALL,
-    "bash .ci/run": "is CI itself: a fresh venv and the whole test suite (about 18 minutes)",
+    "bash .ci/run": "is CI itself: a fresh venv and the whole test suite (about 10 minutes on 2 cores)",
     f"srun --mpi=pmi2 -n 4 hpcvideo generate wan2.1-t2v-1.3b {MODEL} -o runs/y.zarr": f"{CLUSTER}; {CHECKPOINT}",
     "hpcvideo train-demo --output runs/demo-model": "trains the demo model: about an hour on one CPU thread",
     "hpcvideo generate demo-cpu --set model.path=runs/demo-model --output runs/demo-retrained.zarr":
@@ -216,7 +216,7 @@ def workdir(tmp_path_factory) -> Path:
     return work
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("snippet", TO_RUN, ids=lambda s: f"{s.doc}: {s.text.splitlines()[0][:70]}")
 def test_command_runs_as_written(snippet, workdir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")

@@ -1,7 +1,6 @@
 """The main job end to end: parity with diffusers, resume after SIGKILL, extension, refusals, CLI."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,43 +14,14 @@ from hpcvideo.config import load_config
 from hpcvideo.generate import generate
 from hpcvideo.noise import block_noise
 from hpcvideo.store import RunStore
+from tests.helpers import assert_same_run, cli, clean_env
+from tests.helpers import store_arrays as arrays
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
-
-def cli(*args, fault=None, check=True, timeout=300):
-    env = dict(os.environ)
-    env.pop("HPCVIDEO_FAULT", None)
-    if fault:
-        env["HPCVIDEO_FAULT"] = fault
-    result = subprocess.run(
-        [sys.executable, "-m", "hpcvideo.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"hpcvideo {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def arrays(path):
-    store = RunStore.open(path)
-    assert store.status_dict()["complete"]
-    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
-
-
-def assert_same_run(path, reference):
-    latents, frames = arrays(path)
-    ref_latents, ref_frames = reference
-    assert latents.shape == ref_latents.shape and frames.shape == ref_frames.shape
-    assert np.array_equal(latents, ref_latents)
-    assert np.array_equal(frames, ref_frames)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_model_dir):
-    """tiny-test (29 frames = 4 blocks of 2 latent frames, 4 steps) uninterrupted, in a subprocess."""
-    path = tmp_path_factory.mktemp("ref") / "run.zarr"
-    cli("generate", "tiny-test", "--output", path)
-    return arrays(path)
+# The runs go in this process (tests.helpers.cli) unless the test needs a real process: a SIGKILL at an
+# HPCVIDEO_FAULT point runs in a fork of the pre-imported worker (the forker fixture), and the one external
+# kill of a running process (test_resume_after_external_sigkill_while_running) in a fresh subprocess.
 
 
 def test_one_block_equals_wan_pipeline(tmp_path, tiny_model_dir):
@@ -81,23 +51,23 @@ def test_one_block_equals_wan_pipeline(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("fault", ["tick:2", "latents:0", "frames:1", "tick:6", "frames:3"])
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run, fault):
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_test_arrays, forker, fault):
     path = tmp_path / "run.zarr"
-    killed = cli("generate", "tiny-test", "--output", path, fault=fault, check=False)
+    killed = forker.run("generate", "tiny-test", "--output", path, fault=fault, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     status = json.loads(cli("status", path, "--json").stdout)
     assert not status["complete"]
     cli("generate", "tiny-test", "--output", path)
-    assert_same_run(path, reference_run)
+    assert_same_run(path, tiny_test_arrays)
 
 
-def test_resume_after_external_sigkill_while_running(tmp_path, reference_run):
+def test_resume_after_external_sigkill_while_running(tmp_path):
     """Kill from outside at an arbitrary moment once the run has checkpointed; twice in a row."""
     path = tmp_path / "run.zarr"
     args = [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output", str(path),
             "--set", "video.num_frames=61"]  # 16 latent frames = 8 blocks: a longer run to hit
     for _ in range(2):
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if RunStore.exists(path) and RunStore.open(path).status_dict()["last_checkpoint_tick"] is not None:
@@ -112,17 +82,17 @@ def test_resume_after_external_sigkill_while_running(tmp_path, reference_run):
     assert_same_run(path, arrays(uninterrupted))
 
 
-def test_extend_equals_asking_for_the_longer_video(tmp_path, reference_run):
+def test_extend_equals_asking_for_the_longer_video(tmp_path, tiny_test_arrays):
     path = tmp_path / "run.zarr"
     cli("generate", "tiny-test", "--output", path, "--frames", 13)  # 4 latent frames = 2 blocks
     short = RunStore.open(path).status_dict()
     assert short["complete"] and short["num_frames"] == 13
     cli("generate", "tiny-test", "--output", path, "--frames", 21)  # 3 blocks
     cli("generate", "tiny-test", "--output", path)  # 29 frames, 4 blocks: equals the reference run
-    assert_same_run(path, reference_run)
+    assert_same_run(path, tiny_test_arrays)
 
 
-def test_any_frame_count_and_an_extension_that_needs_no_new_block(tmp_path, reference_run):
+def test_any_frame_count_and_an_extension_that_needs_no_new_block(tmp_path, tiny_test_arrays):
     """22 and 25 frames both need 7 latent frames = 4 whole blocks of 2 (8 latent frames, 29 decoded frames):
     the store holds exactly N frames; extending 22 -> 25 -> 29 writes the missing frames of the last block
     as an uninterrupted run of the larger N does, bit for bit."""
@@ -139,7 +109,7 @@ def test_any_frame_count_and_an_extension_that_needs_no_new_block(tmp_path, refe
     cli("generate", "tiny-test", "--output", path, "--frames", 25)  # no new block: the frames 22..24 come in
     assert_same_run(path, arrays(scratch))
     cli("generate", "tiny-test", "--output", path)  # 29 frames, still 4 blocks: equals the reference run
-    assert_same_run(path, reference_run)
+    assert_same_run(path, tiny_test_arrays)
     # status, the mp4 and xarray see exactly N frames
     import av
     import xarray
@@ -180,14 +150,15 @@ def test_extension_that_needs_new_blocks_from_a_cut_last_block(tmp_path, steps):
     assert_same_run(path, arrays(scratch))
 
 
-def test_extend_after_a_kill_past_the_end_of_the_shorter_run(tmp_path, reference_run):
+def test_extend_after_a_kill_past_the_end_of_the_shorter_run(tmp_path, tiny_test_arrays, forker):
     path = tmp_path / "run.zarr"
-    cli("generate", "tiny-test", "--output", path, "--frames", 13, fault="tick:4", check=False)
+    killed = forker.run("generate", "tiny-test", "--output", path, "--frames", 13, fault="tick:4", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     cli("generate", "tiny-test", "--output", path)
-    assert_same_run(path, reference_run)
+    assert_same_run(path, tiny_test_arrays)
 
 
-def test_store_with_different_config_is_refused_and_untouched(tmp_path, reference_run):
+def test_store_with_different_config_is_refused_and_untouched(tmp_path, tiny_test_arrays):
     path = tmp_path / "run.zarr"
     cli("generate", "tiny-test", "--output", path, "--frames", 13)
     before = arrays(path)
@@ -230,15 +201,13 @@ def test_bad_input_fails_before_any_work(tmp_path, args, needle):
         assert not (tmp_path / "never.zarr.logs").exists()
 
 
-def test_a_rank_count_the_run_cannot_use_fails_inside_the_launcher(tmp_path):
+def test_a_rank_count_the_run_cannot_use_fails_inside_the_launcher(tmp_path, forker):
     """Under a launcher (mpiexec -n 64 ...) every rank reaches the same verdict before MPI starts:
-    rank 0 says why in one line, the others exit 2 quietly."""
+    rank 0 says why in one line, the others exit 2 quietly. (A real process per rank: the forker.)"""
     path = tmp_path / "never.zarr"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "HYDRA_", "MPI"))}
     for rank, expected in ((0, "64 rank(s): 64 ranks cannot split the model's 4 transformer blocks"), (5, "")):
-        result = subprocess.run(
-            [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output", str(path)],
-            env={**environ, "PMI_RANK": str(rank), "PMI_SIZE": "64"}, capture_output=True, text=True, timeout=120)
+        result = forker.run("generate", "tiny-test", "--output", path, env=clean_env(PMI_RANK=str(rank), PMI_SIZE="64"),
+                            check=False)
         assert result.returncode == 2, result.stderr
         assert (expected in result.stderr) if expected else result.stderr.strip() == ""
         assert "Traceback" not in result.stderr and not path.exists()
@@ -251,7 +220,7 @@ def test_unwritable_output_is_refused(tmp_path):
     assert result.returncode == 2 and "store.path" in result.stderr
 
 
-def test_cli_round_trip_status_and_export(tmp_path, reference_run):
+def test_cli_round_trip_status_and_export(tmp_path, tiny_test_arrays):
     import av
 
     path = tmp_path / "run.zarr"
@@ -280,20 +249,21 @@ def test_cli_round_trip_status_and_export(tmp_path, reference_run):
     "every_ticks,every_s,expected_tick",
     [(1000, 1e-6, 5), (2, 1e9, 4), (1000, 1e9, None)],  # by seconds, by ticks, neither (before the kill)
 )
-def test_checkpoint_frequency_by_ticks_and_by_seconds(tmp_path, every_ticks, every_s, expected_tick):
+def test_checkpoint_frequency_by_ticks_and_by_seconds(tmp_path, forker, every_ticks, every_s, expected_tick):
     path = tmp_path / "run.zarr"
-    killed = cli("generate", "tiny-test", "--output", path, "--frames", 61, "--set", f"store.checkpoint_every_ticks={every_ticks}",
+    killed = forker.run("generate", "tiny-test", "--output", path, "--frames", 61, "--set", f"store.checkpoint_every_ticks={every_ticks}",
                  "--set", f"store.checkpoint_every_s={every_s}", fault="tick:5", check=False)
     assert killed.returncode == -signal.SIGKILL
     assert RunStore.open(path).status_dict()["last_checkpoint_tick"] == expected_tick
 
 
-def test_orphaned_partial_files_are_swept_on_resume(tmp_path, reference_run):
+def test_orphaned_partial_files_are_swept_on_resume(tmp_path, tiny_test_arrays, forker):
     path = tmp_path / "run.zarr"
-    cli("generate", "tiny-test", "--output", path, fault="frames:2", check=False)
+    killed = forker.run("generate", "tiny-test", "--output", path, fault="frames:2", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     orphan = path / "frames" / "c" / "1" / "0" / "0" / ("0." + "ab" * 16 + ".partial")
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"half a chunk")
     cli("generate", "tiny-test", "--output", path)
     assert not orphan.exists()
-    assert_same_run(path, reference_run)
+    assert_same_run(path, tiny_test_arrays)

@@ -23,7 +23,7 @@ import pytest
 from hpcvideo.store import RunStore
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.mpi]
 
 # (preset, ranks, extra CLI args) -> (sha256 of latents, sha256 of frames, latents shape, frames shape)
 GOLDEN = {

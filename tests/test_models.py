@@ -175,6 +175,7 @@ def test_read_model_info_rejects_channel_mismatch(tiny_path, tmp_path):
         read_model_info(bad)
 
 
+@pytest.mark.e2e  # two real processes build the model at once
 def test_ensure_tiny_wan_concurrent(tmp_path):
     cache = tmp_path / "cache"
     code = textwrap.dedent(

@@ -10,10 +10,11 @@ import nbclient
 import nbformat
 import pytest
 
-from hpcvideo.config import load_config
-from hpcvideo.generate import generate
 from hpcvideo.metrics import seam_metric
 from hpcvideo.store import RunStore
+from tests.helpers import copy_store
+
+pytestmark = pytest.mark.e2e  # each test starts a Jupyter kernel and runs the whole notebook
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_run.ipynb"
 
@@ -42,18 +43,17 @@ def text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
-@pytest.mark.slow
-def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, tiny_model_dir):
-    cfg = load_config("tiny-test", output=tmp_path / "run.zarr")
-    generate(cfg, progress=False)
-    cells = execute(cfg.store.path, monkeypatch)
+def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, tiny_test_run):
+    """On a copy of the session's finished tiny-test run (tests/conftest.py)."""
+    path = copy_store(tiny_test_run, tmp_path / "run.zarr")
+    cells = execute(path, monkeypatch)
     by_source = {key: next(c for c in cells if key in c.source)
                  for key in ("print(format_status", "GRID_FRAMES).round", "to_jshtml", "tick_times", "return_frame_diff")}
     assert "ticks      7/7" in text(by_source["print(format_status"]) and outputs(by_source["print(format_status"], "image/png")
     assert outputs(by_source["GRID_FRAMES).round"], "image/png")
     assert any("<script" in o.data["text/html"] for o in outputs(by_source["to_jshtml"], "text/html"))
     assert outputs(by_source["tick_times"], "image/png")
-    seams = seam_metric(cfg.store.path)
+    seams = seam_metric(path)
     assert f"overall seam ratio {seams['overall']}" in text(by_source["return_frame_diff"])
     assert outputs(by_source["return_frame_diff"], "image/png")
 

@@ -1,46 +1,36 @@
 """DualParal across MPI ranks (gloo on CPU): bit-identical to the single-process reference executor
-for 1-4 ranks, resume on another rank count, and failures that stop every rank without hanging."""
+for 1-4 ranks, resume on another rank count, and failures that stop every rank without hanging.
 
-import os
-import shutil
-import subprocess
-import sys
-import time
+The multi-rank runs (and the resumes of killed ones) come from one mpiexec launch per world size
+(tests/conftest.py: mpi_runs; the tables MPI_RUNS and MPI_KILLED in tests/helpers.py); each kill has a
+launch of its own; the 3-rank run through ``--ranks 3`` (the CLI's own relaunch) is a process of its own."""
 
 import numpy as np
 import pytest
 import torch
 
 from hpcvideo.config import load_config
-from hpcvideo.models import encode_prompts, ensure_tiny_wan, load_wan
+from hpcvideo.models import encode_prompts, load_wan
 from hpcvideo.noise import block_noise
 from hpcvideo.schedulers import make_scheduler
 from hpcvideo.progress import read_heartbeats
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.dualparal.pipeline import split_layers
 from hpcvideo.strategies.dualparal.reference import DualParalReference
-
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")]
+from tests.helpers import MPI_KILLED, cli_subprocess, needs_mpiexec, store_arrays
 
 
-def run(num_ranks, *args, fault=None, timeout=240, launcher="mpiexec"):
-    env = dict(os.environ)
-    env.pop("HPCVIDEO_FAULT", None)
-    if fault:
-        env["HPCVIDEO_FAULT"] = fault
-    cli = [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", *map(str, args)]
-    if launcher == "relaunch":
-        command = [*cli, "--ranks", str(num_ranks)]
-    else:
-        command = [MPIEXEC, "-n", str(num_ranks), *cli] if num_ranks > 1 else cli
-    start = time.monotonic()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    result.elapsed_s = time.monotonic() - start
-    return result
+
+def relaunch(num_ranks, *args, timeout=240):
+    """``hpcvideo generate tiny-test ARGS --ranks N``: the CLI starts mpiexec itself."""
+    return cli_subprocess("generate", "tiny-test", *args, "--ranks", num_ranks, check=False, timeout=timeout)
 
 
 def ok(result):
+    """A Result, or a run of the mpi_runs fixture (a dict), that exited 0."""
+    if isinstance(result, dict):
+        assert result["returncode"] == 0, f"exit {result['returncode']}\n{result['stdout']}\n{result['stderr']}"
+        return result
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -73,45 +63,56 @@ def reference_latents(tiny_model_dir):
     return torch.cat([blocks[j][0] for j in range(cfg.num_blocks)], dim=1).permute(1, 0, 2, 3).numpy()
 
 
-def store_arrays(path):
-    store = RunStore.open(path)
-    assert store.status_dict()["complete"]
-    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
-
-
 @pytest.fixture(scope="module")
-def one_rank_frames(tmp_path_factory, reference_latents):
-    path = tmp_path_factory.mktemp("one") / "run.zarr"
-    ok(run(1, "--output", path))
-    latents, frames = store_arrays(path)
+def one_rank_frames(tiny_test_arrays, reference_latents):
+    """The frames of the session's 1-rank tiny-test run (tests/conftest.py), whose latents equal the reference's."""
+    latents, frames = tiny_test_arrays
     assert np.array_equal(latents, reference_latents)
     return frames
 
 
+@pytest.mark.e2e
+def test_one_rank_run_equals_the_reference_executor(tiny_test_arrays, reference_latents):
+    assert np.array_equal(tiny_test_arrays[0], reference_latents)
+
+
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.parametrize("num_ranks,launcher", [(2, "mpiexec"), (3, "relaunch"), (4, "mpiexec")])
-def test_ranks_are_bit_identical_to_the_reference(tmp_path, reference_latents, one_rank_frames, num_ranks, launcher):
-    path = tmp_path / "run.zarr"
-    ok(run(num_ranks, "--output", path, launcher=launcher))
+def test_ranks_are_bit_identical_to_the_reference(tmp_path, mpi_runs, reference_latents, one_rank_frames, num_ranks, launcher):
+    if launcher == "mpiexec":  # the session's launch for this world size (tests/conftest.py: mpi_runs)
+        run_ = mpi_runs(num_ranks)["tiny-test"]
+        ok(run_)
+        path = run_["path"]
+    else:
+        path = tmp_path / "run.zarr"
+        ok(relaunch(num_ranks, "--output", path))
     latents, frames = store_arrays(path)
     assert np.array_equal(latents, reference_latents)
     assert np.array_equal(frames, one_rank_frames)
     stats = RunStore.open(path).attrs["rank_stats"]
     assert [s["rank"] for s in stats] == list(range(num_ranks))
     assert [tuple(s["layers"]) for s in stats] == [(r.start, r.stop) for r in split_layers(4, num_ranks)]
-    assert sorted(p.name for p in (tmp_path / "run.zarr.logs").iterdir()) == [f"rank{r}.log" for r in range(num_ranks)]
+    assert sorted(p.name for p in path.parent.joinpath("run.zarr.logs").iterdir()) == [f"rank{r}.log" for r in range(num_ranks)]
     beats = read_heartbeats(path)  # every rank's last heartbeat, written at the end of the run (hpcvideo.progress)
     assert [(b["rank"], b["tick"], b["state"]) for b in beats] == [(r, beats[0]["num_ticks"], "finished") for r in range(num_ranks)]
 
 
-def test_a_given_stage_split_is_used_and_bad_splits_are_refused(tmp_path, reference_latents):
-    path = tmp_path / "run.zarr"
-    ok(run(2, "--output", path, "--set", "runtime.stage_layers=[3, 1]"))
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_given_stage_split_is_used_and_bad_splits_are_refused(mpi_runs, reference_latents):
+    """Two runs of the session's 2-rank launch (tests/conftest.py: mpi_runs)."""
+    given = mpi_runs(2)["tiny-test-stages-3-1"]
+    ok(given)
+    path = given["path"]
     assert np.array_equal(store_arrays(path)[0], reference_latents)
     assert [s["layers"] for s in RunStore.open(path).attrs["rank_stats"]] == [[0, 3], [3, 4]]
-    refused = run(2, "--output", tmp_path / "bad.zarr", "--set", "runtime.stage_layers=[2, 1]")
-    assert refused.returncode == 2
-    assert "runtime.stage_layers=[2, 1]" in refused.stderr
-    assert not (tmp_path / "bad.zarr").exists()
+    refused = mpi_runs(2)["tiny-test-stages-2-1"]
+    assert refused["returncode"] == 2
+    assert "runtime.stage_layers=[2, 1]" in refused["stderr"]
+    assert not refused["path"].exists()
 
 
 def test_split_layers():
@@ -124,28 +125,40 @@ def test_split_layers():
         split_layers(5, 2, [2, 2])
 
 
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.parametrize("first,second,fault", [(3, 2, "tick:3"), (1, 4, "tick:4"), (2, 3, "frames:1")])
-def test_resume_on_another_number_of_ranks(tmp_path, reference_latents, one_rank_frames, first, second, fault):
-    path = tmp_path / "run.zarr"
-    killed = run(first, "--output", path, fault=fault)
-    assert killed.returncode != 0
-    assert not RunStore.open(path).status_dict()["complete"]
-    ok(run(second, "--output", path))
-    latents, frames = store_arrays(path)
+def test_resume_on_another_number_of_ranks(mpi_runs, reference_latents, one_rank_frames, first, second, fault):
+    """Killed on ``first`` ranks by a launch of its own (1 rank: a fork of the pre-imported worker), resumed by the
+    session's launch on ``second`` ranks (tests/conftest.py: MPI_KILLED, mpi_runs)."""
+    run_ = mpi_runs(second)[f"tiny-test-killed-on-{first}"]
+    assert MPI_KILLED[f"tiny-test-killed-on-{first}"][1:] == (first, fault, second)
+    killed = run_["killed"]
+    assert killed["result"].returncode != 0
+    assert not killed["status"]["complete"]
+    ok(run_)
+    latents, frames = store_arrays(run_["path"])
     assert np.array_equal(latents, reference_latents) and np.array_equal(frames, one_rank_frames)
 
 
-@pytest.mark.parametrize("fault,needle", [("raise:tick:2@1", "rank 1 failed"), ("tick:2@2", "")])
-def test_a_failed_rank_stops_every_rank_and_the_run_resumes(tmp_path, reference_latents, fault, needle):
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("name,fault,needle", [("tiny-test-rank-1-raised", "raise:tick:2@1", "rank 1 failed"),
+                                               ("tiny-test-rank-2-killed", "tick:2@2", "")])
+def test_a_failed_rank_stops_every_rank_and_the_run_resumes(mpi_runs, reference_latents, name, fault, needle):
     """A rank that raises (or is SIGKILLed) ends the whole job non-zero within 60 s; nothing hangs;
-    the store stays consistent and the same command resumes to the reference result."""
-    path = tmp_path / "run.zarr"
-    failed = run(3, "--output", path, fault=fault, timeout=120)
+    the store stays consistent and the same command (3 ranks: the session's 3-rank launch) resumes to the
+    reference result (tests/conftest.py: MPI_KILLED, mpi_runs)."""
+    assert MPI_KILLED[name][1:] == (3, fault, 3)
+    run_ = mpi_runs(3)[name]
+    failed = run_["killed"]["result"]
     assert failed.returncode != 0
     assert failed.elapsed_s < 60 + 20  # 60 s budget after the failure, + start-up of 3 ranks on 2 cores
-    logs = failed.stdout + failed.stderr + "".join(p.read_text() for p in (tmp_path / "run.zarr.logs").glob("*.log"))
+    logs = failed.stdout + failed.stderr + run_["killed"]["logs"]
     assert needle in logs
     if needle:
         assert "stopping because rank 1 failed" in logs  # the peers say which rank failed
-    ok(run(3, "--output", path))
-    assert np.array_equal(store_arrays(path)[0], reference_latents)
+    ok(run_)
+    assert np.array_equal(store_arrays(run_["path"])[0], reference_latents)

@@ -4,11 +4,6 @@ rank really sent in a 2-rank run; refusals that name what would fit, before anyt
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,8 +15,8 @@ from hpcvideo.schedulers import make_scheduler
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.dualparal.pipeline import split_layers
 from hpcvideo.strategies.dualparal.reference import DualParalReference
+from tests.helpers import cli
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 
 
 def tensor_bytes(module) -> int:
@@ -80,13 +75,11 @@ def test_queue_bytes_bound_the_reference_executors_state(tiny_model_dir):
     assert max(measured) == make_plan(cfg, num_ranks=1).ranks[0].queue_bytes
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
-def test_bytes_sent_per_rank_equal_the_pipelines_counters(tmp_path, tiny_model_dir):
-    path = tmp_path / "run.zarr"
-    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test",
-                             "--output", str(path), "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+@pytest.mark.e2e
+@pytest.mark.mpi
+def test_bytes_sent_per_rank_equal_the_pipelines_counters(two_rank_run):
+    """The session's 2-rank tiny-test run (tests/conftest.py; test_pipeline.py checks its result)."""
+    path = two_rank_run
     measured = {r["rank"]: r["bytes_sent"] for r in RunStore.open(path).attrs["rank_stats"]}
     plan = make_plan(load_config("tiny-test", check_paths=False), num_ranks=2)
     assert [r.sent_bytes_total for r in plan.ranks] == [measured[0], measured[1]]
@@ -120,9 +113,7 @@ def test_submit_refuses_before_creating_or_submitting_anything(tmp_path, tiny_mo
 
 
 def test_plan_cli_prints_every_rank_and_time_per_tick(tiny_model_dir):
-    result = subprocess.run([sys.executable, "-m", "hpcvideo.cli", "plan", "tiny-test", "--ranks", "3", "--tflops", "0.001"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = cli("plan", "tiny-test", "--ranks", "3", "--tflops", "0.001")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("tiny-wan-v2-seed0: 3 rank(s), 4 blocks, 7 ticks")
     assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]

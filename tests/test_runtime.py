@@ -1,7 +1,9 @@
 """Rank environment, failure handling and local relaunch.
 
-Multi-rank tests run ``mpiexec -n K python tests/mpi/<script>.py`` (gloo on CPU) as subprocesses
-with a timeout; the rest checks the pieces in this process without initialising MPI here.
+Multi-rank tests run ``mpiexec -n K python tests/mpi/<script>.py`` (gloo on CPU) as subprocesses with a
+timeout: the exchange checks read the one launch per world size of tests/mpi/scenarios.py (the ``mpi_world``
+fixture of tests/conftest.py); each failure case (a rank that raises, is killed, hangs) ends its job, so it
+has a launch of its own. The rest checks the pieces in this process without initialising MPI here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,25 +21,7 @@ from hpcvideo.launch.local import find_mpiexec, maybe_relaunch, mpi_flavour, str
 from hpcvideo.runtime import RankEnv, abort_on_failure, check_world_size, start_failure_monitor, stop_failure_monitor, under_mpi_launcher
 from hpcvideo.runtime.env import choose_master_addr, choose_master_port, rank_table
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "tests" / "mpi"
-LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_", "MPI_LOCAL", "MASTER_", "HPCVIDEO_R")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without launcher/rendezvous variables (the test may itself run under one)."""
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(LAUNCHER_PREFIXES)}
-    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return environ
-
-
-def mpirun(
-    num_ranks: int, script: str, *args: str, mpiexec_flags: tuple[str, ...] = (), timeout_s: float = 90
-) -> tuple[subprocess.CompletedProcess, float]:
-    command = [str(find_mpiexec()), *mpiexec_flags, "-n", str(num_ranks), sys.executable, str(SCRIPTS / script), *args]
-    start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=clean_env(), cwd=ROOT)
-    return result, time.monotonic() - start
+from tests.helpers import LAUNCHER_PREFIXES, MPI_SCRIPTS as SCRIPTS, ROOT, clean_env, mpirun_script as mpirun, needs_mpiexec
 
 
 # ----------------------------------------------------------------------------- in-process pieces
@@ -128,15 +111,20 @@ def test_mpiexec_is_the_installed_one():
 # ----------------------------------------------------------------------------- multi-rank
 
 
-@pytest.mark.parametrize("num_ranks", [1, 2, 4])  # 3 ranks: test_relaunch_under_mpiexec_with_rank_logs
-def test_rank_env_and_tensor_exchange(num_ranks):
-    if num_ranks == 1:  # a plain process: mpi4py singleton, no process group
-        command = [sys.executable, str(SCRIPTS / "rank_env.py")]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_env(), cwd=ROOT)
-    else:
-        result, _ = mpirun(num_ranks, "rank_env.py")
+def test_rank_env_of_a_plain_process():
+    """A plain process: an mpi4py singleton, no process group."""
+    command = [sys.executable, str(SCRIPTS / "rank_env.py")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    check_reports(json.loads(result.stdout.strip().splitlines()[-1]), num_ranks, result.stderr)
+    check_reports(json.loads(result.stdout.strip().splitlines()[-1]), 1, result.stderr)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [2, 3, 4])  # 3 ranks also: test_relaunch_under_mpiexec_with_rank_logs
+def test_rank_env_and_tensor_exchange(mpi_world, num_ranks):
+    """The "exchange" scenario of the one launch per world size (tests/conftest.py: mpi_world)."""
+    world = mpi_world(num_ranks)
+    check_reports(world["exchange"], num_ranks, world["result"].stderr)
 
 
 def check_reports(reports: list[dict], num_ranks: int, stderr: str) -> None:
@@ -162,6 +150,8 @@ def _exit_latency_s(result: subprocess.CompletedProcess, end: float, failing: in
     return end - failed_at
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_raising_rank_stops_every_rank():
     result, wall_s = mpirun(3, "fail.py", "raise", "1")
     end = time.time()
@@ -175,6 +165,8 @@ def test_a_raising_rank_stops_every_rank():
     assert latency_s < 60
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_killed_rank_stops_every_rank():
     """Plain mpiexec (hydra cleans up): the job ends at once.
 
@@ -228,6 +220,8 @@ def test_gone_peers_names_a_dead_local_rank():
     assert gone_peers(env) == [1]
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_stuck_rank_times_out_instead_of_hanging():
     """Rank 1 lives but never sends: rank 0's gloo recv raises after timeout_s (3 s) and the job ends."""
     result, wall_s = mpirun(2, "fail.py", "hang", "1")
@@ -239,6 +233,8 @@ def test_a_stuck_rank_times_out_instead_of_hanging():
     assert latency_s < 3 + 10
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_relaunch_under_mpiexec_with_rank_logs(tmp_path):
     logs = tmp_path / "logs"
     command = [sys.executable, "-m", "tests.mpi.entry", "--ranks", "3", "--expect", "3", "--log-dir", str(logs)]

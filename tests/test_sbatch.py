@@ -14,8 +14,8 @@ import pytest
 from hpcvideo.config import ConfigError, load_config
 from hpcvideo.launch.sbatch import render_sbatch
 from hpcvideo.launch.slurm import executor_parameters
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 NASTY_PROMPT = "it's a \"fox\" $(touch pwned) `touch pwned2`; rm -rf ~ & echo $HOME"
 NASTY_STORE = "runs/a b/$(touch pwned3).zarr"
@@ -139,7 +139,7 @@ def test_both_scripts_stop_before_srun_when_the_check_fails(tmp_path, template):
     assert srun_args is None and requeue is None and not (tmp_path / "clean.args").exists()  # no step started
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_real_check_ends_the_job_in_seconds_with_the_reason(tmp_path, tiny_model_dir):
     """The scripts run the real `hpcvideo check` with the job's task count: 8 tasks for a 4-block model,
     and a preset whose model path is still the placeholder, end before srun with the reason."""

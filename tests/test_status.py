@@ -17,6 +17,7 @@ from hpcvideo import progress as progress_mod
 from hpcvideo.cli import main
 from hpcvideo.progress import Heartbeat, format_status, progress, read_heartbeats, run_status
 from hpcvideo.store import RunStore
+from tests.helpers import clean_env, cli, cli_subprocess, needs_mpiexec
 
 CONFIG = {"video": {"num_frames": 29}, "strategy": {"name": "dualparal", "block_latent_frames": 2},
           "sampling": {"num_inference_steps": 4}}  # 4 blocks, 4 steps: 7 ticks
@@ -169,21 +170,19 @@ def test_ranks_of_an_earlier_attempt_are_not_listed_as_current(store, monkeypatc
     assert "earlier    rank 2 of an earlier attempt, last heard 17 min ago (not part of this run now)" in lines
 
 
-def _cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcvideo.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300, check=check)
-
-
-@pytest.mark.slow
-def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, tiny_model_dir):
+@pytest.mark.e2e
+@pytest.mark.mpi
+@needs_mpiexec
+def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, tiny_model_dir, forker):
     """2 ranks (mpiexec), rank 0 SIGKILLed at the start of tick 5 with the default 5 s heartbeat: `status`
     at once says stopped, at tick 5 like the checkpoint; resumed on 1 rank and killed at tick 6: rank 1
-    is only an earlier attempt's; resumed to the end: finished."""
+    is only an earlier attempt's; resumed to the end: finished. (The 2-rank run is a real mpiexec job, the
+    1-rank kill a fork of the pre-imported worker; `status` and the last resume run in this process.)"""
     path = tmp_path / "run.zarr"
-    killed = _cli("generate", "tiny-test", "--output", path, "--ranks", 2, "--no-progress",
-                  env={**os.environ, "HPCVIDEO_FAULT": "tick:5"}, check=False)
+    killed = cli_subprocess("generate", "tiny-test", "--output", path, "--ranks", 2, "--no-progress", fault="tick:5",
+                            env=clean_env(), check=False)
     assert killed.returncode != 0, killed.stderr
-    status = json.loads(_cli("status", path, "--json").stdout)
+    status = json.loads(cli("status", path, "--json").stdout)
     p = status["progress"]
     assert (status["status"], status["state"], p["state"], p["stale"]) == ("running", "stopped", "stopped", True)
     assert (p["tick"], status["last_checkpoint_tick"], p["num_ticks"]) == (5, 5, 7)  # checkpoint_every_ticks: 1
@@ -191,37 +190,34 @@ def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, tiny_mode
     # rank 1 is killed by mpiexec or stops by itself first (its failure monitor sees rank 0 go): either is not running
     assert p["ranks"][1]["rank"] == 1 and (p["ranks"][1]["gone"] or p["ranks"][1]["state"] == "stopped")
     assert p["world_size"] == 2 and p["earlier_ranks"] == [] and p["eta_s"] is None
-    text = _cli("status", path).stdout
+    text = cli("status", path).stdout
     assert text.splitlines()[0].startswith(f"{path}: stopped (rank ") and "ticks      5/7 when it stopped" in text
 
-    killed = _cli("generate", "tiny-test", "--output", path, "--no-progress",
-                  env={**os.environ, "HPCVIDEO_FAULT": "tick:6"}, check=False)
+    killed = forker.run("generate", "tiny-test", "--output", path, "--no-progress", fault="tick:6", check=False)
     assert killed.returncode != 0, killed.stderr
-    p = json.loads(_cli("status", path, "--json").stdout)["progress"]
+    p = json.loads(cli("status", path, "--json").stdout)["progress"]
     assert (p["state"], p["tick"], p["world_size"]) == ("stopped", 6, 1)
     assert [r["rank"] for r in p["ranks"]] == [0] and [r["rank"] for r in p["earlier_ranks"]] == [1]
     assert p["attempt"] != p["earlier_ranks"][0]["attempt"]
-    lines = _cli("status", path).stdout.splitlines()
+    lines = cli("status", path).stdout.splitlines()
     assert [line for line in lines if line.startswith("rank ")] and not [line for line in lines if line.startswith("rank 1")]
     assert any(line.startswith("earlier    rank 1 of an earlier attempt") for line in lines)
 
-    _cli("generate", "tiny-test", "--output", path, "--no-progress")
-    status = json.loads(_cli("status", path, "--json").stdout)
+    cli("generate", "tiny-test", "--output", path, "--no-progress")
+    status = json.loads(cli("status", path, "--json").stdout)
     assert (status["status"], status["state"], status["progress"]["tick"]) == ("complete", "finished", 7)
     assert [r["state"] for r in status["progress"]["ranks"]] == ["finished"]
 
 
-@pytest.mark.slow
-def test_status_from_another_process_of_a_run_killed_midway(tmp_path, tiny_model_dir, capsys):
-    """The run dies (SIGKILL) at the start of tick 4 of 7; `hpcvideo status` in a fresh process sees how far it got."""
+@pytest.mark.e2e
+def test_status_from_another_process_of_a_run_killed_midway(tmp_path, tiny_model_dir, forker, capsys):
+    """The run dies (SIGKILL) at the start of tick 4 of 7; `hpcvideo status` in a fresh process sees how far it got.
+    (Both are forks of the pre-imported worker: real processes, no torch import each.)"""
     path = tmp_path / "run.zarr"
-    env = {**os.environ, "HPCVIDEO_FAULT": "tick:4"}
-    result = subprocess.run([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output", str(path),
-                             "--set", "store.heartbeat_every_s=0.001", "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = forker.run("generate", "tiny-test", "--output", path, "--set", "store.heartbeat_every_s=0.001", "--no-progress",
+                        fault="tick:4", check=False)
     assert result.returncode != 0  # killed
-    out = subprocess.run([sys.executable, "-m", "hpcvideo.cli", "status", str(path), "--json", "--seams"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = forker.run("status", path, "--json", "--seams").stdout
     status = json.loads(out)
     p = status["progress"]
     assert status["status"] == "running" and not status["complete"] and status["state"] == "stopped"

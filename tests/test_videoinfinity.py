@@ -7,11 +7,7 @@ per-frame float64 sums instead of torch's kernel, and the split runs its convolu
 tensors: float32 round-off, measured max |diff| 1.7e-6 on outputs of magnitude ~1.3; asserted 1e-5.
 """
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +17,6 @@ from hpcvideo.strategies.videoinfinity.masks import frame_mask
 from hpcvideo.strategies.videoinfinity.reference import patched, reference_forward
 from tests.mpi.videoinfinity_forward import EXACT, NUM_FRAMES, cases, load_models
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-ROOT = Path(__file__).resolve().parent.parent
 UNET3D_ATOL = 1e-5
 
 
@@ -142,16 +136,11 @@ def references(models):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+@pytest.mark.mpi
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_ranks_equal_the_reference_and_exact_mode_equals_diffusers(tmp_path, tiny_unet3d_dir, tiny_model_dir, references,
-                                                                     num_ranks):
-    out = tmp_path / "out.pt"
-    command = [MPIEXEC, "-n", str(num_ranks), sys.executable, "-m", "tests.mpi.videoinfinity_forward", str(out),
-               str(tiny_unet3d_dir), str(tiny_model_dir)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_ranks_equal_the_reference_and_exact_mode_equals_diffusers(mpi_world, references, num_ranks):
+    """The "vi_forward" scenario of the one launch per world size (tests/conftest.py: mpi_world)."""
+    out = mpi_world(num_ranks)["vi_forward"]
     got = torch.load(out)["noise_pred"]
     for name, (family, scope, stock, reference) in references.items():
         if family == "wan":

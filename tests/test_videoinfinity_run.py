@@ -1,52 +1,53 @@
 """Video-Infinity runs through the CLI under mpiexec (gloo on CPU): clip-parallel runs equal the
 single-process executor (one rank whose clip is the whole video), and a killed run resumes
-bit-identically. (A rank count that does not match the clips is refused: test_videoinfinity.py.)"""
-
-import os
-import shutil
-import subprocess
-import sys
+bit-identically. (A rank count that does not match the clips is refused: test_videoinfinity.py.)
+One-rank runs go in this process; the multi-rank ones come from the session's one mpiexec launch per world size
+(tests/conftest.py: mpi_runs); the kill of rank 1 has a launch of its own, the README's ``--ranks 2`` command a
+process of its own."""
 
 import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
+from tests.helpers import MPI_KILLED, cli, cli_signalled, cli_subprocess, needs_mpiexec, store_arrays
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")]
+pytestmark = pytest.mark.e2e  # the multi-rank ones are also marked mpi
 
 
-def run(num_ranks, preset, *args, fault=None, timeout=300):
-    env = dict(os.environ)
-    env.pop("HPCVIDEO_FAULT", None)
-    if fault:
-        env["HPCVIDEO_FAULT"] = fault
-    cli = [sys.executable, "-m", "hpcvideo.cli", "generate", preset, "--no-progress", *map(str, args)]
-    command = [MPIEXEC, "-n", str(num_ranks), *cli] if num_ranks > 1 else cli
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+def run(preset, *args):
+    """``hpcvideo generate PRESET --no-progress ARGS`` on one rank, in this process."""
+    return cli("generate", preset, "--no-progress", *args, check=False)
 
 
 def ok(result):
+    """A Result, or a run of the mpi_runs fixture (a dict), that exited 0."""
+    if isinstance(result, dict):
+        assert result["returncode"] == 0, f"exit {result['returncode']}\n{result['stdout']}\n{result['stderr']}"
+        return
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
 def arrays(path):
+    """store_arrays of a complete store whose every clip has its latents and frames marked done."""
     store = RunStore.open(path)
-    assert store.status_dict()["complete"] and store.done("latents").all() and store.done("frames").all()
-    return store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+    assert store.done("latents").all() and store.done("frames").all()
+    return store_arrays(path)
 
 
 @pytest.fixture(scope="module")
 def wan_reference(tmp_path_factory, tiny_model_dir):
     """tiny-vi-wan on one rank, one clip = the whole video: the single-process executor."""
     path = tmp_path_factory.mktemp("wan1") / "run.zarr"
-    ok(run(1, "tiny-vi-wan", "--output", path, "--set", "strategy.clip_latent_frames=8"))
+    ok(run("tiny-vi-wan", "--output", path, "--set", "strategy.clip_latent_frames=8"))
     return arrays(path)
 
 
-def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_reference):
-    path = tmp_path / "run.zarr"
-    ok(run(4, "tiny-vi-wan", "--output", path))
+@pytest.mark.mpi
+@needs_mpiexec
+def test_wan_on_four_ranks_is_bit_identical_to_the_reference(mpi_runs, wan_reference):
+    run_ = mpi_runs(4)["tiny-vi-wan"]  # the session's 4-rank launch (tests/conftest.py)
+    ok(run_)
+    path = run_["path"]
     latents, frames = arrays(path)
     assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1])
     store = RunStore.open(path)
@@ -60,11 +61,14 @@ def test_wan_on_four_ranks_is_bit_identical_to_the_reference(tmp_path, wan_refer
     assert [s["bytes_received"] for s in stats] == [(h + g) * 4 * 24 * 4 * 4 * 2 * 4 for h, g in zip(halo, not_owned)]
 
 
-def test_any_frame_count_on_two_ranks_keeps_exactly_the_frames_asked_for(tmp_path, wan_reference):
+@pytest.mark.mpi
+@needs_mpiexec
+def test_any_frame_count_on_two_ranks_keeps_exactly_the_frames_asked_for(mpi_runs, wan_reference):
     """25 frames = 7 latent frames; on 2 ranks the derived clips are 4 + 4 latent frames (the last one reaches
     past the video): the same 8 latent frames as the reference, and its first 25 frames."""
-    path = tmp_path / "run.zarr"
-    ok(run(2, "tiny-vi-wan", "--output", path, "--frames", 25))
+    run_ = mpi_runs(2)["tiny-vi-wan-25-frames"]  # the session's 2-rank launch (tests/conftest.py)
+    ok(run_)
+    path = run_["path"]
     latents, frames = arrays(path)
     store = RunStore.open(path)
     assert store.num_frames == 25 and store.num_blocks == 2 and store.config["strategy"]["clip_latent_frames"] == 4
@@ -77,36 +81,42 @@ def test_rank_counts_that_cannot_lay_out_the_clips_are_refused_before_mpiexec(tm
     for args, needle in ((("--ranks", 5), "allowed: 1-4, 8 ranks"),  # 8 latent frames: clips of 2 fill 4 ranks
                          (("--ranks", 9), "fewer latent frames than ranks"),
                          (("--ranks", 2, "--set", "strategy.clip_latent_frames=2"), "allowed: 4 rank(s)")):
-        result = run(1, "tiny-vi-wan", "--output", path, *args)
+        result = run("tiny-vi-wan", "--output", path, *args)
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not path.exists()
 
 
-def test_a_killed_run_resumes_bit_identically(tmp_path, wan_reference):
-    """Rank 1 is SIGKILLed at the start of step 2 of 4 (on 2 ranks); the same command finishes the run,
-    and the result equals the uninterrupted single-process one bit for bit."""
-    path = tmp_path / "run.zarr"
-    args = ("--output", path, "--set", "strategy.clip_latent_frames=4")
-    killed = run(2, "tiny-vi-wan", *args, fault="tick:2@1")
-    assert killed.returncode != 0
-    store = RunStore.open(path)
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_killed_run_resumes_bit_identically(mpi_runs, wan_reference):
+    """Rank 1 is SIGKILLed at the start of step 2 of 4 (on 2 ranks, a launch of its own); the same command (in the
+    session's 2-rank launch, tests/conftest.py: MPI_KILLED) finishes the run, and the result equals the
+    uninterrupted single-process one bit for bit."""
+    name = "tiny-vi-wan-rank-1-killed"
+    assert MPI_KILLED[name] == (["tiny-vi-wan", "--set", "strategy.clip_latent_frames=4"], 2, "tick:2@1", 2)
+    run_ = mpi_runs(2)[name]
+    killed = run_["killed"]
+    assert killed["result"].returncode != 0
     # rank 0 may still be writing step 2's checkpoint when the launcher kills it (~10 ms after rank 1)
-    assert not store.status_dict()["complete"] and store.load_state("resume")[1]["tick"] in (1, 2)
-    ok(run(2, "tiny-vi-wan", *args))
-    latents, frames = arrays(path)
+    assert not killed["status"]["complete"] and killed["resume_tick"] in (1, 2)
+    ok(run_)
+    latents, frames = arrays(run_["path"])
     assert np.array_equal(latents, wan_reference[0]) and np.array_equal(frames, wan_reference[1])
 
 
+@pytest.mark.mpi
+@needs_mpiexec
 def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
     """UNet3D: float32 round-off of the video-wide GroupNorm statistics, after 4 DDIM steps with CFG 7.5:
     measured max |diff| 3e-5 in latents of magnitude ~3; asserted 2e-4 (frames within 1 of 255)."""
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     single = ("--set", "sampling.prompt=a red ball rolling on grass")  # one prompt: clips of any size agree
-    ok(run(1, "tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
-    # the README's command: --ranks 2 starts mpiexec itself; the clip length is derived (16 / 2 = 8)
-    ok(run(1, "tiny-vi-unet3d", "--output", two, "--ranks", 2, *single))
+    ok(run("tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
+    # the README's command (a process of its own): --ranks 2 starts mpiexec itself; the clip length is derived (16 / 2 = 8)
+    readme = ("generate", "tiny-vi-unet3d", "--no-progress", "--output", two, "--ranks", 2, *single)
+    ok(cli_subprocess(*readme, check=False))
     assert RunStore.open(two).config["strategy"]["clip_latent_frames"] == 8  # the store records the derived value
-    ok(run(1, "tiny-vi-unet3d", "--output", two, "--ranks", 2, *single))  # the same command again: nothing to do
+    ok(cli_subprocess(*readme, check=False))  # the same command again: nothing to do
     (l1, f1), (l2, f2) = arrays(one), arrays(two)
     assert l1.shape == (16, 4, 8, 8) and f1.shape == (16, 64, 64, 3)
     np.testing.assert_allclose(l2, l1, atol=2e-4, rtol=0)
@@ -117,47 +127,36 @@ def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
 def test_a_preempted_run_stops_at_a_step_with_exit_75_and_resumes_bit_identically(tmp_path):
     """Under SLURM (SLURM_JOB_ID set) USR2 makes the run checkpoint the next step and exit 75 (the
     sbatch scripts requeue on it); the rerun ends equal to an uninterrupted run."""
-    import signal
-    import time
-
     from hpcvideo.runtime.preempt import EXIT_REQUEUE
 
     args = ("--set", "strategy.clip_latent_frames=8", "--set", "sampling.num_inference_steps=12")
     whole = tmp_path / "whole.zarr"
-    ok(run(1, "tiny-vi-wan", "--output", whole, *args))
+    ok(run("tiny-vi-wan", "--output", whole, *args))
     path = tmp_path / "run.zarr"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "HYDRA_", "MPI"))}
-    environ.pop("HPCVIDEO_FAULT", None)
-    environ["SLURM_JOB_ID"] = "12345"
-    process = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-vi-wan", "--no-progress",
-                                "--output", str(path), *args], env=environ, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            if RunStore.exists(path) and (RunStore.open(path).status_dict()["last_checkpoint_tick"] or 0) >= 2:
-                break
-            time.sleep(0.05)
-        process.send_signal(signal.SIGUSR2)
-        _, stderr = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+    # in this process, signalled by a thread as SLURM signals the job (tests.helpers.cli_signalled)
+    result = cli_signalled("generate", "tiny-vi-wan", "--no-progress", "--output", path, *args, store=path,
+                           min_checkpoint_tick=2)
+    process, stderr = result, result.stderr
     assert process.returncode == EXIT_REQUEUE, stderr
     stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
     status = RunStore.open(path).status_dict()
     assert not status["complete"] and status["last_checkpoint_tick"] == stopped_at and 2 <= stopped_at < 12
-    ok(run(1, "tiny-vi-wan", "--output", path, *args))
+    ok(run("tiny-vi-wan", "--output", path, *args))
     latents, frames = arrays(path)
     expected = arrays(whole)
     assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
 
 
-def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path):
+@pytest.mark.mpi
+@needs_mpiexec
+def test_independent_clips_baseline_equals_each_clip_made_alone(tmp_path, mpi_runs):
     # strategy.sync_clips=false (the seam-comparison baseline): no messages, and clip 0 of the 4-rank run is
     # the 1-rank run of a video that is only that clip (noise is per video frame, so frames 0..1 match)
-    path, alone = tmp_path / "run.zarr", tmp_path / "alone.zarr"
-    ok(run(4, "tiny-vi-wan", "--output", path, "--set", "strategy.sync_clips=false"))
-    ok(run(1, "tiny-vi-wan", "--output", alone, "--frames", 5))
+    run_, alone = mpi_runs(4)["tiny-vi-wan-independent"], tmp_path / "alone.zarr"  # the session's 4-rank launch
+    ok(run_)
+    path = run_["path"]
+    ok(run("tiny-vi-wan", "--output", alone, "--frames", 5))
     latents, frames = arrays(path)
     clip_latents, clip_frames = arrays(alone)
     assert np.array_equal(latents[:2], clip_latents) and np.array_equal(frames[:5], clip_frames)

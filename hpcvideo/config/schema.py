@@ -29,7 +29,7 @@ MODEL_FAMILIES = ("wan", "unet3d")  # unet3d: ModelScope/Zeroscope/VideoCrafter2
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("unipc", "flow_euler")  # Wan schedulers: hpcvideo.schedulers.make_scheduler
 STRATEGIES = ("dualparal", "videoinfinity")  # each has its rules in strategies/<name>/config_rules.py
-UNET3D_SCHEDULERS = ("ddim", "dpmsolver")  # unet3d schedulers: strategies.videoinfinity.run
+UNET3D_SCHEDULERS = ("ddim", "dpmsolver")  # the names models.family.UNet3DFamily.make_scheduler takes
 NOISE_MODES = ("coordinated", "independent")  # initial noise: hpcvideo.noise.block_noise
 DEVICES = ("auto", "cpu", "cuda")  # hpcvideo.runtime.env.init_rank_env
 CLUSTER_MPI = ("pmi2", "pmix")  # srun --mpi=...: pmi2 for MPICH-based MPI (the mpich wheel), pmix for Open MPI

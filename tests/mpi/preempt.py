@@ -17,24 +17,29 @@ from hpcvideo.runtime.control import gather_object
 from hpcvideo.runtime.preempt import Preempted, install_stop_handler, should_stop, uninstall_stop_handler
 
 
+def stop_agreement(env, signal_rank: int, signal_step: int) -> list[dict] | None:
+    """The step loop on every rank of ``env``; rank 0 gets every rank's report (the others None)."""
+    request = install_stop_handler()
+    stopped = None
+    try:
+        for step in range(50):
+            if should_stop(env):
+                raise Preempted(step)
+            if step == signal_step and env.rank == signal_rank:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05 * (env.rank + 1))  # ranks arrive at each boundary at different times
+    except Preempted as stop:
+        stopped = stop.step
+    uninstall_stop_handler()
+    return gather_object(env, {"rank": env.rank, "stopped": stopped, "signalled": request.requested,
+                               "received": request.received})
+
+
 def main() -> None:
     signal_rank, signal_step = int(sys.argv[1]), int(sys.argv[2])
     env = init_rank_env(device="cpu", timeout_s=60, announce=False)
-    request = install_stop_handler()
-    stopped = None
     with abort_on_failure(env):
-        try:
-            for step in range(50):
-                if should_stop(env):
-                    raise Preempted(step)
-                if step == signal_step and env.rank == signal_rank:
-                    os.kill(os.getpid(), signal.SIGUSR2)
-                time.sleep(0.05 * (env.rank + 1))  # ranks arrive at each boundary at different times
-        except Preempted as stop:
-            stopped = stop.step
-        uninstall_stop_handler()
-        reports = gather_object(env, {"rank": env.rank, "stopped": stopped, "signalled": request.requested,
-                                      "received": request.received})
+        reports = stop_agreement(env, signal_rank, signal_step)
     if env.rank == 0:
         print(json.dumps(reports), flush=True)
     shutdown_rank_env(env)

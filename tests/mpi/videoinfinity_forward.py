@@ -40,24 +40,29 @@ def load_models(unet3d_dir, wan_dir):
     return {"unet3d": load_unet3d(unet3d_dir, parts=("unet",)).unet, "wan": load_wan(wan_dir, parts=("transformer",)).transformer}
 
 
+def forward_all(env, out_path: str, unet3d_dir: str, wan_dir: str) -> None:
+    """Every case's clip-parallel forward on the ranks of ``env``; rank 0 saves the results to ``out_path``."""
+    torch.set_num_threads(1)
+    models = load_models(unet3d_dir, wan_dir)
+    clip_frames = NUM_FRAMES // env.world_size
+    layout = ClipLayout(rank=env.rank, world_size=env.world_size, clip_frames=clip_frames)
+    results, sent = {}, {}
+    for name, family, scope, timestep, latents, text in cases():
+        comm = ClipComm(layout)
+        clip = latents[:, :, layout.start:layout.stop].contiguous()
+        with torch.no_grad(), patched(models[family], family, comm=comm, scope=scope):
+            noise_pred = models[family](clip, torch.tensor([timestep]), text, return_dict=False)[0]
+        sent[name] = comm.bytes_received  # before the test's own gather below
+        results[name] = comm.gather_frames(noise_pred.contiguous(), dim=2)
+    if env.is_main:
+        torch.save({"noise_pred": results, "bytes_received_rank0": sent}, out_path)
+
+
 def main(out_path: str, unet3d_dir: str, wan_dir: str) -> int:
     env = init_rank_env(device="cpu", timeout_s=120)
     monitor = start_failure_monitor(env)
     with abort_on_failure(env):
-        torch.set_num_threads(1)
-        models = load_models(unet3d_dir, wan_dir)
-        clip_frames = NUM_FRAMES // env.world_size
-        layout = ClipLayout(rank=env.rank, world_size=env.world_size, clip_frames=clip_frames)
-        results, sent = {}, {}
-        for name, family, scope, timestep, latents, text in cases():
-            comm = ClipComm(layout)
-            clip = latents[:, :, layout.start:layout.stop].contiguous()
-            with torch.no_grad(), patched(models[family], family, comm=comm, scope=scope):
-                noise_pred = models[family](clip, torch.tensor([timestep]), text, return_dict=False)[0]
-            sent[name] = comm.bytes_received  # before the test's own gather below
-            results[name] = comm.gather_frames(noise_pred.contiguous(), dim=2)
-        if env.is_main:
-            torch.save({"noise_pred": results, "bytes_received_rank0": sent}, out_path)
+        forward_all(env, out_path, unet3d_dir, wan_dir)
     stop_failure_monitor(monitor)
     shutdown_rank_env(env)
     return 0

@@ -1,0 +1,49 @@
+"""Under mpiexec -n K: several scenarios in one launch (one MPI world, one interpreter and torch import per rank).
+
+``python -m tests.mpi.scenarios SCENARIO [SCENARIO ...]``, in the given order, on every rank:
+
+* ``exchange``: rank_env.py's RankEnv fields, ring send/recv and all_reduce;
+* ``preempt:R:S``: preempt.py's stop agreement, rank R signalled during step S;
+* ``vi_forward:OUT:UNET3D_DIR:WAN_DIR``: videoinfinity_forward.py's clip-parallel forwards, saved to OUT.
+
+Rank 0 prints one line ``SCENARIO <scenario> <json>`` per scenario (the json: rank 0's result, or null).
+A failure on any rank ends the whole job (abort_on_failure), as in the one-scenario scripts.
+"""
+
+import json
+import sys
+
+from hpcvideo.runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
+from tests.mpi.preempt import stop_agreement
+from tests.mpi.rank_env import exchange_report
+from tests.mpi.videoinfinity_forward import forward_all
+
+
+def run_scenario(env, scenario: str):
+    name, *args = scenario.split(":")
+    if name == "exchange":
+        return exchange_report(env)
+    if name == "preempt":
+        return stop_agreement(env, int(args[0]), int(args[1]))
+    if name == "vi_forward":
+        forward_all(env, *args)
+        return None
+    raise ValueError(f"unknown scenario {scenario!r}; allowed: exchange, preempt:R:S, vi_forward:OUT:UNET3D_DIR:WAN_DIR")
+
+
+def main(scenarios: list[str]) -> int:
+    env = init_rank_env(device="cpu", timeout_s=120)
+    monitor = start_failure_monitor(env)
+    with abort_on_failure(env):
+        for scenario in scenarios:
+            result = run_scenario(env, scenario)
+            env.comm.barrier()  # the next scenario starts together on every rank
+            if env.is_main:
+                print(f"SCENARIO {scenario} {json.dumps(result)}", flush=True)
+    stop_failure_monitor(monitor)
+    shutdown_rank_env(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
