@@ -1,12 +1,11 @@
 """Live progress of a run: per-rank heartbeats written into the run store, and the status built from them.
 
 Every rank of a job writes its own small heartbeat record, readable from any node that sees the file
-system (``hpcvideo status RUN.zarr`` on a login node while the job runs)::
-
-    RUN.zarr/heartbeat/                 zarr group (attrs empty)
-      rank<R>/zarr.json                 an empty zarr group whose attrs are {"heartbeat": record}
-      ticks                             (num_ticks, 2) float64: per tick [wall s, end time (unix s)],
-                                        NaN where not run yet; written by rank 0 through RunStore
+system (``hpcvideo status RUN.zarr`` on a login node while the job runs). Where records live and how
+they are written (atomically, by path: ranks other than 0 hold no RunStore) is the store's business
+(:mod:`hpcvideo.store.heartbeat`: ``RUN.zarr/heartbeat/rank<R>`` and the per-tick log
+``RUN.zarr/heartbeat/ticks`` that rank 0 writes through its RunStore); this module decides what a
+record says and when it is written, and turns the records into a status.
 
 ``record``: rank, world_size and attempt (an id shared by the ranks of one start of the job: a resume
 or requeue is a new attempt), host, pid, pid_ns and proc_start (which process on which host, to tell
@@ -15,11 +14,6 @@ from that host whether it still lives), tick (ticks finished), num_ticks, tick_t
 start_tick (this process's first beat: rates and ETA are over this process's ticks, so a resumed run
 does not count the checkpoint it skipped), interval_s, ticks_per_s (between the last two written tick
 changes), state ("running" | "finished" | "stopped").
-
-A heartbeat is plain JSON in zarr's own group-metadata format, written to a temp file and renamed
-(atomic on POSIX file systems), so writing it needs no zarr metadata handle: ranks other than 0 hold
-no RunStore. The store stays a valid zarr hierarchy (``xarray.open_zarr`` and zarr listings see the
-heartbeats as empty groups).
 
 When records are written: at the first ``beat``, at every forced beat (checkpoints, the end), and
 otherwise at most once per ``interval_s``; a background thread rewrites the record every
@@ -31,7 +25,6 @@ this host and no longer exists means it stopped, at once.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -43,20 +36,11 @@ from typing import Any
 import numpy as np
 
 from .layout import latent_frames_for
+from .store import RunStore, ensure_heartbeat_group, heartbeat_path, read_heartbeats, write_heartbeat
 
-HEARTBEAT_DIR = "heartbeat"
-_GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 STALE_AFTER_INTERVALS = 2  # a heartbeat older than 2 intervals + STALE_GRACE_S: the rank stopped reporting
 STALE_GRACE_S = 5.0  # file-system latency and clock differences between nodes
 KEEPALIVE_MIN_S = 0.05  # the keep-alive thread writes at most this often, whatever interval_s is
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # same temp name pattern as zarr's LocalStore, so RunStore.sweep_orphans removes leftovers
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def _pid_namespace() -> str | None:
@@ -126,7 +110,8 @@ class Heartbeat:
 
     def __init__(self, store_path, *, rank: int, num_ticks: int, interval_s: float = 5.0, store=None,
                  world_size: int | None = None, attempt: str | None = None, keepalive: bool = True) -> None:
-        self.path = Path(store_path) / HEARTBEAT_DIR / f"rank{int(rank)}" / "zarr.json"
+        self._store_path = Path(store_path)
+        self.path = heartbeat_path(store_path, rank)  # the record's file (written by the store layer)
         self.rank, self.num_ticks, self.interval_s, self.store = int(rank), int(num_ticks), float(interval_s), store
         self.world_size, self.attempt = (None if world_size is None else int(world_size)), attempt
         self._host, self._pid, self._pid_ns = socket.gethostname(), os.getpid(), _pid_namespace()
@@ -143,9 +128,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._keepalive = keepalive
-        group = self.path.parent.parent / "zarr.json"
-        if not group.exists():
-            _write_json_atomic(group, _GROUP_META)
+        ensure_heartbeat_group(self._store_path)
 
     def beat(self, tick: int, *, tick_s: float | None = None, force: bool = False, state: str | None = None) -> bool:
         """Report that ``tick`` ticks are finished (``tick_s``: wall seconds of the tick just run).
@@ -214,22 +197,8 @@ class Heartbeat:
             "started_at": self._started_at, "start_tick": self._start_tick,
             "interval_s": self.interval_s, "ticks_per_s": self._rate, "state": self._state,
         }
-        _write_json_atomic(self.path, {**_GROUP_META, "attributes": {"heartbeat": record}})
+        write_heartbeat(self._store_path, self.rank, record)
         self._last_write = now
-
-
-def read_heartbeats(store_path) -> list[dict]:
-    """The heartbeat records of every rank that has reported, sorted by rank (unreadable ones skipped).
-
-    Records of every attempt are returned; :func:`split_attempts` separates them."""
-    root = Path(store_path) / HEARTBEAT_DIR
-    records = []
-    for meta in sorted(root.glob("rank*/zarr.json")):
-        try:
-            records.append(json.loads(meta.read_text())["attributes"]["heartbeat"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a half-copied store, or a file from elsewhere: not a heartbeat
-    return sorted(records, key=lambda r: r.get("rank", 0))
 
 
 def split_attempts(beats: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -354,8 +323,6 @@ def run_status(store, *, seams: bool = False) -> dict[str, Any]:
 
     ``store``: a RunStore or a path (opened read-only). ``status`` is what the store says (it stays
     "running" after a kill); ``state`` is what the heartbeats say (see :func:`progress`)."""
-    from .store import RunStore
-
     if not isinstance(store, RunStore):
         store = RunStore.open(store, mode="r")
     status = store.status_dict()

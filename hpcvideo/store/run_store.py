@@ -1,126 +1,32 @@
-"""The Zarr run store: one Zarr v3 group per run, the single source of truth for progress.
-
-Layout (``L`` = latent frames generated, whole blocks of ``n`` = block_latent_frames; ``N`` =
-num_frames, the video's pixel frames, any number the blocks cover: ``4*(L-n-1)+1 < N <= 4*(L-1)+1``)::
-
-    RUN.zarr/                  attrs: format_version, config, model_id, fps, block_latent_frames,
-                               status, + whatever update_attrs() stores (timings, ...)
-      latents                  (L, C, h, w) float32, chunks (n, C, h, w)      one chunk per block
-      frames                   (N, H, W, 3) uint8,   chunks (4n, H, W, 3)     exactly the video's frames
-      done/latents             (L // n,) uint8, chunks (1,)                   one file per marker
-      done/frames              (L // n,) uint8, chunks (1,)
-      state/<kind>             group; its attrs are the checkpoint pointer (see save_state)
-      state/<kind>_0, _1       (nbytes,) uint8, the two checkpoint slots
-      state/frames_tail        checkpoint kind: every decoded frame of the last block when it reaches past
-                               N (write_block_frames), so a longer N on the same blocks is completed
-                               without decoding again (fill_frames_from_tail)
-      heartbeat/rank<R>        per-rank heartbeat (plain JSON, see hpcvideo.progress)
-      heartbeat/ticks          (num_ticks, 2) float64 per tick [wall s, end time], see record_ticks
-
-Block j holds latent frames ``[j*n, (j+1)*n)`` and pixel frames ``[0, 4n-3)`` for j = 0,
-``[4jn-3, 4(j+1)n-3)`` for j > 0 (Wan's causal VAE decodes the first latent frame to one frame and
-every other to four), cut at N: the last block's decoded frames past N are not in ``frames``. A
-done/frames marker says the block's frames below N are written; growing N (resize) clears the marker
-of a last block that was cut, until its missing frames are written. A frames block j > 0 therefore spans the last 3 frames of chunk j-1 and the
-first 4n-3 of chunk j: zarr read-modify-writes chunk j-1. That is safe because exactly one rank
-writes frames (the decoder), block after block; latents and done markers are chunk-aligned, so any
-rank may write any block of them.
-
-Rules for several processes (zarr 3.1.6 was seen to lose data without them: two processes resizing,
-writes through a handle opened before a resize):
-
-* one writer per chunk; only one rank calls create / resize / update_config / set_status /
-  update_attrs / sweep_orphans (root metadata is read-modify-written from this handle's view);
-* a handle opened before another process resized the store does not see the new shape, and zarr
-  would silently drop writes beyond the old shape: every write here checks the region against the
-  handle's shape and raises StoreError instead. Reopen (``RunStore.open`` or ``refresh()``) after
-  the resize barrier;
-* done markers are written AFTER the data they mark (call mark_done after write_block_*);
-* every file zarr writes is atomic (temp file + rename, zarr >= 3.1.3); a SIGKILL can leave
-  ``<name>.<32 hex>.partial`` temp files, which sweep_orphans removes on resume.
-
-This is the only module of hpcvideo that imports zarr.
+"""The run store's handle: create / open, attributes, resize, the latents and frames arrays and their
+done markers, housekeeping and the status summary. Checkpoints (:mod:`.checkpoints`) and the per-tick
+log (:mod:`.heartbeat`) are mixed in. The layout and the rules for several writers: :mod:`hpcvideo.store`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import json
 import os
-import re
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from .config import RunConfig, config_diff, format_diff
-from .layout import block_frame_range as _layout_block_frame_range
-
-VAE_TEMPORAL_STRIDE = 4  # Wan VAE: pixel frames per latent frame (after the first)
-STATUSES = ("created", "running", "complete", "failed")
-DONE_KINDS = ("latents", "frames")
-_RESERVED_ATTRS = ("format_version", "config", "model_id", "fps", "block_latent_frames", "status", "vae_temporal_stride")
-TAIL_KIND = "frames_tail"  # checkpoint kind holding the decoded frames of a last block cut at num_frames
-# zarr/storage/_local.py: path.with_suffix(f".{uuid.uuid4().hex}.partial")
-_PARTIAL_RE = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")
-_KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+from ..config import RunConfig, config_diff
+from .base import (DONE_KINDS, PARTIAL_RE, RESERVED_ATTRS, STATUSES, VAE_TEMPORAL_STRIDE, ConfigMismatchError,
+                   StoreError, block_frame_range, check_num_frames, normalise_config, num_frames_for, positive_int)
+from .checkpoints import CheckpointsMixin
+from .heartbeat import TicksMixin
 
 
-class StoreError(RuntimeError):
-    """A run store is missing, malformed, read-only, or would be written out of its shape."""
-
-
-class ConfigMismatchError(StoreError):
-    """The store was made with a different config. ``.diff``: [(dotted_key, store_value, command_value)]."""
-
-    def __init__(self, path: Path, diff: list[tuple[str, Any, Any]]):
-        self.diff = diff
-        lines = format_diff(diff)
-        super().__init__(
-            f"run store {path} was made with a different config ({len(diff)} key(s) differ):\n{lines}\n"
-            "Use the same config to resume, or a new output path for a new run."
-        )
-
-
-def num_frames_for(num_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> int:
-    """Pixel frames decoded from ``num_latent_frames`` latent frames: 4*(L-1)+1."""
-    return temporal_stride * (num_latent_frames - 1) + 1
-
-
-def block_frame_range(block_index: int, block_latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE,
-                      num_frames: int | None = None) -> tuple[int, int]:
-    """Pixel frames [start, stop) decoded from block ``block_index`` of ``block_latent_frames``;
-    with ``num_frames``, cut at the video's N (:func:`hpcvideo.layout.block_frame_range`)."""
-    return _layout_block_frame_range(block_index, block_latent_frames, temporal_stride, num_frames)
-
-
-def _normalise_config(config: dict) -> dict:
-    """JSON round trip (tuples -> lists, ...) so the command's config compares like the stored one."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    try:
-        return json.loads(json.dumps(config, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config must be JSON-serialisable (no NaN/inf): {e}") from e
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-class RunStore:
+class RunStore(CheckpointsMixin, TicksMixin):
     """A handle on one run store. Build with ``RunStore.create`` or ``RunStore.open``."""
 
     FORMAT_VERSION = 1
-    STATE_CHUNK_BYTES = 16 * 2**20  # chunk size of a checkpoint slot, bytes
 
     def __init__(self, path: Path, zstore: LocalStore, mode: str):
         self._path = path
@@ -144,21 +50,21 @@ class RunStore:
         num_frames = num_latent_frames). A directory left by an interrupted create (a zarr
         group without format_version) is overwritten with a warning.
         """
-        n = _positive_int("block_latent_frames", block_latent_frames)
-        L = _positive_int("num_latent_frames", num_latent_frames)
+        n = positive_int("block_latent_frames", block_latent_frames)
+        L = positive_int("num_latent_frames", num_latent_frames)
         if L % n:
             raise ValueError(f"num_latent_frames={L} must be a multiple of block_latent_frames={n}")
-        C, h, w = (_positive_int(k, v) for k, v in (("latent_channels", latent_channels),
+        C, h, w = (positive_int(k, v) for k, v in (("latent_channels", latent_channels),
                    ("latent_height", latent_height), ("latent_width", latent_width)))
-        H, W = _positive_int("height", height), _positive_int("width", width)
+        H, W = positive_int("height", height), positive_int("width", width)
         if not (isinstance(fps, (int, float)) and fps > 0):
             raise ValueError(f"fps must be a positive number, got {fps!r}")
         if not isinstance(model_id, str):
             raise TypeError(f"model_id must be a str, got {type(model_id).__name__}")
-        config = _normalise_config(config)
-        stride = _positive_int("vae_temporal_stride", vae_temporal_stride)
-        F = num_frames_for(L, stride) if num_frames is None else _positive_int("num_frames", num_frames)
-        _check_num_frames(F, L, n, stride)
+        config = normalise_config(config)
+        stride = positive_int("vae_temporal_stride", vae_temporal_stride)
+        F = num_frames_for(L, stride) if num_frames is None else positive_int("num_frames", num_frames)
+        check_num_frames(F, L, n, stride)
 
         path = Path(path)
         if path.exists():
@@ -271,14 +177,14 @@ class RunStore:
         ``ignore``: dotted keys (a key ignores its whole subtree) not compared, e.g. output paths.
         """
         # keys added to the config after this store was made compare with their defaults
-        defaults = _normalise_config(RunConfig().to_dict())
-        diff = config_diff(self._attrs["config"], _normalise_config(config), ignore, defaults=defaults)
+        defaults = normalise_config(RunConfig().to_dict())
+        diff = config_diff(self._attrs["config"], normalise_config(config), ignore, defaults=defaults)
         if diff:
             raise ConfigMismatchError(self._path, diff)
 
     def update_config(self, config: dict) -> None:
         """Replace the stored config (after an extension: resize, then update_config)."""
-        self._update_root_attrs({"config": _normalise_config(config)})
+        self._update_root_attrs({"config": normalise_config(config)})
 
     def set_status(self, status: str) -> None:
         if status not in STATUSES:
@@ -287,10 +193,10 @@ class RunStore:
 
     def update_attrs(self, **attrs) -> None:
         """Store extra JSON-serialisable root attributes (e.g. ``timings={...}``)."""
-        bad = [k for k in attrs if k in _RESERVED_ATTRS]
+        bad = [k for k in attrs if k in RESERVED_ATTRS]
         if bad:
             raise ValueError(f"attrs {bad} are reserved; use update_config/set_status "
-                             f"(reserved: {_RESERVED_ATTRS})")
+                             f"(reserved: {RESERVED_ATTRS})")
         try:
             attrs = json.loads(json.dumps(attrs, allow_nan=False))
         except (TypeError, ValueError) as e:
@@ -318,15 +224,15 @@ class RunStore:
         self._require_writable()
         n, old, old_frames = self.block_latent_frames, self.num_latent_frames, self.num_frames
         stride = self.vae_temporal_stride
-        L = _positive_int("num_latent_frames", num_latent_frames)
+        L = positive_int("num_latent_frames", num_latent_frames)
         if L % n:
             raise ValueError(f"num_latent_frames={L} must be a multiple of block_latent_frames={n}")
         if L < old:
             raise StoreError(f"cannot shrink run store {self._path} from {old} to {L} latent frames")
-        F = num_frames_for(L, stride) if num_frames is None else _positive_int("num_frames", num_frames)
+        F = num_frames_for(L, stride) if num_frames is None else positive_int("num_frames", num_frames)
         if F < old_frames:
             raise StoreError(f"cannot shrink run store {self._path} from {old_frames} to {F} frames")
-        _check_num_frames(F, L, n, stride)
+        check_num_frames(F, L, n, stride)
         if F > old_frames:
             cut = self._block_of_frame(old_frames - 1)
             if cut < self._done["frames"].shape[0] and block_frame_range(cut, n, stride)[1] > old_frames:
@@ -389,29 +295,8 @@ class RunStore:
                              f"{stop - start} (decoded) or {cut - start} (below num_frames={self.num_frames}), "
                              f"(H, W) = {self.frame_shape}, got {frames.dtype} {frames.shape}")
         if keep_tail and cut < stop and frames.shape[0] == stop - start:
-            buffer = io.BytesIO()
-            np.save(buffer, frames, allow_pickle=False)
-            self.save_state(buffer.getvalue(), tick=block_index, num_blocks=self.num_blocks, kind=TAIL_KIND)
+            self._save_frames_tail(block_index, frames)
         self._frames[start:cut] = frames[: cut - start]
-
-    def read_frames_tail(self) -> tuple[int, np.ndarray] | None:
-        """(block index, uint8 (f, H, W, 3) every decoded frame of that block) kept by
-        :meth:`write_block_frames` for a block cut at num_frames, or None."""
-        saved = self.load_state(TAIL_KIND)
-        if saved is None:
-            return None
-        blob, meta = saved
-        return int(meta["tick"]), np.load(io.BytesIO(blob), allow_pickle=False)
-
-    def fill_frames_from_tail(self, block_index: int) -> bool:
-        """Write block ``block_index``'s frames below num_frames from the kept tail and mark them done;
-        False (nothing written) when no tail of that block is kept."""
-        tail = self.read_frames_tail()
-        if tail is None or tail[0] != block_index:
-            return False
-        self.write_block_frames(block_index, tail[1], keep_tail=False)
-        self.mark_done("frames", block_index)
-        return True
 
     def _done_array(self, kind: str):
         if kind not in DONE_KINDS:
@@ -464,92 +349,14 @@ class RunStore:
     def iter_frames(self, batch_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, uint8 (b, H, W, 3)) batches of done frames in order; stops at the first
         block not done. Holds one batch at a time."""
-        batch_frames = _positive_int("batch_frames", batch_frames)
+        batch_frames = positive_int("batch_frames", batch_frames)
         end = self.num_frames_ready()
         for start in range(0, end, batch_frames):
             yield start, self._frames[start:min(start + batch_frames, end)]
 
-    # ---------------------------------------------------------------- checkpoints
-    def save_state(self, blob: bytes, *, tick: int, num_blocks: int, kind: str = "resume") -> None:
-        """Save a checkpoint blob, crash-safe.
-
-        The blob goes to the inactive slot array ``state/<kind>_<1-active>``; only after it is fully
-        written is the pointer (attrs of group ``state/<kind>``: slot, tick, num_blocks,
-        written_at, nbytes, sha256, previous) rewritten, atomically. A SIGKILL at any instant
-        leaves the old or the new checkpoint, never a mix. Different kinds may be saved by
-        different ranks; one kind by one rank.
-        """
-        self._require_writable()
-        _check_kind(kind)
-        blob = bytes(blob)
-        pointer = self._read_pointer(kind)
-        slot = 0 if pointer is None else 1 - int(pointer["slot"])
-        nbytes = len(blob)
-        arr = self._root.create_array(
-            f"state/{kind}_{slot}", shape=(nbytes,), chunks=(max(1, min(nbytes, self.STATE_CHUNK_BYTES)),),
-            dtype="uint8", fill_value=0, overwrite=True, dimension_names=("byte",), compressors=None,
-            config={"write_empty_chunks": True})
-        if nbytes:
-            arr[:] = np.frombuffer(blob, dtype=np.uint8)
-        meta = {"slot": slot, "tick": int(tick), "num_blocks": int(num_blocks), "written_at": time.time(),
-                "nbytes": nbytes, "sha256": hashlib.sha256(blob).hexdigest()}
-        meta["previous"] = None if pointer is None else {k: v for k, v in pointer.items() if k != "previous"}
-        try:
-            group = zarr.open_group(self._zstore, path=f"state/{kind}", mode="r+", zarr_format=3)
-        except FileNotFoundError:
-            self._root.create_group(f"state/{kind}", attributes=meta)
-        else:
-            # The commit point: one atomic rewrite of state/<kind>/zarr.json (see _update_root_attrs).
-            group.update_attributes(meta)
-
-    def _read_pointer(self, kind: str) -> dict | None:
-        try:
-            group = zarr.open_group(self._zstore, path=f"state/{kind}", mode="r", zarr_format=3)
-        except FileNotFoundError:
-            return None
-        return group.attrs.asdict() or None
-
-    def _read_slot(self, kind: str, meta: dict) -> bytes:
-        arr = zarr.open_array(self._zstore, path=f"state/{kind}_{meta['slot']}", mode="r", zarr_format=3)
-        blob = arr[:].tobytes()
-        if len(blob) != meta["nbytes"]:
-            raise ValueError(f"{len(blob)} bytes, expected {meta['nbytes']}")
-        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-            raise ValueError("sha256 mismatch")
-        return blob
-
-    def load_state(self, kind: str = "resume") -> tuple[bytes, dict] | None:
-        """The last intact checkpoint of ``kind`` as (blob, meta) or None if there is none.
-
-        meta: slot, tick, num_blocks, written_at (unix s), nbytes, sha256. If the active slot fails
-        its size/sha256 check, warns and falls back to the previous checkpoint (if intact), else
-        warns and returns None.
-        """
-        _check_kind(kind)
-        pointer = self._read_pointer(kind)
-        if pointer is None:
-            return None
-        errors = []
-        for meta in (pointer, pointer.get("previous")):
-            if not meta:
-                continue
-            meta = {k: v for k, v in meta.items() if k != "previous"}
-            try:
-                blob = self._read_slot(kind, meta)
-            except Exception as e:  # missing file, undecodable chunk, wrong size or hash
-                errors.append(f"slot {meta['slot']} (tick {meta['tick']}): {e}")
-                continue
-            if errors:
-                warnings.warn(f"run store {self._path}: checkpoint '{kind}' is corrupt "
-                              f"({errors[0]}); using the previous one at tick {meta['tick']}", stacklevel=2)
-            return blob, meta
-        warnings.warn(f"run store {self._path}: no intact checkpoint '{kind}' ({'; '.join(errors)}); "
-                      "starting without it", stacklevel=2)
-        return None
-
     # ---------------------------------------------------------------- housekeeping
     def sweep_orphans(self) -> list[str]:
-        """Delete zarr's ``<name>.<32 hex>.partial`` temp files left by a killed writer.
+        """Delete the ``<name>.<32 hex>.partial`` temp files a killed writer left (zarr's, heartbeat records').
 
         Call from one rank on resume, before any writer starts (it would break a live write).
         Returns the removed paths.
@@ -558,43 +365,13 @@ class RunStore:
         removed = []
         for dirpath, _, filenames in os.walk(self._path):
             for name in filenames:
-                if _PARTIAL_RE.match(name):
+                if PARTIAL_RE.match(name):
                     p = os.path.join(dirpath, name)
                     os.remove(p)
                     removed.append(p)
         return sorted(removed)
 
-    # ---------------------------------------------------------------- per-tick log (hpcvideo.progress)
-    TICKS_PATH, TICKS_CHUNK = "heartbeat/ticks", 4096
-
-    def record_ticks(self, ticks: np.ndarray, values: np.ndarray) -> None:
-        """Write per-tick figures: ``values`` (k, 2) float64 = [wall s, end time unix s] of tick indices
-        ``ticks`` (k,) into ``heartbeat/ticks`` (grown as needed). One writer (rank 0)."""
-        self._require_writable()
-        ticks, values = np.asarray(ticks, dtype=np.int64), np.asarray(values, dtype=np.float64)
-        if ticks.ndim != 1 or values.shape != (len(ticks), 2) or (ticks < 0).any():
-            raise ValueError(f"record_ticks needs ticks (k,) >= 0 and values (k, 2), got {ticks.shape}, {values.shape}")
-        if not len(ticks):
-            return
-        try:
-            arr = zarr.open_array(self._zstore, path=self.TICKS_PATH, mode="r+", zarr_format=3)
-        except FileNotFoundError:
-            arr = self._root.create_array(self.TICKS_PATH, shape=(0, 2), chunks=(self.TICKS_CHUNK, 2),
-                                          dtype="float64", fill_value=np.nan, dimension_names=("tick", "field"))
-        if arr.shape[0] <= ticks.max():
-            arr.resize((int(ticks.max()) + 1, 2))
-        lo, hi = int(ticks.min()), int(ticks.max()) + 1
-        block = arr[lo:hi]
-        block[ticks - lo] = values
-        arr[lo:hi] = block
-
-    def tick_times(self) -> np.ndarray:
-        """(num_ticks_recorded, 2) float64 [wall s, end time unix s] per tick; NaN rows not run (yet)."""
-        try:
-            return zarr.open_array(self._zstore, path=self.TICKS_PATH, mode="r", zarr_format=3)[:]
-        except FileNotFoundError:
-            return np.empty((0, 2))
-
+    # ---------------------------------------------------------------- status
     def status_dict(self) -> dict:
         """Progress summary (JSON-serialisable) for ``hpcvideo status`` and notebooks.
 
@@ -626,17 +403,3 @@ class RunStore:
         return (f"RunStore({str(self._path)!r}, mode={self._mode!r}, num_latent_frames="
                 f"{self.num_latent_frames}, num_blocks={self.num_blocks}, status={self.status!r})")
 
-
-def _check_num_frames(F: int, L: int, n: int, stride: int) -> None:
-    """num_frames F must lie in the last of the L // n blocks: first frame of the last block < F <= 4(L-1)+1."""
-    low = block_frame_range(L // n - 1, n, stride)[0]
-    high = num_frames_for(L, stride)
-    if not low < F <= high:
-        raise ValueError(f"num_frames={F} does not end in the last of {L // n} blocks of {n} latent frames; "
-                         f"allowed: {low + 1} to {high}")
-
-
-def _check_kind(kind: str) -> None:
-    if not isinstance(kind, str) or not _KIND_RE.match(kind) or re.search(r"_[01]$", kind):
-        raise ValueError(f"checkpoint kind must match {_KIND_RE.pattern} and not end in _0/_1 "
-                         f"(slot names), got {kind!r}")
