@@ -350,3 +350,20 @@ def test_any_num_frames_cuts_the_last_block_and_keeps_its_decoded_frames(tmp_pat
         RunStore.create(
             tmp_path / "bad.zarr", config=CONFIG, num_latent_frames=6, block_latent_frames=N, latent_channels=C,
             latent_height=h, latent_width=w, height=H, width=W, fps=16.0, model_id="tiny-wan", num_frames=13)
+
+
+def test_heartbeat_records_are_written_and_read_back_through_the_store(tmp_path):
+    """The store package is the only writer of heartbeats: atomic records per rank, readable as a zarr group,
+    and a temp file a killed writer left behind is swept on resume."""
+    from hpcvideo.store.heartbeat import ensure_heartbeat_group, heartbeat_path, read_heartbeats, write_heartbeat
+
+    store = tmp_path / "run.zarr"
+    ensure_heartbeat_group(store)
+    write_heartbeat(store, 1, {"rank": 1, "tick": 3})
+    write_heartbeat(store, 0, {"rank": 0, "tick": 4})
+    write_heartbeat(store, 1, {"rank": 1, "tick": 5})  # replaces, never appends
+    assert read_heartbeats(store) == [{"rank": 0, "tick": 4}, {"rank": 1, "tick": 5}]
+    assert list(heartbeat_path(store, 1).parent.iterdir()) == [heartbeat_path(store, 1)]  # no temp file left
+    (heartbeat_path(store, 2).parent).mkdir()
+    heartbeat_path(store, 2).write_text("{not json")  # a half-copied record is skipped, not an error
+    assert [r["rank"] for r in read_heartbeats(store)] == [0, 1]
