@@ -73,7 +73,6 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
     that relaunches starts ``mpiexec -n N python -m hpcvideo.cli ...`` (its ranks' output is not captured here)."""
     from hpcvideo.cli import main
     from hpcvideo.launch import local
-    from hpcvideo.runtime.preempt import active_stop_request, uninstall_stop_handler
 
     if fault is not None and not fault.startswith("raise:"):
         raise ValueError(f"fault={fault!r}: a SIGKILL fault in this process would kill pytest; use the forker")
@@ -98,8 +97,6 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
         local.current_program, warnings.showwarning = program, showwarning
-        if active_stop_request() is not None:  # generate under SLURM_JOB_ID installed one: never leave it behind
-            uninstall_stop_handler()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

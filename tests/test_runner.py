@@ -2,6 +2,9 @@
 checkpoint cadence, resume from a checkpoint after a failure, preemption at a tick boundary, the
 extension snapshot and stale done markers. A third strategy is exactly this: an executor and a spec."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch
 from hpcvideo.config import load_config
 from hpcvideo.runner import run
 from hpcvideo.runtime import init_rank_env, shutdown_rank_env
-from hpcvideo.runtime.preempt import Preempted, install_stop_handler, uninstall_stop_handler
+from hpcvideo.runtime.preempt import Preempted, StopRequest
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.base import StrategySpec
 
@@ -49,9 +52,7 @@ class FakeExecutor:
         if self.tick == self.fail_at:
             raise RuntimeError("injected")
         if self.tick == self.stop_at:
-            from hpcvideo.runtime.preempt import active_stop_request
-
-            active_stop_request().requested = True  # as if USR2 arrived during this tick
+            os.kill(os.getpid(), signal.SIGUSR2)  # USR2 arrives during this tick (the test installed a stop request)
         if self.tick < self.num_units:
             self.values[self.tick] = torch.tensor([float(self.tick)])
         finished = []
@@ -201,12 +202,8 @@ def test_a_preempted_run_stops_at_the_next_tick_boundary_with_a_checkpoint_there
     whole = _whole(tmp_path, env)
     path = tmp_path / "run.zarr"
     cfg = _cfg(path, "store.checkpoint_every_ticks=1000")
-    install_stop_handler()
-    try:
-        with pytest.raises(Preempted) as stopped:
-            run(cfg, env, progress=False, spec=FakeSpec(stop_at=2), family=FakeFamily())
-    finally:
-        uninstall_stop_handler()
+    with StopRequest() as request, pytest.raises(Preempted) as stopped:
+        run(cfg, env, progress=False, spec=FakeSpec(stop_at=2), family=FakeFamily(), stop=request)
     assert stopped.value.step == 3
     assert RunStore.open(path).status_dict()["last_checkpoint_tick"] == 3
     spec = FakeSpec()
