@@ -93,18 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_generate(args) -> int:
     from .config import load_config
+    from .faults import FaultPlan
     from .launch.local import check_launch, maybe_relaunch
 
+    try:
+        faults = FaultPlan.from_env()  # the tests' HPCVIDEO_FAULT: read once per process, here, and handed down
+    except ValueError as error:
+        print(f"hpcvideo generate: error: {error}", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
     check_launch(cfg, args.ranks)  # a rank count the run cannot use: exit 2 before mpiexec starts
     code = maybe_relaunch(args.ranks, args.argv, log_dir=Path(f"{cfg.store.path}.logs"))  # after validation
     if code is not None:
         return code
-    from .faults import FaultPlan
     from .generate import generate
     from .runtime.preempt import EXIT_REQUEUE, Preempted, StopRequest
 
-    faults = FaultPlan.from_env()  # the tests' HPCVIDEO_FAULT, read once here and handed down
     # USR2 before the time limit: stop at a tick, exit 75 (slurm/*.sbatch requeue)
     request = StopRequest().install() if os.environ.get("SLURM_JOB_ID") else None
     try:
