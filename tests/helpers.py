@@ -122,11 +122,16 @@ def cli_signalled(*args, store: Path, min_checkpoint_tick: int, signum: int = 0,
                 return
             time.sleep(0.05)
 
-    previous = signal.signal(signum, lambda *_: None)  # what the CLI's handler restores when it is removed
+    def ignore(*_) -> None:  # what the CLI's handler replaces, and must restore when the command ends
+        pass
+
+    previous = signal.signal(signum, ignore)
     watcher = threading.Thread(target=watch, name="test-signal-sender", daemon=True)
     watcher.start()
     try:
-        return cli(*args, env={"SLURM_JOB_ID": "12345"}, check=False)
+        result = cli(*args, env={"SLURM_JOB_ID": "12345"}, check=False)
+        assert signal.getsignal(signum) is ignore, "the CLI left its stop handler installed"
+        return result
     finally:
         finished.set()
         watcher.join()
