@@ -79,6 +79,7 @@ def bench_parity(repeats: int) -> dict:
     from diffusers import WanPipeline
 
     from hpcvideo.config import load_config
+    from hpcvideo.check import cache_folder
     from hpcvideo.models import encode_prompts, ensure_tiny_wan, load_wan
     from hpcvideo.noise import block_noise
     from hpcvideo.schedulers import make_scheduler
@@ -86,7 +87,7 @@ def bench_parity(repeats: int) -> dict:
 
     n = 7
     cfg = load_config("tiny-cpu", [f"strategy.block_latent_frames={n}"], num_frames=4 * (n - 1) + 1, check_paths=False)
-    path = ensure_tiny_wan()
+    path = ensure_tiny_wan(cache_folder())
     components = load_wan(path, device="cpu", dtype=torch.float32)
     s = cfg.sampling
     embeds, negative = encode_prompts(

@@ -59,12 +59,13 @@ def build_wide_model(root: Path, *, num_attention_heads: int, attention_head_dim
     import torch
     from diffusers import WanTransformer3DModel
 
+    from hpcvideo.check import cache_folder
     from hpcvideo.models import ensure_tiny_wan
 
     folder = root / "wide-wan"
-    shutil.copytree(ensure_tiny_wan(), folder)
+    shutil.copytree(ensure_tiny_wan(cache_folder()), folder)
     shutil.rmtree(folder / "transformer")
-    tiny = json.loads((Path(ensure_tiny_wan()) / "transformer" / "config.json").read_text())
+    tiny = json.loads((Path(ensure_tiny_wan(cache_folder())) / "transformer" / "config.json").read_text())
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(
         patch_size=tuple(tiny["patch_size"]), num_attention_heads=num_attention_heads,
@@ -77,10 +78,11 @@ def build_wide_model(root: Path, *, num_attention_heads: int, attention_head_dim
 
 def model_folder(w: dict) -> Path:
     """The model folder a workload runs (its model.path override, else the built-in tiny model)."""
+    from hpcvideo.check import cache_folder
     from hpcvideo.models import ensure_tiny_wan
 
     path = w.get("model.path", "tiny")
-    return Path(ensure_tiny_wan()) if path == "tiny" else Path(path)
+    return Path(ensure_tiny_wan(cache_folder())) if path == "tiny" else Path(path)
 
 
 def transformer_config(w: dict) -> dict:

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(args) -> None:
     import torch
 
+    from hpcvideo.check import cache_folder
     from hpcvideo.models import ensure_tiny_wan, load_wan
     from hpcvideo.models.unet3d import ensure_tiny_unet3d, load_unet3d
     from hpcvideo.runtime import abort_on_failure, init_rank_env, shutdown_rank_env
@@ -58,7 +59,7 @@ def worker(args) -> None:
         torch.set_num_threads(1)
         g = torch.Generator().manual_seed(0)
         if args.family == "unet3d":
-            model = load_unet3d(ensure_tiny_unet3d(), parts=("unet",)).unet
+            model = load_unet3d(ensure_tiny_unet3d(cache_folder()), parts=("unet",)).unet
             latents = torch.randn(2, 4, args.clip, args.latent, args.latent, generator=g)
             text = torch.randn(2, 77, 32, generator=g)
             forwards = [(latents, text)]
@@ -72,7 +73,7 @@ def worker(args) -> None:
                     text_dim=32, freq_dim=32, ffn_dim=2048, num_layers=4, cross_attn_norm=True,
                     qk_norm="rms_norm_across_heads", rope_max_seq_len=1024).eval()
             else:
-                model = load_wan(ensure_tiny_wan(), parts=("transformer",)).transformer
+                model = load_wan(ensure_tiny_wan(cache_folder()), parts=("transformer",)).transformer
             latents = torch.randn(1, 4, args.clip, args.latent, args.latent, generator=g)
             forwards = [(latents, torch.randn(1, 16, 32, generator=g)), (latents, torch.randn(1, 16, 32, generator=g))]
         layout = ClipLayout(rank=env.rank, world_size=env.world_size, clip_frames=args.clip)

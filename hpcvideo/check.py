@@ -14,6 +14,7 @@ does, only when a check needs it).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -21,16 +22,24 @@ from .config import DEMO_WEIGHTS_DIR, IDENTITY_IGNORED, ConfigError, RunConfig, 
 from .config.validate import strategy_rules
 from .layout import model_num_layers, ranks_problem, resolve_config
 
-__all__ = ["PLACEHOLDER_PREFIX", "model_folder", "model_info", "model_problems", "validate_for_model"]
+__all__ = ["PLACEHOLDER_PREFIX", "cache_folder", "model_folder", "model_info", "model_problems", "validate_for_model"]
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_PREFIX = "/path/to/"  # the real-model presets' model.path until the user sets it
 
 
-def model_folder(cfg: RunConfig) -> Path:
+def cache_folder(environ=None) -> Path:
+    """The model cache where the tiny models are built: ``$HPCVIDEO_CACHE`` of ``environ`` (default: this
+    process's environment), else ``~/.cache/hpcvideo``. Read here, at the edge; the model code takes the folder."""
+    value = (os.environ if environ is None else environ).get("HPCVIDEO_CACHE")
+    return Path(value) if value else Path.home() / ".cache" / "hpcvideo"
+
+
+def model_folder(cfg: RunConfig, *, cache_dir: str | Path | None = None) -> Path:
     """``model.path`` as a folder: "demo" is the Wan shipped in the package (:mod:`hpcvideo.demo`); "tiny"
-    builds (once, then cached) the tiny random-weight model of ``model.family``; else the path, resolved."""
+    builds (once, then cached in ``cache_dir``, default :func:`cache_folder`) the tiny random-weight model of
+    ``model.family``; else the path, resolved."""
     if cfg.model.path == "demo":
         return DEMO_WEIGHTS_DIR
     if cfg.model.path != "tiny":
@@ -38,10 +47,10 @@ def model_folder(cfg: RunConfig) -> Path:
     if cfg.model.family == "unet3d":
         from .models.unet3d import ensure_tiny_unet3d
 
-        return Path(ensure_tiny_unet3d())
+        return Path(ensure_tiny_unet3d(cache_folder() if cache_dir is None else cache_dir))
     from .models import ensure_tiny_wan
 
-    return Path(ensure_tiny_wan())
+    return Path(ensure_tiny_wan(cache_folder() if cache_dir is None else cache_dir))
 
 
 def model_info(cfg: RunConfig, folder: Path | None = None) -> dict:

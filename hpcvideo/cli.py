@@ -93,23 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_generate(args) -> int:
     from .config import load_config
+    from .faults import FaultPlan
     from .launch.local import check_launch, maybe_relaunch
 
+    try:
+        faults = FaultPlan.from_env()  # the tests' HPCVIDEO_FAULT: read once per process, here, and handed down
+    except ValueError as error:
+        print(f"hpcvideo generate: error: {error}", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, args.overrides, num_frames=args.frames, seed=args.seed, output=args.output)
     check_launch(cfg, args.ranks)  # a rank count the run cannot use: exit 2 before mpiexec starts
     code = maybe_relaunch(args.ranks, args.argv, log_dir=Path(f"{cfg.store.path}.logs"))  # after validation
     if code is not None:
         return code
     from .generate import generate
-    from .runtime.preempt import EXIT_REQUEUE, Preempted, install_stop_handler
+    from .runtime.preempt import EXIT_REQUEUE, Preempted, StopRequest
 
-    if os.environ.get("SLURM_JOB_ID"):  # USR2 before the time limit: stop at a tick, exit 75 (slurm/*.sbatch requeue)
-        install_stop_handler()
+    # USR2 before the time limit: stop at a tick, exit 75 (slurm/*.sbatch requeue)
+    request = StopRequest().install() if os.environ.get("SLURM_JOB_ID") else None
     try:
-        status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty())
+        status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty(), stop=request, faults=faults)
     except Preempted as stop:
         print(f"hpcvideo generate: {stop} (exit {EXIT_REQUEUE})", file=sys.stderr)
         return EXIT_REQUEUE
+    finally:
+        if request is not None:
+            request.uninstall()  # the handlers this command replaced come back
     if status is None:  # not rank 0
         return 0
     print(f"{status['path']}: {status['num_frames_written']}/{status['num_frames']} frames, complete={status['complete']}")
@@ -136,9 +145,10 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_tiny(args) -> int:
+    from .check import cache_folder
     from .models import build_tiny_wan, ensure_tiny_wan
 
-    path = build_tiny_wan(args.path, seed=args.seed) if args.path else ensure_tiny_wan()
+    path = build_tiny_wan(args.path, seed=args.seed) if args.path else ensure_tiny_wan(cache_folder())
     print(path)
     return 0
 

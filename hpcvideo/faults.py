@@ -4,24 +4,63 @@
 "tick:N" at the start of tick N, "latents:J" / "frames:J" after block J's data is written and before
 its done marker. Default: SIGKILL (nothing runs after it); with the "raise:" prefix a RuntimeError
 is raised instead. "@R" picks rank R (default: rank 0).
+
+The variable is read once, at the edge (``hpcvideo generate``, the submitit job, or the runner's start
+when its caller passed nothing), into a :class:`FaultPlan` that is handed down to where faults fire::
+
+    faults = FaultPlan.from_env()           # once per process
+    faults.fire("tick", tick, rank=rank)    # at the point; a no-op unless it is the planned one
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
+from typing import Mapping
+
+FAULT_VAR = "HPCVIDEO_FAULT"
 
 
-def fault(point: str, index: int, *, rank: int = 0) -> None:
-    spec = os.environ.get("HPCVIDEO_FAULT")
-    if not spec:
-        return
-    action = "kill"
-    if spec.startswith("raise:"):
-        action, spec = "raise", spec[len("raise:"):]
-    where, _, who = spec.partition("@")
-    if where != f"{point}:{index}" or int(who or 0) != rank:
-        return
-    if action == "raise":
-        raise RuntimeError(f"injected fault at {point} {index} on rank {rank} (HPCVIDEO_FAULT)")
-    os.kill(os.getpid(), signal.SIGKILL)
+@dataclass(frozen=True)
+class FaultPlan:
+    """The one planned fault of a process (``point`` None: none). ``action``: "kill" (SIGKILL) or "raise"
+    (RuntimeError)."""
+
+    point: str | None = None
+    index: int = 0
+    rank: int = 0
+    action: str = "kill"
+
+    @classmethod
+    def parse(cls, spec: str | None) -> FaultPlan:
+        """The plan of a ``[raise:]point:index[@rank]`` string (None or "": no fault). Raises ValueError naming
+        the variable, the value and the allowed form."""
+        if not spec:
+            return cls()
+        text, action = spec, "kill"
+        if text.startswith("raise:"):
+            action, text = "raise", text[len("raise:"):]
+        where, _, who = text.partition("@")
+        point, _, index = where.partition(":")
+        try:
+            return cls(point=point, index=int(index), rank=int(who or 0), action=action)
+        except ValueError:
+            raise ValueError(f"{FAULT_VAR}={spec!r}: expected '[raise:]point:index[@rank]' with integer index and "
+                             f"rank, e.g. 'tick:3' or 'raise:frames:1@0'") from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FaultPlan:
+        """The plan in ``environ[HPCVIDEO_FAULT]`` (default: this process's environment)."""
+        return cls.parse((os.environ if environ is None else environ).get(FAULT_VAR))
+
+    def fire(self, point: str, index: int, *, rank: int = 0) -> None:
+        """Fail here if this is the planned point, index and rank: SIGKILL this process, or raise RuntimeError."""
+        if self.point is None or (point, index, rank) != (self.point, self.index, self.rank):
+            return
+        if self.action == "raise":
+            raise RuntimeError(f"injected fault at {point} {index} on rank {rank} ({FAULT_VAR})")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+NO_FAULTS = FaultPlan()  # immutable: nothing fires

@@ -12,17 +12,25 @@ from __future__ import annotations
 import os
 
 from .config import RunConfig
+from .faults import FaultPlan
 from .layout import RanksError, model_num_layers, ranks_problem, resolve_config
 from .models.family import resolve_model_path  # noqa: F401  (public: the model folder of a config)
 from .runner import run
 from .runtime import init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
 from .runtime.env import launcher_rank_and_size
 from .runtime.output import LOG_DIR_VAR, redirect_rank_output
+from .runtime.preempt import StopRequest
 
 
-def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
+def generate(cfg: RunConfig, *, progress: bool = True, stop: StopRequest | None = None,
+             faults: FaultPlan | None = None) -> dict | None:
     """Run (or resume, or extend) the job of ``cfg`` to completion on every rank of the MPI job
     (one rank: a plain process). Returns the store's status dict on rank 0, None elsewhere.
+
+    ``stop``: an installed :class:`hpcvideo.runtime.preempt.StopRequest` (under SLURM; give one on every rank
+    or on none): a stop signal on any rank makes every rank checkpoint at the next tick and raise
+    :class:`hpcvideo.runtime.preempt.Preempted`. None: never preempted. ``faults``: the tests' planned fault
+    (:class:`hpcvideo.faults.FaultPlan`; None: read once from ``HPCVIDEO_FAULT`` when the run starts).
 
     Errors (raised on every rank, before any weights are loaded): RanksError (a rank count the run cannot
     use, :func:`hpcvideo.layout.ranks_problem`: raised on rank 0 before MPI starts, the other ranks exit 2),
@@ -40,7 +48,7 @@ def generate(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env)
     try:
-        return run(cfg, env, progress=progress)
+        return run(cfg, env, progress=progress, stop=stop, faults=faults)
     finally:
         stop_failure_monitor(monitor)
         shutdown_rank_env(env)

@@ -14,8 +14,8 @@ started job (:class:`hpcvideo.runtime.RankEnv`). It owns, once for all strategie
   ``store.checkpoint_every_ticks`` ticks or ``store.checkpoint_every_s`` seconds (rank 0 decides; the
   decision is broadcast when every rank's state is gathered); a final one after the last tick, before
   the sink's end-of-run writes;
-* preemption: at every tick boundary all ranks agree (:func:`hpcvideo.runtime.preempt.should_stop`),
-  checkpoint and raise :class:`~hpcvideo.runtime.preempt.Preempted`;
+* preemption: at every tick boundary all ranks agree (:func:`hpcvideo.runtime.preempt.should_stop` on the
+  stop request the caller passed), checkpoint and raise :class:`~hpcvideo.runtime.preempt.Preempted`;
 * heartbeats (:class:`hpcvideo.progress.Heartbeat`), the progress bar or log lines, :class:`Timings`
   and the per-rank ``rank_stats``.
 
@@ -48,13 +48,13 @@ from pathlib import Path
 import torch
 
 from .config import IDENTITY_IGNORED, ConfigError, RunConfig
-from .faults import fault
+from .faults import FaultPlan
 from .layout import generated_latent_frames
 from .models.family import DTYPES, family_of
 from .progress import Heartbeat, new_attempt
 from .runtime import abort_on_failure
 from .runtime.control import bcast_object, gather_object, scatter_object
-from .runtime.preempt import Preempted, should_stop
+from .runtime.preempt import Preempted, StopRequest, should_stop
 from .store import RunStore, StoreError
 from .strategies import spec_for
 from .strategies.base import BuildContext
@@ -210,16 +210,21 @@ class _Setup:
     store: RunStore | None  # rank 0, and every rank when every rank writes
 
 
-def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None) -> dict | None:
+def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, stop: StopRequest | None = None,
+        faults: FaultPlan | None = None) -> dict | None:
     """Run (or resume, or extend) the job of the resolved ``cfg`` on this rank of a started job. Returns
     the store's status dict on rank 0, None elsewhere. User errors (ConfigError, StoreError incl.
     ConfigMismatchError, FileNotFoundError, ValueError) are raised on rank 0 before any weights load,
     the other ranks exit 2; a failure after that aborts every rank (:func:`hpcvideo.runtime.abort_on_failure`).
-    ``spec`` / ``family``: the strategy spec and model family (default: those ``cfg`` names; tests pass fakes)."""
+    ``spec`` / ``family``: the strategy spec and model family (default: those ``cfg`` names; tests pass fakes).
+    ``stop``: the installed stop request (:class:`hpcvideo.runtime.preempt.StopRequest`) of the caller, the same
+    on every rank or None on every rank (None: the run is never preempted, no collective per tick). ``faults``:
+    the tests' planned fault (:class:`hpcvideo.faults.FaultPlan`; None: read from ``HPCVIDEO_FAULT`` here, once)."""
     spec, family = spec or spec_for(cfg), family or family_of(cfg)
+    faults = FaultPlan.from_env() if faults is None else faults
     setup = _prepare(cfg, env, spec, family)
     with abort_on_failure(env):
-        return _run(cfg, env, spec, family, setup, progress=progress)
+        return _run(cfg, env, spec, family, setup, progress=progress, stop=stop, faults=faults)
 
 
 def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
@@ -266,7 +271,8 @@ def _encode_prompts(cfg: RunConfig, env, family, model_path: Path, dtype):
     return prompt_embeds, negative
 
 
-def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool) -> dict | None:
+def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, stop: StopRequest | None,
+         faults: FaultPlan) -> dict | None:
     started = time.perf_counter()
     timings = Timings()
     if cfg.runtime.num_threads:
@@ -282,7 +288,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool) ->
 
     t0 = time.perf_counter()
     ctx = BuildContext(cfg=cfg, env=env, family=family, model_path=setup.model_path, info=setup.info, dtype=dtype,
-                       prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, store=store, plan=setup.plan)
+                       prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, store=store, plan=setup.plan,
+                       faults=faults)
     executor, sink = spec.build(ctx)
     timings.load_s = time.perf_counter() - t0
 
@@ -357,14 +364,14 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool) ->
                 checkpoint("extend")
             if executor.done:
                 break
-            if should_stop(env):  # SLURM's USR2 on any rank: every rank stops at this tick (runtime.preempt)
+            if should_stop(env, stop):  # SLURM's USR2 on any rank: every rank stops at this tick (runtime.preempt)
                 if saves:
                     checkpoint("resume")
                 raise Preempted(executor.tick)
             if checkpoint_due():
                 checkpoint("resume")
                 last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()
-            fault("tick", executor.tick, rank=env.rank)
+            faults.fire("tick", executor.tick, rank=env.rank)
             t = time.perf_counter()
             finished = executor.run_tick()
             timings.denoise_s += time.perf_counter() - t

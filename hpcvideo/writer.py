@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 
 from .decode import StreamingDecoder, to_uint8
-from .faults import fault
+from .faults import NO_FAULTS, FaultPlan
 from .store import RunStore
 
 
@@ -40,9 +40,11 @@ class BlockSink:
     """
 
     def __init__(
-        self, store: RunStore, decoder: StreamingDecoder, *, decode_in_background: bool | None = None, max_pending: int = 2
+        self, store: RunStore, decoder: StreamingDecoder, *, decode_in_background: bool | None = None, max_pending: int = 2,
+        faults: FaultPlan = NO_FAULTS,
     ) -> None:
         self.store = store
+        self.faults = faults  # the tests' planned fault (hpcvideo.faults), fired between a block's data and marker
         self.decoder = decoder
         device = torch.device(getattr(decoder, "device", "cpu"))
         # default: overlap the decode on GPU only (see the module docstring)
@@ -64,14 +66,14 @@ class BlockSink:
     def _write(self, block_index: int, latents: torch.Tensor, frames) -> None:
         start = time.perf_counter()
         self.store.write_block_latents(block_index, latents[0].permute(1, 0, 2, 3).float().cpu().numpy())
-        fault("latents", block_index)
+        self.faults.fire("latents", block_index)
         self.store.mark_done("latents", block_index)
         self.write_s += time.perf_counter() - start
         if frames is None:
             frames = self._decode(latents)
         start = time.perf_counter()
         self.store.write_block_frames(block_index, frames)
-        fault("frames", block_index)
+        self.faults.fire("frames", block_index)
         self.store.mark_done("frames", block_index)
         self.write_s += time.perf_counter() - start
 
@@ -145,8 +147,10 @@ class ClipSink:
 
     DECODE_FRAMES = 8  # frames per 2-D VAE decode call: bounds decode memory, as diffusers' VAE slicing
 
-    def __init__(self, store: RunStore, vae, env, *, vae_kind: str, scaling_factor: float | None = None) -> None:
+    def __init__(self, store: RunStore, vae, env, *, vae_kind: str, scaling_factor: float | None = None,
+                 faults: FaultPlan = NO_FAULTS) -> None:
         self.store, self.vae, self.env = store, vae, env
+        self.faults = faults  # the tests' planned fault (hpcvideo.faults), fired between a clip's data and marker
         self.vae_kind, self.scaling_factor = vae_kind, scaling_factor
         self.wait_s = self.decode_s = self.write_s = 0.0
         self._clips: list[tuple[int, torch.Tensor]] = []
@@ -171,7 +175,7 @@ class ClipSink:
         (rank, latents), = self._clips  # one clip per rank
         start = time.perf_counter()
         self.store.write_block_latents(rank, latents[0].permute(1, 0, 2, 3).float().cpu().numpy())  # (F, C, h, w)
-        fault("latents", rank, rank=rank)
+        self.faults.fire("latents", rank, rank=rank)
         self.store.mark_done("latents", rank)
         self.write_s += time.perf_counter() - start
         if self.vae_kind == "per_frame":  # every rank decodes its own clip
@@ -183,7 +187,7 @@ class ClipSink:
             self.decode_s += time.perf_counter() - start
             start = time.perf_counter()
             self.store.write_block_frames(rank, pixels, keep_tail=False)
-            fault("frames", rank, rank=rank)
+            self.faults.fire("frames", rank, rank=rank)
             self.store.mark_done("frames", rank)
             self.write_s += time.perf_counter() - start
             return
@@ -199,6 +203,6 @@ class ClipSink:
             self.decode_s += time.perf_counter() - start
             start = time.perf_counter()
             self.store.write_block_frames(index, pixels, keep_tail=False)
-            fault("frames", index, rank=0)
+            self.faults.fire("frames", index, rank=0)
             self.store.mark_done("frames", index)
             self.write_s += time.perf_counter() - start

@@ -31,14 +31,14 @@ def hpcvideo_cache(tmp_path_factory):
 def tiny_model_dir(hpcvideo_cache):
     from hpcvideo.models import ensure_tiny_wan
 
-    return ensure_tiny_wan()
+    return ensure_tiny_wan(hpcvideo_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_unet3d_dir(hpcvideo_cache):
     from hpcvideo.models.unet3d import ensure_tiny_unet3d
 
-    return ensure_tiny_unet3d()
+    return ensure_tiny_unet3d(hpcvideo_cache)
 
 
 @pytest.fixture(scope="session")

@@ -73,7 +73,6 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
     that relaunches starts ``mpiexec -n N python -m hpcvideo.cli ...`` (its ranks' output is not captured here)."""
     from hpcvideo.cli import main
     from hpcvideo.launch import local
-    from hpcvideo.runtime.preempt import active_stop_request, uninstall_stop_handler
 
     if fault is not None and not fault.startswith("raise:"):
         raise ValueError(f"fault={fault!r}: a SIGKILL fault in this process would kill pytest; use the forker")
@@ -98,8 +97,6 @@ def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str]
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
         local.current_program, warnings.showwarning = program, showwarning
-        if active_stop_request() is not None:  # generate under SLURM_JOB_ID installed one: never leave it behind
-            uninstall_stop_handler()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -125,11 +122,16 @@ def cli_signalled(*args, store: Path, min_checkpoint_tick: int, signum: int = 0,
                 return
             time.sleep(0.05)
 
-    previous = signal.signal(signum, lambda *_: None)  # what the CLI's handler restores when it is removed
+    def ignore(*_) -> None:  # what the CLI's handler replaces, and must restore when the command ends
+        pass
+
+    previous = signal.signal(signum, ignore)
     watcher = threading.Thread(target=watch, name="test-signal-sender", daemon=True)
     watcher.start()
     try:
-        return cli(*args, env={"SLURM_JOB_ID": "12345"}, check=False)
+        result = cli(*args, env={"SLURM_JOB_ID": "12345"}, check=False)
+        assert signal.getsignal(signum) is ignore, "the CLI left its stop handler installed"
+        return result
     finally:
         finished.set()
         watcher.join()

@@ -213,6 +213,13 @@ def test_a_rank_count_the_run_cannot_use_fails_inside_the_launcher(tmp_path, for
         assert "Traceback" not in result.stderr and not path.exists()
 
 
+def test_a_malformed_fault_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "never.zarr"
+    result = cli("generate", "tiny-test", "--output", path, fault="raise:tick", check=False)  # no index
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not path.exists()
+    assert "HPCVIDEO_FAULT='raise:tick': expected '[raise:]point:index[@rank]'" in result.stderr
+
+
 def test_unwritable_output_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -180,8 +180,9 @@ def test_ensure_tiny_wan_concurrent(tmp_path):
     cache = tmp_path / "cache"
     code = textwrap.dedent(
         """
+        from hpcvideo.check import cache_folder
         from hpcvideo.models import ensure_tiny_wan
-        print(ensure_tiny_wan())
+        print(ensure_tiny_wan(cache_folder()))  # $HPCVIDEO_CACHE, read at the edge
         """
     )
     env = dict(os.environ, HPCVIDEO_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")

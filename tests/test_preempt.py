@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from hpcvideo.runtime.preempt import (
-    EXIT_REQUEUE, Preempted, active_stop_request, install_stop_handler, should_stop, uninstall_stop_handler,
+    EXIT_REQUEUE, Preempted, StopRequest, install_stop_handler, should_stop, uninstall_stop_handler,
 )
 
 from tests.helpers import cli_signalled
@@ -22,15 +22,32 @@ class _World1:
 
 def test_the_handler_only_sets_a_flag_and_is_restored():
     previous = signal.getsignal(signal.SIGUSR2)
-    assert should_stop(_World1()) is False and active_stop_request() is None  # nothing installed: no stop, no message
+    assert should_stop(_World1(), None) is False  # no request: no stop, no message
     request = install_stop_handler()
     try:
-        assert should_stop(_World1()) is False
+        assert signal.getsignal(signal.SIGUSR2) != previous
+        assert should_stop(_World1(), request) is False
         os.kill(os.getpid(), signal.SIGUSR2)  # the process goes on: no exit, no exception
-        assert request.requested and request.received == "SIGUSR2" and should_stop(_World1()) is True
+        assert request.requested and request.received == "SIGUSR2" and should_stop(_World1(), request) is True
     finally:
-        uninstall_stop_handler()
-    assert signal.getsignal(signal.SIGUSR2) == previous and active_stop_request() is None
+        uninstall_stop_handler(request)
+    assert signal.getsignal(signal.SIGUSR2) == previous and not request.installed
+    uninstall_stop_handler(request)  # idempotent
+    assert signal.getsignal(signal.SIGUSR2) == previous
+
+
+def test_stop_requests_are_objects_that_nest_and_restore_in_order():
+    """No state in the module: two requests are independent, and each restores what it replaced."""
+    previous = signal.getsignal(signal.SIGUSR2)
+    with StopRequest() as outer:
+        with StopRequest() as inner:
+            os.kill(os.getpid(), signal.SIGUSR2)  # the handler installed last gets it
+            assert inner.requested and not outer.requested
+            assert inner.should_stop(_World1()) and not outer.should_stop(_World1())
+        assert signal.getsignal(signal.SIGUSR2) == outer._handle  # the inner one gave back the outer handler
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert outer.requested and outer.received == "SIGUSR2"
+    assert signal.getsignal(signal.SIGUSR2) == previous
 
 
 def test_preempted_is_a_clean_exit_that_callers_turn_into_a_requeue():

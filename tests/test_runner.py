@@ -2,14 +2,18 @@
 checkpoint cadence, resume from a checkpoint after a failure, preemption at a tick boundary, the
 extension snapshot and stale done markers. A third strategy is exactly this: an executor and a spec."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
 
 from hpcvideo.config import load_config
+from hpcvideo.faults import FaultPlan
 from hpcvideo.runner import run
 from hpcvideo.runtime import init_rank_env, shutdown_rank_env
-from hpcvideo.runtime.preempt import Preempted, install_stop_handler, uninstall_stop_handler
+from hpcvideo.runtime.preempt import Preempted, StopRequest
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.base import StrategySpec
 
@@ -49,9 +53,7 @@ class FakeExecutor:
         if self.tick == self.fail_at:
             raise RuntimeError("injected")
         if self.tick == self.stop_at:
-            from hpcvideo.runtime.preempt import active_stop_request
-
-            active_stop_request().requested = True  # as if USR2 arrived during this tick
+            os.kill(os.getpid(), signal.SIGUSR2)  # USR2 arrives during this tick (the test installed a stop request)
         if self.tick < self.num_units:
             self.values[self.tick] = torch.tensor([float(self.tick)])
         finished = []
@@ -201,18 +203,35 @@ def test_a_preempted_run_stops_at_the_next_tick_boundary_with_a_checkpoint_there
     whole = _whole(tmp_path, env)
     path = tmp_path / "run.zarr"
     cfg = _cfg(path, "store.checkpoint_every_ticks=1000")
-    install_stop_handler()
-    try:
-        with pytest.raises(Preempted) as stopped:
-            run(cfg, env, progress=False, spec=FakeSpec(stop_at=2), family=FakeFamily())
-    finally:
-        uninstall_stop_handler()
+    with StopRequest() as request, pytest.raises(Preempted) as stopped:
+        run(cfg, env, progress=False, spec=FakeSpec(stop_at=2), family=FakeFamily(), stop=request)
     assert stopped.value.step == 3
     assert RunStore.open(path).status_dict()["last_checkpoint_tick"] == 3
     spec = FakeSpec()
     run(cfg, env, progress=False, spec=spec, family=FakeFamily())
     assert sorted(spec.sink.units) == [0, 1, 2, 3]  # stale_from(3) = 0: unit 0 leaves at tick 3 -> comes again
     assert all(np.array_equal(spec.sink.units[j].numpy(), whole[j].numpy()) for j in range(4))
+
+
+def test_the_planned_fault_is_the_one_handed_down_and_fires_at_its_tick_on_its_rank(tmp_path, env, monkeypatch):
+    monkeypatch.setenv("HPCVIDEO_FAULT", "raise:tick:1")  # read only when the caller hands no plan down
+    path = tmp_path / "run.zarr"
+    cfg = _cfg(path, "store.checkpoint_every_ticks=1")
+    with pytest.raises(RuntimeError, match="injected fault at tick 3 on rank 0"):
+        run(cfg, env, progress=False, spec=FakeSpec(), family=FakeFamily(), faults=FaultPlan.parse("raise:tick:3"))
+    assert RunStore.open(path).load_state("resume")[1]["tick"] == 3  # the checkpoint of tick 3 came first
+    other = tmp_path / "other.zarr"  # another rank's fault never fires on rank 0
+    run(_cfg(other), env, progress=False, spec=FakeSpec(), family=FakeFamily(), faults=FaultPlan.parse("raise:tick:3@1"))
+    assert RunStore.open(other).status_dict()["complete"]
+    with pytest.raises(RuntimeError, match="injected fault at tick 1 on rank 0"):  # no plan: the environment's
+        run(_cfg(tmp_path / "third.zarr"), env, progress=False, spec=FakeSpec(), family=FakeFamily())
+
+
+def test_a_malformed_fault_names_the_variable_the_value_and_the_form():
+    with pytest.raises(ValueError, match=r"HPCVIDEO_FAULT='tick:x': expected '\[raise:\]point:index\[@rank\]'"):
+        FaultPlan.from_env({"HPCVIDEO_FAULT": "tick:x"})
+    assert FaultPlan.from_env({}) == FaultPlan() == FaultPlan.parse("")  # unset or empty: nothing fires
+    assert FaultPlan.parse("raise:frames:2@1") == FaultPlan(point="frames", index=2, rank=1, action="raise")
 
 
 def test_the_config_allows_exactly_the_registered_families_strategies_and_dtypes():

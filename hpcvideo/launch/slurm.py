@@ -143,17 +143,18 @@ class GenerateJob(submitit.helpers.Checkpointable):
         self.config = config  # RunConfig.to_dict(): plain data, pickled by submitit
 
     def __call__(self) -> dict | None:
+        from ..faults import FaultPlan
         from ..generate import generate
-        from ..runtime.preempt import Preempted, install_stop_handler, uninstall_stop_handler
+        from ..runtime.preempt import Preempted, StopRequest
         from .local import launcher_rank_and_size
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         cfg = RunConfig.from_dict(self.config)
-        request = install_stop_handler((signal.SIGUSR2,))
+        request = StopRequest(signals=(signal.SIGUSR2,)).install()  # this task's stop flag, handed down to the runner
         try:
-            return generate(cfg, progress=False)
+            return generate(cfg, progress=False, stop=request, faults=FaultPlan.from_env())
         except Preempted as stop:
             rank = (launcher_rank_and_size() or (0, 1))[0]  # srun's task id, read where every launcher's is
             log.warning("rank %d: %s", rank, stop)
@@ -162,7 +163,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
             time.sleep(WAIT_FOR_REQUEUE_S)  # the requeue ends every task of the job
             raise RuntimeError(f"rank {rank}: stopped for a requeue but SLURM did not end the job in {WAIT_FOR_REQUEUE_S} s")
         finally:
-            uninstall_stop_handler()
+            request.uninstall()
 
 
 def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None = None,

@@ -175,23 +175,19 @@ def build_tiny_wan(path, *, seed: int = 0) -> Path:
     return path
 
 
-def _default_cache_dir() -> Path:
-    env = os.environ.get("HPCVIDEO_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "hpcvideo"
-
-
 def _is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
-def ensure_tiny_wan(cache_dir=None) -> Path:
+def ensure_tiny_wan(cache_dir: str | Path) -> Path:
     """Return the cached tiny model folder ``<cache_dir>/tiny-wan-{TINY_VERSION}-seed0``, building it once.
 
-    ``cache_dir`` defaults to ``$HPCVIDEO_CACHE`` or ``~/.cache/hpcvideo``. Safe when many processes
+    ``cache_dir``: the model cache, resolved by the caller (:func:`hpcvideo.check.cache_folder`: ``$HPCVIDEO_CACHE``
+    or ``~/.cache/hpcvideo``); created if missing. Safe when many processes
     (MPI ranks) call it at once: each builds into a private temporary sibling folder, writes the
     completion marker last and renames the folder into place; a loser of the race discards its copy.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    cache_dir = Path(cache_dir)
     final = cache_dir / f"tiny-wan-{TINY_VERSION}-seed0"
     if _is_complete(final):
         return final

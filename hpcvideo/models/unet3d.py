@@ -83,11 +83,12 @@ def build_tiny_unet3d(path, *, seed: int = 0) -> Path:
     return path
 
 
-def ensure_tiny_unet3d(cache_dir=None) -> Path:
-    """The cached tiny model ``<cache>/tiny-unet3d-{version}-seed0`` (``$HPCVIDEO_CACHE`` or
-    ~/.cache/hpcvideo), built once; safe when several ranks call it at once (build in a private
-    folder, marker last, atomic rename; a loser of the race discards its copy)."""
-    cache = Path(cache_dir or os.environ.get("HPCVIDEO_CACHE") or Path.home() / ".cache" / "hpcvideo")
+def ensure_tiny_unet3d(cache_dir: str | Path) -> Path:
+    """The cached tiny model ``<cache_dir>/tiny-unet3d-{version}-seed0``, built once. ``cache_dir``: the model
+    cache, resolved by the caller (:func:`hpcvideo.check.cache_folder`: ``$HPCVIDEO_CACHE`` or ~/.cache/hpcvideo);
+    created if missing. Safe when several ranks call it at once (build in a private folder, marker last, atomic
+    rename; a loser of the race discards its copy)."""
+    cache = Path(cache_dir)
     final = cache / f"tiny-unet3d-{TINY_UNET3D_VERSION}-seed0"
     if (final / _COMPLETE).is_file():
         return final

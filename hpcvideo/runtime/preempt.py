@@ -5,25 +5,28 @@ SLURM sends ``USR2`` ``cluster.signal_delay_s`` seconds before a job's time limi
 Every rank of the job step gets it, not necessarily at the same moment. What happens::
 
     signal on rank r           ->  StopRequest.requested = True on rank r   (the handler does nothing else)
-    next step boundary, all    ->  stop = should_stop(env): "did ANY rank get the signal?" (one small
+    next step boundary, all    ->  request.should_stop(env): "did ANY rank get the signal?" (one small
                                    collective, the same answer on every rank, so all stop at the same step)
     stop                       ->  rank 0 writes its checkpoint, every rank raises Preempted
     Preempted                  ->  the caller requeues: the submitit job asks submitit to requeue it,
                                    ``hpcvideo generate`` exits with EXIT_REQUEUE (75) for sbatch scripts
 
-Use at a step boundary (DualParal: the tick loop of ``generate._run``; Video-Infinity: its step
-loop)::
+The stop request is an object made at the edge (``hpcvideo generate`` under SLURM, the submitit job
+:class:`hpcvideo.launch.slurm.GenerateJob`) and handed down (``generate(cfg, stop=request)`` ->
+:func:`hpcvideo.runner.run`); nothing lives in this module between calls. Use at a step boundary::
 
-    from hpcvideo.runtime.preempt import Preempted, should_stop
+    from hpcvideo.runtime.preempt import Preempted, StopRequest
 
-    if should_stop(env):          # collective: every rank calls it at the same boundary
-        if env.is_main:
-            checkpoint("resume")
-        raise Preempted(step)
+    with StopRequest() as request:            # installs the handler, restores the previous one on exit
+        ...
+        if request.should_stop(env):          # collective: every rank calls it at the same boundary
+            if env.is_main:
+                checkpoint("resume")
+            raise Preempted(step)
 
-``should_stop`` is a no-op returning False (no message) unless :func:`install_stop_handler` was
-called in this process, so plain local runs pay nothing; install it on every rank or on none (a
-rank without it would skip the collective and the others would wait for it).
+:func:`should_stop` ``(env, None)`` is a no-op returning False (no message), so plain local runs,
+which get no request, pay nothing; give a request to every rank or to none (a rank without one would
+skip the collective and the others would wait for it).
 
 The agreement waits without spinning (non-blocking ``Iallreduce`` + ``Test`` + sleep; see
 :mod:`hpcvideo.runtime.control` for why MPICH's blocking calls must be avoided).
@@ -59,12 +62,15 @@ class Preempted(SystemExit):
 
 @dataclass(kw_only=True)
 class StopRequest:
-    """The process's stop flag and the handlers it replaced (``previous``: signal -> old handler)."""
+    """One process's stop flag: ``signals`` set ``requested`` once :meth:`install` ed; ``previous`` maps each
+    signal to the handler it replaced (restored by :meth:`uninstall`). Also a context manager (install on
+    enter, uninstall on exit). ``poll_s``: seconds between two tests of the agreement's pending collective."""
 
-    signals: tuple[int, ...]
+    signals: tuple[int, ...] = (signal.SIGUSR2,)
     requested: bool = False
     received: str | None = None  # name of the first signal received
     previous: dict[int, Any] = field(default_factory=dict)
+    installed: bool = False
     poll_s: float = 0.001
 
     def _handle(self, signum: int, frame: Any = None) -> None:  # only sets the flag: safe at any bytecode
@@ -72,61 +78,69 @@ class StopRequest:
             self.received = signal.Signals(signum).name
         self.requested = True
 
+    def install(self) -> StopRequest:
+        """Make ``signals`` set this request's flag (main thread only); returns ``self``. The replaced handlers
+        are kept in ``previous`` (under submitit: its checkpoint-and-requeue handler for USR2, which
+        :mod:`hpcvideo.launch.slurm` calls once every rank stopped). Raises RuntimeError if already installed."""
+        if self.installed:
+            raise RuntimeError("this stop request is already installed")
+        for signum in self.signals:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        self.installed = True
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers :meth:`install` replaced (idempotent)."""
+        if not self.installed:
+            return
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.installed = False
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
     def call_previous(self, signum: int) -> None:
         """Run the handler this one replaced (submitit's checkpoint-and-requeue) as if ``signum`` arrived."""
         handler: Callable | Any = self.previous.get(signum)
         if callable(handler):
             handler(signum, None)
 
+    def should_stop(self, env) -> bool:
+        """True on every rank when any rank's request got a stop signal (collective).
 
-_ACTIVE: StopRequest | None = None
+        Every rank must call it at the same step boundary, as for any collective. World 1 (``env.comm``
+        None or ``env.world_size`` 1): the local flag, nothing sent.
+        """
+        if env.comm is None or env.world_size == 1:
+            return self.requested
+        import numpy as np
+        from mpi4py import MPI
+
+        local = np.array([1 if self.requested else 0], dtype=np.int32)
+        agreed = np.zeros(1, dtype=np.int32)
+        pending = env.comm.Iallreduce(local, agreed, op=MPI.MAX)
+        while not pending.Test():  # MPICH's blocking Allreduce would busy-poll a core
+            time.sleep(self.poll_s)
+        return bool(agreed[0])
 
 
 def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> StopRequest:
-    """Make ``signals`` set the stop flag of this process (main thread only); returns the request.
-
-    The replaced handlers are kept in ``request.previous`` (under submitit: its checkpoint-and-
-    requeue handler for USR2, which :mod:`hpcvideo.launch.slurm` calls once every rank stopped).
-    """
-    global _ACTIVE
-    request = StopRequest(signals=tuple(signals))
-    for signum in request.signals:
-        request.previous[signum] = signal.signal(signum, request._handle)
-    _ACTIVE = request
-    return request
+    """A new :class:`StopRequest` for ``signals``, installed (main thread only). Undo with
+    :func:`uninstall_stop_handler` (or ``request.uninstall()``)."""
+    return StopRequest(signals=tuple(signals)).install()
 
 
-def uninstall_stop_handler() -> None:
-    """Restore the handlers replaced by :func:`install_stop_handler` (idempotent)."""
-    global _ACTIVE
-    if _ACTIVE is None:
-        return
-    for signum, handler in _ACTIVE.previous.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-    _ACTIVE = None
+def uninstall_stop_handler(request: StopRequest | None) -> None:
+    """Restore the handlers ``request`` replaced (idempotent; None: nothing to do)."""
+    if request is not None:
+        request.uninstall()
 
 
-def active_stop_request() -> StopRequest | None:
-    return _ACTIVE
-
-
-def should_stop(env) -> bool:
-    """True on every rank when any rank got a stop signal since it was installed (collective).
-
-    Every rank must call it at the same step boundary, as for any collective. Without an installed
-    handler it returns False at once and sends nothing. World 1: the local flag.
-    """
-    request = _ACTIVE
-    if request is None:
-        return False
-    if env.comm is None or env.world_size == 1:
-        return request.requested
-    import numpy as np
-    from mpi4py import MPI
-
-    local = np.array([1 if request.requested else 0], dtype=np.int32)
-    agreed = np.zeros(1, dtype=np.int32)
-    pending = env.comm.Iallreduce(local, agreed, op=MPI.MAX)
-    while not pending.Test():  # MPICH's blocking Allreduce would busy-poll a core
-        time.sleep(request.poll_s)
-    return bool(agreed[0])
+def should_stop(env, request: StopRequest | None) -> bool:
+    """``request.should_stop(env)`` (collective: every rank at the same boundary); False at once, sending
+    nothing, when ``request`` is None (no stop handler in this run)."""
+    return False if request is None else request.should_stop(env)

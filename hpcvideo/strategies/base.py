@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..faults import NO_FAULTS, FaultPlan
+
 
 class Executor(Protocol):
     """The denoising state of one rank, advanced one tick at a time.
@@ -90,7 +92,8 @@ class BuildContext:
     and its JSON facts (``family.info``); ``prompt_embeds``: [(1, L, D) per prompt of the schedule] and
     ``negative_prompt_embeds`` (1, L, D) or None, on ``env.device``; ``store``: the run store on the ranks
     that write (rank 0, or every rank when ``spec.every_rank_writes``), else None; ``plan``: what the
-    spec's :meth:`StrategySpec.plan` computed on rank 0 (broadcast).
+    spec's :meth:`StrategySpec.plan` computed on rank 0 (broadcast); ``faults``: the tests' planned fault
+    (:class:`hpcvideo.faults.FaultPlan`, read once at the edge), for the sink to fire where it writes.
     """
 
     cfg: Any
@@ -104,6 +107,7 @@ class BuildContext:
     store: Any
     plan: Any = None
     run_attrs: dict = field(default_factory=dict)  # store attrs the builder wants written at the start (rank 0)
+    faults: FaultPlan = NO_FAULTS
 
 
 class StrategySpec:

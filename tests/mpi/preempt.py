@@ -14,23 +14,22 @@ import time
 
 from hpcvideo.runtime import abort_on_failure, init_rank_env, shutdown_rank_env
 from hpcvideo.runtime.control import gather_object
-from hpcvideo.runtime.preempt import Preempted, install_stop_handler, should_stop, uninstall_stop_handler
+from hpcvideo.runtime.preempt import Preempted, StopRequest
 
 
 def stop_agreement(env, signal_rank: int, signal_step: int) -> list[dict] | None:
     """The step loop on every rank of ``env``; rank 0 gets every rank's report (the others None)."""
-    request = install_stop_handler()
     stopped = None
-    try:
-        for step in range(50):
-            if should_stop(env):
-                raise Preempted(step)
-            if step == signal_step and env.rank == signal_rank:
-                os.kill(os.getpid(), signal.SIGUSR2)
-            time.sleep(0.05 * (env.rank + 1))  # ranks arrive at each boundary at different times
-    except Preempted as stop:
-        stopped = stop.step
-    uninstall_stop_handler()
+    with StopRequest() as request:
+        try:
+            for step in range(50):
+                if request.should_stop(env):
+                    raise Preempted(step)
+                if step == signal_step and env.rank == signal_rank:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(0.05 * (env.rank + 1))  # ranks arrive at each boundary at different times
+        except Preempted as stop:
+            stopped = stop.step
     return gather_object(env, {"rank": env.rank, "stopped": stopped, "signalled": request.requested,
                                "received": request.received})
 

@@ -61,5 +61,5 @@ class DualParalSpec(StrategySpec):
             from ...decode import StreamingDecoder
             from ...writer import BlockSink
 
-            sink = BlockSink(ctx.store, StreamingDecoder(components.vae, device=env.device))
+            sink = BlockSink(ctx.store, StreamingDecoder(components.vae, device=env.device), faults=ctx.faults)
         return executor, sink

@@ -169,5 +169,6 @@ class VideoInfinitySpec(StrategySpec):
         )
         from ...writer import ClipSink
 
-        sink = ClipSink(ctx.store, components.vae, env, vae_kind=family.vae_kind, scaling_factor=info.get("scaling_factor"))
+        sink = ClipSink(ctx.store, components.vae, env, vae_kind=family.vae_kind, scaling_factor=info.get("scaling_factor"),
+                        faults=ctx.faults)
         return executor, sink
