@@ -4,6 +4,7 @@ demo weights found as package data from any directory, and ``train-demo`` never 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -73,8 +74,12 @@ def test_presets_and_demo_weights_are_package_data():
 @pytest.mark.e2e
 def test_wheel_is_complete_and_runs_the_demo_from_another_directory(tmp_path):
     """``pip install .`` builds this wheel: it must hold presets and weights, and run from anywhere."""
-    wheels = tmp_path / "wheels"
-    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    wheels, source = tmp_path / "wheels", tmp_path / "source"
+    # a copy without build outputs: setuptools builds in the source tree, and a stale build/lib of this
+    # checkout (a module since removed) would end up in the wheel
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
+    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                  "-w", str(wheels)], cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("hpcvideo-*.whl")
