@@ -56,6 +56,7 @@ from .runtime import abort_on_failure
 from .runtime.control import bcast_object, gather_object, scatter_object
 from .runtime.preempt import Preempted, StopRequest, should_stop
 from .store import RunStore, StoreError
+from .store.recovery import plan_resume
 from .strategies import spec_for
 from .strategies.base import BuildContext
 
@@ -180,26 +181,20 @@ def complete_cut_block(store: RunStore, first_stale: int) -> None:
         log.info("completed the frames of block %d from the kept decode", j)
 
 
-def choose_checkpoint(store: RunStore, num_units: int) -> dict | None:
-    """The newest checkpoint whose state is a state of the ``num_units`` run (see the module doc).
-
-    Returns the checkpoint ``{"executor", "sink"}`` or None (start from tick 0)."""
-    resume = store.load_state("resume")
-    if resume is not None:
-        blob, meta = resume
-        if meta["num_blocks"] == num_units or meta["tick"] <= meta["num_blocks"]:
-            return _load_checkpoint(blob)
-    extend = store.load_state("extend")
-    if extend is not None:
-        blob, meta = extend
-        if meta["num_blocks"] <= num_units and meta["tick"] <= meta["num_blocks"]:
-            return _load_checkpoint(blob)
-    if resume is not None:
-        raise StoreError(
-            f"{store.path}: the last checkpoint (tick {resume[1]['tick']}, {resume[1]['num_blocks']} blocks) cannot be "
-            f"extended to {num_units} blocks and no extension snapshot was found"
-        )
-    return None
+def choose_checkpoint(store: RunStore, num_units: int, *, verify: bool = True) -> dict | None:
+    """The newest checkpoint whose state is a state of the ``num_units`` run (see the module doc) and that
+    recomputes every block not done and intact (``verify``: every done block is read back against its
+    checksum first; :func:`hpcvideo.store.recovery.plan_resume`). Says in the log which blocks do not
+    verify and where the run restarts. Returns the checkpoint ``{"executor", "sink"}`` or None (start from
+    tick 0)."""
+    plan = plan_resume(store, num_units, verify=verify)
+    message = plan.describe(store)
+    if message:
+        log.warning("%s", message)
+    if plan.unverified:
+        log.info("run store %s was made before done markers kept checksums: its done blocks are trusted unverified",
+                 store.path)
+    return None if plan.blob is None else _load_checkpoint(plan.blob)
 
 
 @dataclass
@@ -319,6 +314,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             complete_cut_block(store, stale.start)
             log.info("resuming %s at tick %d of %d on %d rank(s)", store.path, executor.tick, executor.num_ticks,
                      env.world_size)
+        else:
+            store.clear_all_done()  # from scratch: every unit is produced again (after damage, or no checkpoint)
         store.set_status("running")
         store.update_attrs(num_ranks=env.world_size, **ctx.run_attrs)
 
@@ -334,7 +331,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             state = gather_object(env, state)
         if main:
             blob = _dump({"executor": state, "sink": None if sink is None else sink.state_dict()})
-            store.save_state(blob, tick=executor.tick, num_blocks=executor.num_units, kind=kind)
+            store.save_state(blob, tick=executor.tick, num_blocks=executor.num_units, kind=kind,
+                             stale_from=executor.stale_from)
         timings.checkpoint_s += time.perf_counter() - t
         if main:
             heartbeat.beat(executor.tick, force=True)  # `hpcvideo status` never shows a tick behind the checkpoint
@@ -415,5 +413,6 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
     timings.store_s, timings.decode_s = sink.wait_s, sink.decode_s
     timings.store_background_s = sink.write_s
     store.update_attrs(timings=timings.as_attrs(time.perf_counter() - started))
+    store.require_complete()  # a block that is still not done is an error naming it, never a silent exit 0
     store.set_status("complete")
     return store.status_dict()

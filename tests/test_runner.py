@@ -141,9 +141,9 @@ def _saves(monkeypatch):
     saves = []
     original = RunStore.save_state
 
-    def record(self, blob, *, tick, num_blocks, kind="resume"):
+    def record(self, blob, *, tick, num_blocks, kind="resume", **more):
         saves.append((kind, tick))
-        return original(self, blob, tick=tick, num_blocks=num_blocks, kind=kind)
+        return original(self, blob, tick=tick, num_blocks=num_blocks, kind=kind, **more)
 
     monkeypatch.setattr(RunStore, "save_state", record)
     return saves

@@ -21,9 +21,10 @@ from .base import (DONE_KINDS, PARTIAL_RE, RESERVED_ATTRS, STATUSES, VAE_TEMPORA
                    StoreError, block_frame_range, check_num_frames, normalise_config, num_frames_for, positive_int)
 from .checkpoints import CheckpointsMixin
 from .heartbeat import TicksMixin
+from .integrity import MARKER_DTYPE, IntegrityMixin
 
 
-class RunStore(CheckpointsMixin, TicksMixin):
+class RunStore(CheckpointsMixin, TicksMixin, IntegrityMixin):
     """A handle on one run store. Build with ``RunStore.create`` or ``RunStore.open``."""
 
     FORMAT_VERSION = 1
@@ -32,6 +33,7 @@ class RunStore(CheckpointsMixin, TicksMixin):
         self._path = path
         self._zstore = zstore
         self._mode = mode
+        self._init_integrity()
         self.refresh()
 
     # ---------------------------------------------------------------- create / open
@@ -90,9 +92,12 @@ class RunStore(CheckpointsMixin, TicksMixin):
         root.create_array("frames", shape=(F, H, W, 3),
                           chunks=(stride * n, H, W, 3), dtype="uint8", fill_value=0,
                           dimension_names=("frame", "height", "width", "rgb"))
-        done = root.create_group("done")
+        # markers hold a checksum of their block (hpcvideo.store.integrity); the summary: none done yet
+        done = root.create_group("done", attributes={"summary": {
+            "num_blocks": L // n, "latents": {"count": 0, "leading": 0},
+            "frames": {"count": 0, "leading": 0, "written": 0}}})
         for kind in DONE_KINDS:
-            done.create_array(kind, shape=(L // n,), chunks=(1,), dtype="uint8", fill_value=0,
+            done.create_array(kind, shape=(L // n,), chunks=(1,), dtype=MARKER_DTYPE, fill_value=0,
                               compressors=None, dimension_names=("block",))
         root.create_group("state")
         # Written last: a store without format_version is an unfinished create.
@@ -236,11 +241,12 @@ class RunStore(CheckpointsMixin, TicksMixin):
         if F > old_frames:
             cut = self._block_of_frame(old_frames - 1)
             if cut < self._done["frames"].shape[0] and block_frame_range(cut, n, stride)[1] > old_frames:
-                self._done["frames"][cut] = 0  # its frames [old_frames, ...) are not written yet
+                self.clear_done("frames", [cut])  # its frames [old_frames, ...) are not written yet
         for arr, length in [*((a, L // n) for a in self._done.values()), (self._latents, L), (self._frames, F)]:
             if arr.shape[0] < length:
                 arr.resize((length, *arr.shape[1:]))
         self.refresh()  # reopen every array with its new shape
+        self._resize_summary()
 
     def _block_of_frame(self, frame: int) -> int:
         """Index of the block whose decoded frames include pixel frame ``frame`` (>= 0)."""
@@ -271,7 +277,9 @@ class RunStore(CheckpointsMixin, TicksMixin):
         if latents.shape != expected or not np.issubdtype(latents.dtype, np.floating):
             raise ValueError(f"latents of block {block_index} must be float of shape (n, C, h, w) = "
                              f"{expected}, got {latents.dtype} {latents.shape}")
-        self._latents[block_index * n:(block_index + 1) * n] = latents.astype(np.float32, copy=False)
+        latents = latents.astype(np.float32, copy=False)
+        self._latents[block_index * n:(block_index + 1) * n] = latents
+        self._remember_marker("latents", block_index, latents)
 
     def write_block_frames(self, block_index: int, frames: np.ndarray, *, keep_tail: bool = True) -> None:
         """Write block ``block_index``'s pixel frames, uint8 (f, H, W, 3): every frame the block decodes
@@ -297,6 +305,7 @@ class RunStore(CheckpointsMixin, TicksMixin):
         if keep_tail and cut < stop and frames.shape[0] == stop - start:
             self._save_frames_tail(block_index, frames)
         self._frames[start:cut] = frames[: cut - start]
+        self._remember_marker("frames", block_index, frames[: cut - start])
 
     def _done_array(self, kind: str):
         if kind not in DONE_KINDS:
@@ -304,18 +313,29 @@ class RunStore(CheckpointsMixin, TicksMixin):
         return self._done[kind]
 
     def mark_done(self, kind: str, block_index: int) -> None:
-        """Mark block ``block_index`` of ``kind`` ("latents" | "frames") done; call AFTER its data write."""
+        """Mark block ``block_index`` of ``kind`` ("latents" | "frames") done; call AFTER its data write.
+
+        The marker holds the checksum of the block's data (:mod:`hpcvideo.store.integrity`): of what this
+        handle's last write of that block was handed, else of what is on disk now."""
         self._require_writable()
         arr = self._done_array(kind)
+        block_index = int(block_index)
         self._check_covers(f"done/{kind}", arr, block_index, block_index + 1, f"block {block_index}")
-        arr[block_index] = 1
+        old, new = int(arr[block_index]), self._new_marker(kind, block_index)
+        arr[block_index] = new
+        self._update_summary(kind, block_index, old, new)
 
     def clear_done(self, kind: str, block_indices: Iterable[int]) -> None:
+        """Mark blocks ``block_indices`` of ``kind`` not done (before they are written again)."""
         self._require_writable()
         arr = self._done_array(kind)
         for j in block_indices:
-            self._check_covers(f"done/{kind}", arr, int(j), int(j) + 1, f"block {j}")
-            arr[int(j)] = 0
+            j = int(j)
+            self._check_covers(f"done/{kind}", arr, j, j + 1, f"block {j}")
+            old = int(arr[j])
+            if old:
+                arr[j] = 0
+                self._update_summary(kind, j, old, 0)
 
     def done(self, kind: str) -> np.ndarray:
         """Completion markers of ``kind``, bool of shape (num_blocks,), read from disk now."""
@@ -342,8 +362,7 @@ class RunStore(CheckpointsMixin, TicksMixin):
 
     def num_frames_ready(self) -> int:
         """Frames of the leading run of blocks whose frames are marked done (what iter_frames yields)."""
-        done = self.done("frames")
-        k = len(done) if done.all() else int(np.argmin(done))
+        k = self.done_summary()["frames"]["leading"]
         return self.frame_range(k - 1)[1] if k else 0
 
     def iter_frames(self, batch_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
@@ -376,11 +395,14 @@ class RunStore(CheckpointsMixin, TicksMixin):
         """Progress summary (JSON-serialisable) for ``hpcvideo status`` and notebooks.
 
         ``complete`` is True when every block's frames are marked done; ``num_frames_written``
-        counts the frames of all done blocks, ``num_frames_ready`` the leading exportable run.
+        counts the frames of all done blocks, ``num_frames_ready`` the leading exportable run. Reads the
+        done summary and the newest checkpoint record, not every marker: O(1) of the video's length
+        (:meth:`done_summary`).
         """
-        done_l, done_f = self.done("latents"), self.done("frames")
-        written = sum(b - a for j in np.flatnonzero(done_f) for a, b in [self.frame_range(int(j))])
-        pointer = self._read_pointer("resume")
+        summary = self.done_summary()
+        done_l, done_f = summary["latents"], summary["frames"]
+        k = done_f["leading"]
+        pointer = self.latest_checkpoint("resume")
         try:
             status = zarr.open_group(self._zstore, mode="r", zarr_format=3).attrs["status"]
         except Exception:
@@ -388,12 +410,12 @@ class RunStore(CheckpointsMixin, TicksMixin):
         H, W = self.frame_shape
         return {
             "path": str(self._path), "status": status, "model_id": self.model_id,
-            "complete": bool(self.num_blocks and done_f.all()),
-            "num_frames": self.num_frames, "num_frames_written": int(written),
-            "num_frames_ready": self.num_frames_ready(),
+            "complete": bool(self.num_blocks and done_f["count"] == self.num_blocks),
+            "num_frames": self.num_frames, "num_frames_written": int(done_f["written"]),
+            "num_frames_ready": self.frame_range(k - 1)[1] if k else 0,
             "num_latent_frames": self.num_latent_frames, "num_blocks": self.num_blocks,
             "block_latent_frames": self.block_latent_frames,
-            "blocks_latents_done": int(done_l.sum()), "blocks_frames_done": int(done_f.sum()),
+            "blocks_latents_done": int(done_l["count"]), "blocks_frames_done": int(done_f["count"]),
             "last_checkpoint_tick": pointer["tick"] if pointer else None,
             "last_checkpoint_time": pointer["written_at"] if pointer else None,
             "fps": self.fps, "height": H, "width": W,
