@@ -1,4 +1,4 @@
-"""Command line: ``hpcvideo generate | submit | sbatch | check | plan | status | export | tiny-model``.
+"""Command line: ``hpcvideo generate | submit | sbatch | check | plan | status | export | verify | tiny-model``.
 
 Every command validates its input first and exits with status 2 and a one-screen message naming
 the key, the value and what is allowed; nothing is created or submitted before that.
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("store")
     export.add_argument("output")
     export.add_argument("--fps", type=float, default=None, help="frames per second (default: the run's video.fps)")
+    export.add_argument("--allow-incomplete", action="store_true",
+                        help="export the leading frames that verify of an incomplete or damaged store (refused otherwise)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file (refused otherwise)")
+
+    verify = sub.add_parser("verify", help="read a run store back against its checksums, running nothing; "
+                            "exit 0 intact and complete, 1 damaged, 3 intact but incomplete")
+    verify.add_argument("store")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
 
     submit = sub.add_parser("submit", help="check, plan, create the store, and submit to SLURM (submitit; requeued on timeout)")
     _add_config_args(submit)
@@ -139,9 +147,23 @@ def _cmd_status(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_mp4
 
-    count = export_mp4(args.store, args.output, fps=args.fps)
+    try:
+        count = export_mp4(args.store, args.output, fps=args.fps, allow_incomplete=args.allow_incomplete,
+                           overwrite=args.overwrite)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:  # the output path: nothing written
+        print(f"hpcvideo export: error: {error}", file=sys.stderr)
+        return 2
     print(f"{args.output}: {count} frames")
     return 0
+
+
+def _cmd_verify(args) -> int:
+    from .store import RunStore
+    from .store.integrity import format_verify
+
+    report = RunStore.open(args.store, mode="r").verify()
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_verify(report))
+    return report["exit_code"]
 
 
 def _cmd_tiny(args) -> int:
@@ -256,7 +278,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"hpcvideo: warning: {message}", file=sys.stderr if file is None else file)
 
 
-COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "check": _cmd_check, "plan": _cmd_plan, "clean-shm": _cmd_clean_shm, "generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "tiny-model": _cmd_tiny,
+COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "check": _cmd_check, "plan": _cmd_plan, "clean-shm": _cmd_clean_shm, "generate": _cmd_generate, "status": _cmd_status, "export": _cmd_export, "verify": _cmd_verify, "tiny-model": _cmd_tiny,
             "train-demo": _cmd_train_demo}
 
 

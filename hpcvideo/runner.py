@@ -191,6 +191,7 @@ def choose_checkpoint(store: RunStore, num_units: int, *, verify: bool = True) -
     message = plan.describe(store)
     if message:
         log.warning("%s", message)
+        store.drop_unreadable_chunks(plan.damage)  # a recomputed block rewrites them
     if plan.unverified:
         log.info("run store %s was made before done markers kept checksums: its done blocks are trusted unverified",
                  store.path)

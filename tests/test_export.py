@@ -51,7 +51,10 @@ def test_export_stops_at_first_block_not_done_and_fps_override(store, tmp_path):
     store.write_block_frames(0, frame_values(*store.frame_range(0)))
     store.mark_done("frames", 0)  # block 1 is not done
     out = tmp_path / "part.mp4"
-    assert export_mp4(store.path, out, fps=24) == 5
+    with pytest.raises(StoreError, match="incomplete: 1 of 2 blocks' frames done, 5 of 13 frames ready"):
+        export_mp4(store.path, out, fps=24)  # refused unless asked for
+    assert not out.exists()
+    assert export_mp4(store.path, out, fps=24, allow_incomplete=True) == 5
     got, rate = read_mp4(out)
     assert len(got) == 5 and rate == pytest.approx(24.0)
 

@@ -186,6 +186,31 @@ class IntegrityMixin:
                     bad.add(int(j))
         return (min(bad) if bad else self.num_blocks), damage
 
+    def drop_unreadable_chunks(self, damage: list[Damage]) -> list[str]:
+        """Delete the chunk files of the damaged blocks that cannot be decoded at all, so that the blocks'
+        rewrite (a read-modify-write where a frames block shares a chunk) does not fail on them; they
+        read as zeros until rewritten. Call before recomputing those blocks. Returns the removed paths."""
+        self._require_writable()
+        removed = []
+        for kind, arr in (("latents", self._latents), ("frames", self._frames)):
+            size = arr.chunks[0]
+            chunks = set()
+            for d in damage:
+                if d.kind == kind:
+                    a, b = ((d.block * self.block_latent_frames, (d.block + 1) * self.block_latent_frames)
+                            if kind == "latents" else self.frame_range(d.block))
+                    chunks.update(range(a // size, (b - 1) // size + 1))
+            for c in sorted(chunks):
+                try:
+                    arr[c * size:min((c + 1) * size, arr.shape[0])]
+                except Exception:  # noqa: BLE001 - undecodable: remove it
+                    key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+                    path = self._path / kind / key
+                    if path.exists():
+                        path.unlink()
+                        removed.append(str(path))
+        return removed
+
     # ------------------------------------------------------------------ the summary
     def _summary_group(self, mode: str = "r"):
         return zarr.open_group(self._zstore, path="done", mode=mode, zarr_format=3)
@@ -291,3 +316,77 @@ class IntegrityMixin:
 
 def _blocks(blocks: list[int]) -> str:
     return ", ".join(str(b) for b in blocks[:10]) + (f" ... ({len(blocks)} in all)" if len(blocks) > 10 else "")
+
+
+VERIFY_OK, VERIFY_DAMAGED, VERIFY_INCOMPLETE = 0, 1, 3  # exit codes of `hpcvideo verify`
+
+
+class VerifyMixin:
+    """:meth:`verify`: the check of a whole store (``hpcvideo verify``), reading and writing nothing else."""
+
+    def checkpoint_kinds(self) -> list[str]:
+        """The checkpoint kinds present under ``state/`` (a pointer group or a slot of it)."""
+        folder = self._path / "state"
+        names = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+        return sorted({name[:-2] if name.endswith(("_0", "_1")) else name for name in names})
+
+    def verify(self) -> dict:
+        """Read every done block back against its checksum, and every checkpoint record against its sha256.
+
+        Returns (JSON-serialisable) ``{"path", "ok", "complete", "exit_code", "num_blocks", "blocks":
+        {kind: {"done", "verified", "unverified", "missing": [block, ...]}}, "damage": [line, ...],
+        "checkpoints": {kind: {"pointer": "ok" | "unreadable" | "missing", "records": [{"tick", "slot",
+        "intact", "error"}]}}, "summary_ok"}``. Damage: a done block that does not verify, a pointer that
+        cannot be read, a newest checkpoint record whose slot does not verify (an older record may
+        be mid-overwrite: reported, not damage), a done summary that disagrees with the markers.
+        ``exit_code``: VERIFY_OK (intact and complete), VERIFY_DAMAGED, VERIFY_INCOMPLETE (intact, blocks not
+        done yet)."""
+        damage, counts = self.verify_blocks()
+        problems = [str(d) for d in damage]
+        for kind in DONE_KINDS:
+            counts[kind]["missing"] = np.flatnonzero(self._done_values(kind) == 0).tolist()
+        checkpoints = {}
+        for kind in self.checkpoint_kinds():
+            pointer, unreadable = self._pointer(kind)
+            records = []
+            for index, meta in enumerate(self.checkpoint_records(kind)):
+                try:
+                    self._read_slot(kind, meta)
+                    error = None
+                except Exception as e:  # noqa: BLE001
+                    error = f"{type(e).__name__}: {e}"
+                records.append({"tick": meta["tick"], "slot": meta["slot"], "intact": error is None, "error": error})
+                if index == 0 and error is not None:
+                    problems.append(f"checkpoint '{kind}' at tick {meta['tick']} (slot {meta['slot']}) does not "
+                                    f"verify: {error}")
+            state = "unreadable" if unreadable else ("ok" if pointer is not None else "missing")
+            if unreadable:
+                problems.append(f"checkpoint pointer state/{kind}/zarr.json is unreadable (a resume uses the "
+                                f"slots' own records: {sum(r['intact'] for r in records)} intact)")
+            checkpoints[kind] = {"pointer": state, "records": records}
+        stored = self._stored_summary()
+        summary_ok = stored is None or stored == self._scan_summary()
+        if not summary_ok and self.num_blocks > SCAN_MAX_BLOCKS:  # smaller stores: status counts the markers
+            problems.append("the done summary disagrees with the markers (status would be wrong)")
+        complete = all(not counts[kind]["missing"] for kind in DONE_KINDS) and self.num_blocks > 0
+        code = VERIFY_DAMAGED if problems else (VERIFY_OK if complete else VERIFY_INCOMPLETE)
+        return {"path": str(self._path), "ok": not problems, "complete": complete, "exit_code": code,
+                "num_blocks": self.num_blocks, "blocks": counts, "damage": problems, "checkpoints": checkpoints,
+                "summary_ok": summary_ok}
+
+
+def format_verify(report: dict) -> str:
+    """:meth:`VerifyMixin.verify`'s report as the lines ``hpcvideo verify`` prints."""
+    state = "damaged" if not report["ok"] else ("intact, complete" if report["complete"] else "intact, incomplete")
+    lines = [f"{report['path']}: {state}"]
+    for kind, c in report["blocks"].items():
+        extra = f", {c['unverified']} without checksum (made before checksums)" if c["unverified"] else ""
+        missing = f"; not done: {_blocks(c['missing'])}" if c["missing"] else ""
+        lines.append(f"{kind:<10} {c['done']}/{report['num_blocks']} blocks done, {c['verified']} verified{extra}{missing}")
+    for kind, info in report["checkpoints"].items():
+        records = ", ".join(f"tick {r['tick']} {'intact' if r['intact'] else 'DAMAGED'}" for r in info["records"])
+        lines.append(f"checkpoint {kind}: pointer {info['pointer']}; {records or 'no record'}")
+    lines += [f"DAMAGE     {line}" for line in report["damage"]]
+    if not report["ok"]:
+        lines.append("rerun the same generate command to recompute what does not verify")
+    return "\n".join(lines)

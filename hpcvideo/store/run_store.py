@@ -21,10 +21,10 @@ from .base import (DONE_KINDS, PARTIAL_RE, RESERVED_ATTRS, STATUSES, VAE_TEMPORA
                    StoreError, block_frame_range, check_num_frames, normalise_config, num_frames_for, positive_int)
 from .checkpoints import CheckpointsMixin
 from .heartbeat import TicksMixin
-from .integrity import MARKER_DTYPE, IntegrityMixin
+from .integrity import MARKER_DTYPE, IntegrityMixin, VerifyMixin
 
 
-class RunStore(CheckpointsMixin, TicksMixin, IntegrityMixin):
+class RunStore(CheckpointsMixin, TicksMixin, IntegrityMixin, VerifyMixin):
     """A handle on one run store. Build with ``RunStore.create`` or ``RunStore.open``."""
 
     FORMAT_VERSION = 1
