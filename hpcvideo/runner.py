@@ -187,6 +187,8 @@ def choose_checkpoint(store: RunStore, num_units: int, *, verify: bool = True) -
     checksum first; :func:`hpcvideo.store.recovery.plan_resume`). Says in the log which blocks do not
     verify and where the run restarts. Returns the checkpoint ``{"executor", "sink"}`` or None (start from
     tick 0)."""
+    for line in store.repair_checkpoints():
+        log.warning("run store %s: %s", store.path, line)
     plan = plan_resume(store, num_units, verify=verify)
     message = plan.describe(store)
     if message:

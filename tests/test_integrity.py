@@ -256,3 +256,21 @@ def test_an_emptied_resume_pointer_after_a_failure_resumes_bit_identically(tmp_p
     assert_same_run(path, tiny_test_arrays)
     assert json.loads(cli("status", path, "--json").stdout)["status"] == "complete"
     assert cli("verify", path).returncode == VERIFY_OK
+
+
+def test_a_resume_repairs_a_checkpoint_pointer_whose_newest_slot_does_not_verify(tmp_path):
+    store = make(tmp_path / "run.zarr")
+    for tick in (2, 4):
+        store.save_state(f"tick {tick}".encode(), tick=tick, num_blocks=3, kind="extend")
+    flip(store.path / "state" / "extend_1" / "c" / "0", offset=0, count=2)  # tick 4's slot
+    store.save_state(b"tail", tick=0, num_blocks=3, kind="frames_tail")
+    (store.path / "state" / "frames_tail_0" / "c" / "0").write_bytes(b"")  # its only slot: nothing intact
+    assert store.verify()["exit_code"] == VERIFY_DAMAGED
+    lines = store.repair_checkpoints()
+    assert lines == ["checkpoint pointer 'extend' was its newest record (tick 4) does not verify: now names tick 2 "
+                     "(slot 0)", "checkpoint pointer 'frames_tail' was its newest record (tick 0) does not verify "
+                     "and no slot verifies: dropped"]
+    assert store.load_state("extend")[0] == b"tick 2" and store.load_state("frames_tail") is None
+    store.save_state(b"tick 5", tick=5, num_blocks=3, kind="extend")  # into the damaged slot, not over tick 2's
+    assert [m["tick"] for m in store.checkpoint_records("extend")] == [5, 2]
+    assert store.verify()["exit_code"] == VERIFY_INCOMPLETE and store.repair_checkpoints() == []

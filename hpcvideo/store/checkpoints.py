@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 import time
 import warnings
 
@@ -147,6 +148,38 @@ class CheckpointsMixin:
         except Exception:  # noqa: BLE001
             return False
         return True
+
+    def repair_checkpoints(self) -> list[str]:
+        """Make every checkpoint pointer name intact slots again: an unreadable pointer, or one whose newest
+        record does not verify, is rewritten from the newest intact records (the slots' own, or its
+        previous one); a kind with no intact record left loses its pointer. Call from the one rank that
+        saves checkpoints, before a resume. Returns one line per repair (nothing: nothing to repair)."""
+        self._require_writable()
+        done = []
+        folder = self._path / "state"
+        kinds = sorted({p.name[:-2] if p.name.endswith(("_0", "_1")) else p.name
+                        for p in folder.iterdir() if p.is_dir()}) if folder.is_dir() else []
+        for kind in kinds:
+            pointer, damaged = self._pointer(kind)
+            records = self.checkpoint_records(kind)
+            if not damaged and (pointer is None or self._slot_intact(kind, records[0])):
+                continue
+            seen, intact = set(), []
+            for meta in records + ([] if damaged else self._slot_records(kind)):
+                if meta["slot"] not in seen and self._slot_intact(kind, meta):
+                    seen.add(meta["slot"])
+                    intact.append(meta)
+            intact.sort(key=lambda m: (m.get("written_at", 0), m.get("tick", 0)), reverse=True)
+            why = "unreadable" if damaged else f"its newest record (tick {records[0]['tick']}) does not verify"
+            if intact:
+                meta = {**intact[0], "previous": intact[1] if len(intact) > 1 else None}
+                self._root.create_group(f"state/{kind}", attributes=meta, overwrite=True)
+                done.append(f"checkpoint pointer '{kind}' was {why}: now names tick {meta['tick']} (slot {meta['slot']})")
+            else:  # nothing to resume from: as if never saved
+                for name in (kind, f"{kind}_0", f"{kind}_1"):
+                    shutil.rmtree(folder / name, ignore_errors=True)
+                done.append(f"checkpoint pointer '{kind}' was {why} and no slot verifies: dropped")
+        return done
 
     def intact_checkpoints(self, kind: str = "resume"):
         """Yield (blob, meta) of every checkpoint of ``kind`` whose slot verifies, newest first (lazily:
