@@ -187,13 +187,12 @@ def choose_checkpoint(store: RunStore, num_units: int, *, verify: bool = True) -
     checksum first; :func:`hpcvideo.store.recovery.plan_resume`). Says in the log which blocks do not
     verify and where the run restarts. Returns the checkpoint ``{"executor", "sink"}`` or None (start from
     tick 0)."""
-    for line in store.repair_checkpoints():
+    plan = plan_resume(store, num_units, verify=verify, repair=True)  # also repairs pointers, drops undecodable chunks
+    for line in plan.repairs:
         log.warning("run store %s: %s", store.path, line)
-    plan = plan_resume(store, num_units, verify=verify)
     message = plan.describe(store)
     if message:
         log.warning("%s", message)
-        store.drop_unreadable_chunks(plan.damage)  # a recomputed block rewrites them
     if plan.unverified:
         log.info("run store %s was made before done markers kept checksums: its done blocks are trusted unverified",
                  store.path)

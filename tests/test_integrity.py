@@ -274,3 +274,20 @@ def test_a_resume_repairs_a_checkpoint_pointer_whose_newest_slot_does_not_verify
     store.save_state(b"tick 5", tick=5, num_blocks=3, kind="extend")  # into the damaged slot, not over tick 2's
     assert [m["tick"] for m in store.checkpoint_records("extend")] == [5, 2]
     assert store.verify()["exit_code"] == VERIFY_INCOMPLETE and store.repair_checkpoints() == []
+
+
+def test_an_undecodable_chunk_of_a_block_not_done_yet_is_dropped_before_it_is_written_again(tmp_path):
+    """A run killed between a block's frames and its marker, whose chunk is then damaged: the rewrite of that
+    block (a read-modify-write of the chunk) would fail on it for ever."""
+    from hpcvideo.store.recovery import plan_resume
+
+    store = filled(tmp_path / "run.zarr")
+    store.clear_done("frames", [1, 2])
+    flip(chunk(store.path, "frames", 1))  # frames [8, 16): blocks 1 and 2, neither done
+    store.save_state(b"state", tick=3, num_blocks=3, stale_from=1)
+    plan = plan_resume(store, 3, repair=True)
+    assert plan.damage == [] and plan.recompute_from == 1 and len(plan.repairs) == 1
+    assert "frames/c/1/0/0/0" in plan.repairs[0]
+    store.write_block_frames(1, block_frames(store, 1))  # now a plain write over zeros
+    store.mark_done("frames", 1)
+    assert store.verify_blocks(["frames"])[0] == []

@@ -186,29 +186,32 @@ class IntegrityMixin:
                     bad.add(int(j))
         return (min(bad) if bad else self.num_blocks), damage
 
-    def drop_unreadable_chunks(self, damage: list[Damage]) -> list[str]:
-        """Delete the chunk files of the damaged blocks that cannot be decoded at all, so that the blocks'
-        rewrite (a read-modify-write where a frames block shares a chunk) does not fail on them; they
-        read as zeros until rewritten. Call before recomputing those blocks. Returns the removed paths."""
+    def drop_unreadable_chunks(self, blocks) -> list[str]:
+        """Delete the chunk files of ``blocks`` ((kind, block index) pairs, e.g. :class:`Damage`) that cannot be
+        decoded at all, so that rewriting those blocks (a read-modify-write where a frames block shares a
+        chunk) does not fail on them; they read as zeros until rewritten. Call before recomputing those
+        blocks. Returns the removed paths."""
         self._require_writable()
         removed = []
+        wanted = {(b.kind, b.block) if isinstance(b, Damage) else (b[0], int(b[1])) for b in blocks}
         for kind, arr in (("latents", self._latents), ("frames", self._frames)):
             size = arr.chunks[0]
             chunks = set()
-            for d in damage:
-                if d.kind == kind:
-                    a, b = ((d.block * self.block_latent_frames, (d.block + 1) * self.block_latent_frames)
-                            if kind == "latents" else self.frame_range(d.block))
-                    chunks.update(range(a // size, (b - 1) // size + 1))
+            for k, j in wanted:
+                if k == kind:
+                    a, b = ((j * self.block_latent_frames, (j + 1) * self.block_latent_frames)
+                            if kind == "latents" else self.frame_range(j))
+                    if b > a:
+                        chunks.update(range(a // size, (b - 1) // size + 1))
             for c in sorted(chunks):
+                path = self._path / kind / arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+                if not path.exists():
+                    continue
                 try:
                     arr[c * size:min((c + 1) * size, arr.shape[0])]
                 except Exception:  # noqa: BLE001 - undecodable: remove it
-                    key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
-                    path = self._path / kind / key
-                    if path.exists():
-                        path.unlink()
-                        removed.append(str(path))
+                    path.unlink()
+                    removed.append(str(path))
         return removed
 
     # ------------------------------------------------------------------ the summary

@@ -37,6 +37,12 @@ class ResumePlan:
     damage: list[Damage] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     unverified: int = 0
+    repairs: list[str] = field(default_factory=list)
+
+    @property
+    def recompute_from(self) -> int:
+        """The first block the run writes again: the checkpoint's ``stale_from`` (0 from scratch)."""
+        return 0 if self.meta is None else int(self.meta.get("stale_from", 0))
 
     def describe(self, store) -> str | None:
         """One paragraph for the log when damage or a missing marker forces recomputing blocks a newer
@@ -70,13 +76,18 @@ def _tail_block(store) -> int | None:
     return None if tail is None else tail[0]
 
 
-def plan_resume(store, num_units: int, *, verify: bool = True) -> ResumePlan:
+def plan_resume(store, num_units: int, *, verify: bool = True, repair: bool = False) -> ResumePlan:
     """Choose the checkpoint a run of ``num_units`` blocks continues from (module doc).
 
     ``verify``: read every done block back first (False: take the newest usable checkpoint, as before
-    checksums). Raises StoreError when the newest ``"resume"`` checkpoint belongs to a shorter run past
-    its end effects and no extension snapshot is found (and no damage forces a restart from scratch)."""
+    checksums). ``repair`` (a writable store, the rank that resumes): first make every checkpoint pointer
+    name intact slots (:meth:`~hpcvideo.store.RunStore.repair_checkpoints`), and afterwards delete the
+    undecodable chunks of the blocks the run writes again (``plan.repairs``: one line each). Raises
+    StoreError when the newest ``"resume"`` checkpoint belongs to a shorter run past its end effects and
+    no extension snapshot is found (and no damage forces a restart from scratch)."""
     plan = ResumePlan(first_bad=store.num_blocks)
+    if repair:
+        plan.repairs = store.repair_checkpoints()
     if verify:
         plan.first_bad, plan.damage = store.unverified_blocks(tail_block=_tail_block(store))
         plan.unverified = sum(1 for kind in ("latents", "frames") if not store.has_checksums(kind))
@@ -109,4 +120,8 @@ def plan_resume(store, num_units: int, *, verify: bool = True) -> ResumePlan:
         raise StoreError(
             f"{store.path}: the last checkpoint (tick {unusable_resume['tick']}, {unusable_resume['num_blocks']} blocks) "
             f"cannot be extended to {num_units} blocks and no extension snapshot was found")
+    if repair:
+        rewritten = [(kind, j) for j in range(plan.recompute_from, store.num_blocks) for kind in ("latents", "frames")]
+        for path in store.drop_unreadable_chunks([*plan.damage, *rewritten]):
+            plan.repairs.append(f"removed the undecodable chunk {path} (its blocks are written again)")
     return plan
