@@ -363,8 +363,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="chaos: random seed")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import hpcvideo.cli  # noqa: F401 - imported once, before any fork
-    import torch  # noqa: F401
+    import importlib
+
+    for module in ("torch", "hpcvideo.cli", "hpcvideo.generate", "hpcvideo.runner", "hpcvideo.export",
+                   "hpcvideo.progress", "hpcvideo.writer", "hpcvideo.strategies.dualparal.spec",
+                   "hpcvideo.store.recovery"):
+        importlib.import_module(module)  # once, before any fork: every child runs the same code
 
     out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_before": load()}}
     with tempfile.TemporaryDirectory(prefix="bench-integrity-") as tmp:
