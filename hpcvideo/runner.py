@@ -7,9 +7,11 @@ started job (:class:`hpcvideo.runtime.RankEnv`). It owns, once for all strategie
   created/reopened/extended) and its broadcast: every rank goes on, or every rank raises the same user
   error before any weights load (rank 0 reports it, the others exit 2);
 * prompt encoding on rank 0 (text encoder loaded there only), embeddings broadcast;
-* resume: :func:`choose_checkpoint` on rank 0; the state goes to rank 0's executor, or (strategies
+* resume: :func:`choose_checkpoint` on rank 0 (every done unit is read back against the checksum in its
+  marker; the newest checkpoint that recomputes the first unit not done and intact is taken, or none:
+  :mod:`hpcvideo.store.recovery`); the state goes to rank 0's executor, or (strategies
   whose every rank holds state, ``spec.every_rank_writes``) each rank gets its own; units that will be
-  produced again lose their done markers first;
+  produced again lose their done markers first; a unit still not done at the end is an error naming it;
 * checkpoints at tick boundaries: the ``"extend"`` snapshot at the executor's ``extend_tick``, and every
   ``store.checkpoint_every_ticks`` ticks or ``store.checkpoint_every_s`` seconds (rank 0 decides; the
   decision is broadcast when every rank's state is gathered); a final one after the last tick, before
