@@ -103,6 +103,10 @@ def test_a_store_made_before_checksums_opens_resumes_and_verifies_unverified(tmp
     report = old.verify()
     assert report["ok"] and report["exit_code"] == VERIFY_OK
     assert report["blocks"]["latents"] == {"done": 3, "verified": 0, "unverified": 3, "missing": []}
+    new = filled(tmp_path / "new.zarr")  # a new store resumed by an earlier hpcvideo: its markers are 1
+    zarr.open_array(new.path / "done" / "frames", mode="r+")[1] = 1
+    assert RunStore.open(new.path).verify()["blocks"]["frames"] == {"done": 3, "verified": 2, "unverified": 1,
+                                                                     "missing": []}
 
 
 def test_an_emptied_resume_pointer_falls_back_to_the_slots_that_verify(tmp_path):

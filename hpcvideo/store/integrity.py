@@ -20,7 +20,9 @@ frames chunk shows in every block that reads from it.
 
 Stores made before checksums have uint8 markers (1 = done): they open, run, resume and export as before;
 their markers keep no checksum, so :meth:`IntegrityMixin.verify_blocks` reads their blocks (an unreadable
-chunk is still found) but reports them "unverified" rather than intact.
+chunk is still found) but reports them "unverified" rather than intact. A marker of exactly 1 in a store
+made with checksums (written by an earlier hpcvideo resuming it) is read the same way: a checksum always
+has the MARKER_FLAG bit set.
 
 The summary makes ``status`` independent of the video's length (no read of every marker chunk). It is
 exact with one marker writer at a time (DualParal: rank 0). Video-Infinity's ranks write their own
@@ -130,7 +132,7 @@ class IntegrityMixin:
                 for j, data, error in self._read_blocks(kind, group):
                     if error is not None:
                         damage.append(Damage(kind, j, f"unreadable chunk ({error})"))
-                    elif not with_sum:
+                    elif not with_sum or int(markers[j]) == 1:  # 1: written by a version before checksums
                         c["unverified"] += 1
                     elif marker_value(data) != int(markers[j]):
                         damage.append(Damage(kind, j, "checksum mismatch (data changed after it was written)"))
