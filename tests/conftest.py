@@ -42,6 +42,14 @@ def tiny_unet3d_dir(hpcvideo_cache):
 
 
 @pytest.fixture(scope="session")
+def tiny_wan22_dir(hpcvideo_cache):
+    """The tiny two-expert Wan2.2-T2V-A14B-layout folder (hpcvideo/models/tiny_wan22.py)."""
+    from hpcvideo.models.tiny_wan22 import ensure_tiny_wan22_a14b
+
+    return ensure_tiny_wan22_a14b(hpcvideo_cache)
+
+
+@pytest.fixture(scope="session")
 def forker(hpcvideo_cache):
     """One pre-imported worker per session; each ``forker.run(...)`` is a real, killable process (tests/helpers.py)."""
     from tests.helpers import Forker
