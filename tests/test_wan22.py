@@ -68,3 +68,140 @@ def test_refused_before_any_work(tmp_path, tiny_model_dir, command):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "expand_timesteps=true" in result.stderr and "Traceback" not in result.stderr
     assert not output.exists()
+
+
+# ------------------------------------------------------------------------------ Wan2.2 T2V-A14B: two experts
+
+
+def a14b(*overrides, frames=None, output=None, preset="tiny-test", folder=None):
+    from hpcvideo.config import load_config
+
+    return load_config(preset, [f"model.path={folder}", *overrides], num_frames=frames, output=output)
+
+
+def wan_pipeline_latents(folder, cfg, noise, num_frames):
+    """WanPipeline's latents for ``cfg``'s first prompt from ``noise`` (1, C, F, h, w)."""
+    import torch
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875  # both experts loaded
+    pipe.set_progress_bar_config(disable=True)
+    s = cfg.sampling
+    return pipe(
+        prompt=s.prompts[0].prompt, negative_prompt=s.negative_prompt, height=cfg.video.height, width=cfg.video.width,
+        num_frames=num_frames, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+        guidance_scale_2=s.guidance_scale_2, latents=noise.clone(), output_type="latent",
+        max_sequence_length=s.max_sequence_length,
+    ).frames
+
+
+@pytest.mark.e2e
+def test_a14b_one_block_equals_wan_pipeline(tmp_path, tiny_wan22_dir):
+    """A one-block video of the two-expert model gives WanPipeline's latents bit for bit: timesteps 999, 900
+    with ``transformer`` at guidance 5, then 750, 500 with ``transformer_2`` at guidance_scale_2 3."""
+    import torch
+
+    from hpcvideo.generate import generate
+    from hpcvideo.models.experts import Experts
+    from hpcvideo.models.wan import read_model_info
+    from hpcvideo.noise import block_noise
+    from hpcvideo.store import RunStore
+
+    experts = Experts.of(read_model_info(tiny_wan22_dir))
+    assert [experts.index(t) for t in (999, 900, 750, 500)] == [0, 0, 1, 1]
+    cfg = a14b("strategy.block_latent_frames=3", "sampling.guidance_scale_2=3.0", frames=9,
+               output=tmp_path / "one.zarr", folder=tiny_wan22_dir)
+    assert cfg.num_blocks == 1
+    generate(cfg, progress=False)
+    ours = torch.from_numpy(RunStore.open(cfg.store.path).read_latents(0, 3)).permute(1, 0, 2, 3).unsqueeze(0)
+    noise = block_noise(seed=cfg.sampling.seed, block_index=0, block_latent_frames=3,
+                        context_latent_frames=cfg.strategy.context_latent_frames, latent_channels=ours.shape[1],
+                        latent_height=ours.shape[3], latent_width=ours.shape[4])
+    theirs = wan_pipeline_latents(tiny_wan22_dir, cfg, noise, 9)
+    assert theirs.shape == ours.shape and torch.equal(ours, theirs)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", ["dualparal", "videoinfinity"])
+def test_a14b_on_two_ranks_equals_one_rank(tmp_path, tiny_wan22_dir, mpi_world, name):
+    """Both strategies on 2 ranks (the session's 2-rank scenarios launch: tests/mpi/experts.py) equal 1 rank bit
+    for bit. DualParal: each stage holds its 2 layers of both experts; at ticks 2 and 3 blocks of one tick use
+    different experts. Video-Infinity: one clip per rank, every rank switches expert at the same step."""
+    from tests.helpers import assert_same_run, store_arrays
+    from tests.mpi.experts import RUNS
+
+    preset, overrides = RUNS[name]
+    one = tmp_path / "one.zarr"
+    single = ["--set", "strategy.clip_latent_frames=8"] if name == "videoinfinity" else []  # one clip: the whole video
+    cli("generate", preset, "--no-progress", "--output", one, "--set", f"model.path={tiny_wan22_dir}",
+        *[a for o in overrides for a in ("--set", o)], *single)
+    path = mpi_world(2)["experts"][name]
+    assert_same_run(path, store_arrays(one))
+    if name == "dualparal":
+        from hpcvideo.store import RunStore
+
+        assert [s["layers"] for s in RunStore.open(path).attrs["rank_stats"]] == [[0, 2], [2, 4]]
+
+
+@pytest.mark.unit
+def test_the_feature_cache_links_only_blocks_of_the_same_expert():
+    """tiny-test's queue (4 blocks, 4 steps; steps 0-1 high noise, 2-3 low noise): a block appends the K/V of
+    its newer neighbour only when both use the same expert; otherwise neither records nor appends."""
+    from hpcvideo.strategies.dualparal.queue import num_ticks, tick_plan
+
+    step_experts = (0, 0, 1, 1)
+    mixed = 0
+    for tick in range(num_ticks(4, 4)):
+        kwargs = dict(num_blocks=4, num_inference_steps=4, context_latent_frames=1, feature_cache=True)
+        plan, single = tick_plan(tick, step_experts=step_experts, **kwargs), tick_plan(tick, **kwargs)
+        by_block = {w.block_index: w for w in plan}
+        for work, one in zip(plan, single):
+            newer = by_block.get(work.block_index + 1)
+            same = newer is not None and step_experts[newer.step_index] == step_experts[work.step_index]
+            assert work.append == (one.append and same)
+            if newer is not None:
+                assert newer.record == work.append  # recorded exactly when the older neighbour reads it
+                mixed += not same
+    assert mixed == 3  # one tick per adjacent pair of blocks, where one crosses the boundary a step before the other
+
+
+@pytest.mark.unit
+def test_two_expert_folders_are_checked(tmp_path, tiny_model_dir, tiny_wan22_dir):
+    from hpcvideo.models.wan import read_model_info
+
+    info = read_model_info(tiny_wan22_dir)
+    assert info["experts"] == ["transformer", "transformer_2"] and info["boundary_timestep"] == 875.0
+    half = variant(tmp_path, tiny_wan22_dir, "half", index={"boundary_ratio": None})
+    with pytest.raises(ValueError, match="sets transformer_2 without boundary_ratio"):
+        read_model_info(half)
+    bad = variant(tmp_path, tiny_wan22_dir, "ratio", index={"boundary_ratio": 1.5})
+    with pytest.raises(ValueError, match=r"boundary_ratio=1.5; allowed: a number in \(0, 1\]"):
+        read_model_info(bad)
+
+
+@pytest.mark.e2e
+def test_guidance_scale_2_needs_two_experts(tmp_path):
+    output = tmp_path / "run.zarr"
+    result = cli("check", "tiny-test", "--set", "sampling.guidance_scale_2=3", "--output", output, check=False)
+    assert result.returncode == 2 and "sampling.guidance_scale_2=3.0 needs a two-expert model" in result.stderr
+    assert not output.exists()
+
+
+@pytest.mark.unit
+def test_plan_counts_the_stage_slice_of_both_experts(tiny_wan22_dir):
+    """The plan's weights per rank equal the bytes of what each rank loads: its layers of both experts."""
+    import torch
+
+    from hpcvideo.models.family import FAMILIES
+    from hpcvideo.plan import make_plan
+
+    cfg = a14b(output="x.zarr", folder=tiny_wan22_dir)
+    plan = make_plan(cfg, num_ranks=2)
+    for rank in plan.ranks:
+        loaded = 0
+        for expert in ("transformer", "transformer_2"):
+            stage = FAMILIES["wan"].load_stage(tiny_wan22_dir, range(*rank.layers), device="cpu", dtype=torch.float32,
+                                               expert=expert)
+            loaded += sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()])
+        assert rank.weights_bytes == loaded

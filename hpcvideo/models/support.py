@@ -28,8 +28,6 @@ from ..config.schema import ConfigError
 # Entries a folder may set that hpcvideo does not use yet: name -> what it is (for the message).
 # "model_index.json" entries and denoiser config.json keys share the list (the names do not collide).
 REFUSED: dict[str, str] = {
-    "transformer_2": "the low-noise expert of Wan2.2 A14B",
-    "boundary_ratio": "the switch between the two experts of Wan2.2 A14B",
     "expand_timesteps": "per-token timesteps of Wan2.2 TI2V",
     "image_encoder": "the image encoder of an image-to-video model",
     "image_processor": "the image processor of an image-to-video model",
@@ -39,7 +37,7 @@ REFUSED: dict[str, str] = {
 
 # model_index.json entries hpcvideo reads, per family (besides the "_"-prefixed metadata).
 USED: dict[str, tuple[str, ...]] = {
-    "wan": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "wan": ("transformer", "transformer_2", "boundary_ratio", "vae", "text_encoder", "tokenizer", "scheduler"),
     "unet3d": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
 }
 
