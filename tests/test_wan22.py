@@ -205,3 +205,54 @@ def test_plan_counts_the_stage_slice_of_both_experts(tiny_wan22_dir):
                                                expert=expert)
             loaded += sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()])
         assert rank.weights_bytes == loaded
+
+
+def a14b_configs(folder):
+    """A folder with the JSON configs (no weights) of Wan-AI/Wan2.2-T2V-A14B-Diffusers: what `plan` and `check` read."""
+    transformer = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+                   "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "image_dim": None,
+                   "in_channels": 16, "num_attention_heads": 40, "num_layers": 40, "out_channels": 16,
+                   "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096}
+    files = {
+        "model_index.json": {"_class_name": "WanPipeline", "_name_or_path": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                             "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"],
+                             "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+                             "text_encoder": ["transformers", "UMT5EncoderModel"],
+                             "tokenizer": ["transformers", "T5TokenizerFast"],
+                             "scheduler": ["diffusers", "UniPCMultistepScheduler"]},
+        "transformer/config.json": transformer, "transformer_2/config.json": transformer,
+        "vae/config.json": {"_class_name": "AutoencoderKLWan", "attn_scales": [], "base_dim": 96, "dim_mult": [1, 2, 4, 4],
+                            "num_res_blocks": 2, "temperal_downsample": [False, True, True], "z_dim": 16},
+        "text_encoder/config.json": {"architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": 4096,
+                                     "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
+                                     "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+        "scheduler/scheduler_config.json": {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
+                                            "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    }
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(content))
+    (folder / "tokenizer").mkdir()
+    return folder
+
+
+@pytest.mark.e2e
+def test_a14b_preset_plans_both_experts_on_its_gpus(tmp_path):
+    """The real A14B preset: `plan` accepts it on its 8 GPUs (80 GB) with each stage holding 5 layers of both experts
+    (about 2 x 14B x 2 bytes / 8), and one GPU is refused naming the count that fits."""
+    from hpcvideo.config import load_config
+
+    cfg = load_config("wan2.2-t2v-a14b", check_paths=False)
+    assert (cfg.sampling.guidance_scale, cfg.sampling.guidance_scale_2, cfg.sampling.num_inference_steps) == (4.0, 3.0, 40)
+    folder = a14b_configs(tmp_path / "Wan2.2-T2V-A14B-Diffusers")
+    plan = json.loads(cli("plan", "wan2.2-t2v-a14b", "--set", f"model.path={folder}", "--json").stdout)
+    assert plan["num_ranks"] == 8 and [r["layers"] for r in plan["ranks"]][:2] == [[0, 5], [5, 10]]
+    assert all(r["peak_bytes"] < 80 * 2**30 for r in plan["ranks"])
+    # both experts: 5 of 40 layers of 2 x 14B parameters in bf16 (one expert would be half: 3.76 GiB)
+    assert 7.5 * 2**30 < plan["ranks"][1]["weights_bytes"] < 7.6 * 2**30
+    # the fewest 80 GB GPUs: 2 (the preset's comment)
+    from hpcvideo.plan import fits, make_plan, model_bytes
+
+    cfg = load_config("wan2.2-t2v-a14b", [f"model.path={folder}"], output=tmp_path / "x.zarr")
+    sizes = model_bytes(folder, "bfloat16")
+    assert [fits(make_plan(cfg, num_ranks=n, model_bytes_cache=sizes), 80) for n in (1, 2)] == [False, True]
