@@ -57,6 +57,16 @@ def test_a_folder_naming_what_hpcvideo_does_not_use_is_refused_by_name(tmp_path,
         assert REFUSED[name] in problems[0]  # says what it is
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("case", ["ti2v", "i2v-encoder", "i2v-pipeline", "image-dim"])
+def test_support_lands_by_leaving_the_one_list(tmp_path, tiny_model_dir, monkeypatch, case):
+    """REFUSED is the one place: without the entry's name there, the same folder is no longer refused."""
+    index, transformer, name = UNSUPPORTED[case]
+    folder = variant(tmp_path, tiny_model_dir, case, index=index, transformer=transformer)
+    monkeypatch.delitem(REFUSED, name)
+    assert refused(folder, "wan") == []
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("command", ["check", "plan", "generate"])
 def test_refused_before_any_work(tmp_path, tiny_model_dir, command):

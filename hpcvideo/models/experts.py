@@ -13,7 +13,6 @@ step::
 t"; each block (DualParal) or clip step (Video-Infinity) uses the expert of its own timestep.
 ``guidance_scale_2`` null means ``guidance_scale`` (as WanPipeline); whether CFG runs at all is
 decided by ``guidance_scale`` alone (WanPipeline's ``do_classifier_free_guidance``).
-Imports nothing heavy.
 """
 
 from __future__ import annotations

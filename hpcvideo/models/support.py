@@ -5,17 +5,17 @@ denoiser's options in its ``config.json``). Running such a folder with part of t
 ``transformer/`` of a two-expert Wan2.2, or a Wan image-to-video folder without its image) gives a
 wrong video that nothing flags, so every entry hpcvideo does not use is refused by its name.
 
-* :data:`REFUSED` — the one list of entries refused by name, with what each is. An entry counts as
-  *named* when it is set: a component other than ``[null, null]``, an option other than
-  ``null``/``false``/absent. A name leaves this list when its support lands.
-* :data:`USED` — per family, the ``model_index.json`` entries hpcvideo reads; any other set entry
-  (a component of a pipeline hpcvideo does not know) is refused too.
-* :data:`PIPELINES` — per family, the pipeline classes (``_class_name``) whose denoising loop
-  hpcvideo runs.
+* :data:`REFUSED` — the one list of what is refused by name, with what each is: ``model_index.json``
+  entries, denoiser ``config.json`` keys and pipeline classes. An entry counts as *named* when it is
+  set: a component other than ``[null, null]``, an option other than ``null``/``false``/absent. When
+  support for one lands, its name leaves this list (and nothing else changes).
+* :data:`KNOWN` / :data:`KNOWN_PIPELINES` — per family, the ``model_index.json`` entries and pipeline
+  classes hpcvideo knows (used, or refused above); anything else a folder sets (a component or
+  pipeline hpcvideo has never heard of) is refused too.
 
 :func:`refused` lists the problems of a folder (one line each, naming the entry, its value and what
 is allowed); :func:`check_supported` raises :class:`UnsupportedModelError` with all of them.
-Imports nothing heavy (JSON only).
+Reads JSON only.
 """
 
 from __future__ import annotations
@@ -25,25 +25,27 @@ from pathlib import Path
 
 from ..config.schema import ConfigError
 
-# Entries a folder may set that hpcvideo does not use yet: name -> what it is (for the message).
-# "model_index.json" entries and denoiser config.json keys share the list (the names do not collide).
+# What a folder may name that hpcvideo does not use yet: name -> what it is (for the message).
+# model_index.json entries, denoiser config.json keys and pipeline classes share the list (no name collides).
 REFUSED: dict[str, str] = {
     "expand_timesteps": "per-token timesteps of Wan2.2 TI2V",
     "image_encoder": "the image encoder of an image-to-video model",
     "image_processor": "the image processor of an image-to-video model",
     "image_dim": "image-embedding input of an image-to-video transformer",
     "added_kv_proj_dim": "image key/value projections of an image-to-video transformer",
+    "WanImageToVideoPipeline": "Wan image-to-video",
 }
 
-# model_index.json entries hpcvideo reads, per family (besides the "_"-prefixed metadata).
-USED: dict[str, tuple[str, ...]] = {
-    "wan": ("transformer", "transformer_2", "boundary_ratio", "vae", "text_encoder", "tokenizer", "scheduler"),
+# model_index.json entries hpcvideo knows, per family (besides the "_"-prefixed metadata): used unless in REFUSED.
+KNOWN: dict[str, tuple[str, ...]] = {
+    "wan": ("transformer", "transformer_2", "boundary_ratio", "vae", "text_encoder", "tokenizer", "scheduler",
+            "expand_timesteps", "image_encoder", "image_processor"),
     "unet3d": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
 }
 
-# Pipeline classes whose loop hpcvideo runs, per family (model_index.json "_class_name").
-PIPELINES: dict[str, tuple[str, ...]] = {
-    "wan": ("WanPipeline",),
+# Pipeline classes (model_index.json "_class_name") hpcvideo knows, per family: run unless in REFUSED.
+KNOWN_PIPELINES: dict[str, tuple[str, ...]] = {
+    "wan": ("WanPipeline", "WanImageToVideoPipeline"),
     "unet3d": ("TextToVideoSDPipeline", "VideoToVideoSDPipeline"),
 }
 
@@ -78,14 +80,15 @@ def refused(path, family: str) -> list[str]:
     index = _read(index_file) if index_file.is_file() else {}
     where = f"model.path={str(path)!r}"
     name = index.get("_class_name")
-    allowed = PIPELINES.get(family, ())
+    allowed = [p for p in KNOWN_PIPELINES.get(family, ()) if p not in REFUSED]
     if name is not None and allowed and name not in allowed:
-        problems.append(f"{where}: model_index.json names the pipeline {name!r}, which hpcvideo does not run "
-                        f"(allowed for model.family={family!r}: {', '.join(allowed)})")
+        what = f" ({REFUSED[name]})" if name in REFUSED else ""
+        problems.append(f"{where}: model_index.json names the pipeline {name!r}{what}, which hpcvideo does not "
+                        f"run; allowed for model.family={family!r}: {', '.join(allowed)}")
     for key, value in index.items():
-        if key.startswith("_") or not is_set(value) or key in USED.get(family, ()):
+        if key.startswith("_") or not is_set(value) or (key in KNOWN.get(family, ()) and key not in REFUSED):
             continue
-        what = REFUSED.get(key, "a component hpcvideo does not use")
+        what = REFUSED.get(key, "a component hpcvideo does not know")
         problems.append(f"{where}: model_index.json sets {key}={json.dumps(value)}: {what}, which hpcvideo does not "
                         f"support; allowed: a folder that does not set {key}")
     for sub in DENOISERS.get(family, ()):

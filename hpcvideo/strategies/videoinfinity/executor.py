@@ -31,8 +31,8 @@ import time
 import torch
 
 from ...config import ConfigError
-from ...models.experts import Experts
 from ...layout import ranks_problem
+from ...models.experts import Experts
 from ...noise import frame_noise
 from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
 from ..base import BuildContext, StrategySpec
