@@ -1,6 +1,7 @@
 """Wan2.2 model folders: what hpcvideo does not use is refused by name before any work; the two experts of
 T2V-A14B (tiny two-expert folder: hpcvideo/models/tiny_wan22.py) in both strategies."""
 
+import functools
 import json
 import shutil
 
@@ -89,14 +90,20 @@ def a14b(*overrides, frames=None, output=None, preset="tiny-test", folder=None):
     return load_config(preset, [f"model.path={folder}", *overrides], num_frames=frames, output=output)
 
 
-def wan_pipeline_latents(folder, cfg, noise, num_frames):
-    """WanPipeline's latents for ``cfg``'s first prompt from ``noise`` (1, C, F, h, w)."""
+@functools.lru_cache(maxsize=1)
+def wan_pipeline(folder):
     import torch
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875  # both experts loaded
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipeline_latents(folder, cfg, noise, num_frames):
+    """WanPipeline's latents for ``cfg``'s first prompt from ``noise`` (1, C, F, h, w)."""
+    pipe = wan_pipeline(folder)
     s = cfg.sampling
     return pipe(
         prompt=s.prompts[0].prompt, negative_prompt=s.negative_prompt, height=cfg.video.height, width=cfg.video.width,
@@ -130,6 +137,31 @@ def test_a14b_one_block_equals_wan_pipeline(tmp_path, tiny_wan22_dir):
                         latent_height=ours.shape[3], latent_width=ours.shape[4])
     theirs = wan_pipeline_latents(tiny_wan22_dir, cfg, noise, 9)
     assert theirs.shape == ours.shape and torch.equal(ours, theirs)
+
+
+@pytest.mark.e2e
+def test_a14b_blocks_of_one_tick_use_the_expert_of_their_own_step(tmp_path, tiny_wan22_dir):
+    """Without context frames the blocks of a DualParal video are independent: each must equal WanPipeline on its
+    own noise, although at ticks 2 and 3 the blocks in flight take steps of different experts."""
+    import torch
+
+    from hpcvideo.generate import generate
+    from hpcvideo.noise import block_noise
+    from hpcvideo.store import RunStore
+
+    cfg = a14b("strategy.context_latent_frames=0", "sampling.guidance_scale_2=3.0", output=tmp_path / "run.zarr",
+               folder=tiny_wan22_dir)
+    assert cfg.num_blocks == 4 and cfg.strategy.block_latent_frames == 2
+    generate(cfg, progress=False)
+    store = RunStore.open(cfg.store.path)
+    for j in range(cfg.num_blocks):
+        ours = torch.from_numpy(store.read_latents(2 * j, 2 * j + 2)).permute(1, 0, 2, 3).unsqueeze(0)
+        noise = block_noise(seed=cfg.sampling.seed, block_index=j, block_latent_frames=2, context_latent_frames=0,
+                            latent_channels=ours.shape[1], latent_height=ours.shape[3], latent_width=ours.shape[4])
+        prompt = cfg.sampling.prompts[cfg.prompt_index_for_block(j)].prompt
+        block_cfg = a14b("sampling.guidance_scale_2=3.0", f"sampling.prompt={prompt}", frames=5, output="x.zarr",
+                         folder=tiny_wan22_dir)
+        assert torch.equal(ours, wan_pipeline_latents(tiny_wan22_dir, block_cfg, noise, 5)), j
 
 
 @pytest.mark.mpi
