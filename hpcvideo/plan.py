@@ -6,6 +6,7 @@ F FFN size, p = tokens per latent frame = (h/2)(w/2), b = bytes per element of `
 
     weights      exact parameter bytes of the stage (its blocks + the shared embeddings/head every
                  stage holds), counted on a meta-device model built from transformer/config.json;
+                 a two-expert model (Wan2.2 A14B) counts the stage's slice of both experts;
                  rank 0 also holds the VAE (float32) and, while prompts are encoded, the text encoder
     activations  one block forward at a time: S = (c + n) p tokens (+ c p cached K/V tokens);
                  g S (6 D + F) b  (residual, norm, q, k, v, attention out; FFN hidden) + SDPA without
@@ -109,7 +110,8 @@ def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> d
 
 def model_bytes(model_path: Path, dtype: str) -> dict:
     """Exact parameter bytes from the model's JSON configs (meta device: nothing is read or allocated):
-    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes}``."""
+    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes}``, and ``"transformer_2"``
+    (the same per child) for a two-expert model (Wan2.2 A14B)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
@@ -119,6 +121,13 @@ def model_bytes(model_path: Path, dtype: str) -> dict:
         vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(model_path / "vae"))
     keep = tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
     out = {"transformer": _param_bytes(transformer, b, keep), "vae": sum(p.numel() * 4 for p in vae.parameters())}
+    if (model_path / "transformer_2" / "config.json").is_file():
+        from .models import read_model_info
+
+        if "transformer_2" in read_model_info(model_path)["experts"]:
+            with init_empty_weights(include_buffers=False):
+                second = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(model_path / "transformer_2"))
+            out["transformer_2"] = _param_bytes(second, b, keep)
     text_config = model_path / "text_encoder" / "config.json"
     out["text_encoder"] = 0
     if text_config.is_file():
@@ -197,10 +206,12 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     items = tick_plan(steady, num_blocks=B, num_inference_steps=T, context_latent_frames=c, feature_cache=st.feature_cache)
     hidden_bytes = sum(g * ((c if wk.context_from is not None else 0) + n) * p * D * b for wk in items)
     feedback_bytes = len(items) * C * n * h * w * b
+    experts = [sizes[name] for name in info.get("experts", ["transformer"])]  # a stage holds its slice of each
     tensors = sizes["transformer"]
-    shared = sum(v for k, v in tensors.items() if not k.startswith("blocks."))
-    block_bytes = [tensors[f"blocks.{i}"] for i in range(info["num_layers"])]
-    block_params = [v / b for v in block_bytes]  # ~parameters per block (fp32 norms counted once more: negligible)
+    shared = sum(v for e in experts for k, v in e.items() if not k.startswith("blocks."))
+    block_bytes = [sum(e[f"blocks.{i}"] for e in experts) for i in range(info["num_layers"])]
+    # ~parameters per block of the expert a forward runs (fp32 norms counted once more: negligible)
+    block_params = [tensors[f"blocks.{i}"] / b for i in range(info["num_layers"])]
     per_block = QUEUE_TENSORS_PER_BLOCK.get(s.scheduler, 4)
     total_hidden = total_feedback = 0
     for t in range(ticks):

@@ -42,6 +42,14 @@ def tiny_unet3d_dir(hpcvideo_cache):
 
 
 @pytest.fixture(scope="session")
+def tiny_wan22_dir(hpcvideo_cache):
+    """The tiny two-expert Wan2.2-T2V-A14B-layout folder (hpcvideo/models/tiny_wan22.py)."""
+    from hpcvideo.models.tiny_wan22 import ensure_tiny_wan22_a14b
+
+    return ensure_tiny_wan22_a14b(hpcvideo_cache)
+
+
+@pytest.fixture(scope="session")
 def forker(hpcvideo_cache):
     """One pre-imported worker per session; each ``forker.run(...)`` is a real, killable process (tests/helpers.py)."""
     from tests.helpers import Forker
@@ -140,11 +148,12 @@ def two_rank_run(mpi_runs):
 
 
 @pytest.fixture(scope="session")
-def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
+def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir):
     """``mpi_world(K)``: the outcome of one ``mpiexec -n K python tests/mpi/scenarios.py ...`` launch per world size
     and session (tests/test_runtime.py, test_preempt.py and test_videoinfinity.py read it): a dict with the
     CompletedProcess ("result"), rank 0's report per scenario name ("exchange", "preempt:0:3", ...) and the
-    path of the Video-Infinity forward results ("vi_forward", a torch.save file) where that scenario ran."""
+    path of the Video-Infinity forward results ("vi_forward", a torch.save file) where that scenario ran, and the
+    two-expert runs' store paths ("experts")."""
     from tests.helpers import MPI_SCENARIOS, MPIEXEC, mpirun_script
 
     worlds: dict[int, dict] = {}
@@ -154,16 +163,18 @@ def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir):
             pytest.skip("no mpiexec (pip install mpich)")
         if num_ranks not in worlds:
             out = tmp_path_factory.mktemp(f"mpi-world-{num_ranks}") / "vi_forward.pt"
-            scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir) for s in MPI_SCENARIOS[num_ranks]]
+            scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
+                         for s in MPI_SCENARIOS[num_ranks]]
             result, _ = mpirun_script(num_ranks, "scenarios.py", *scenarios, timeout_s=300)
             assert result.returncode == 0, result.stdout + result.stderr
             reports = {"result": result}
             for line in result.stdout.splitlines():
                 if line.startswith("SCENARIO "):
                     _, scenario, report = line.split(" ", 2)
-                    name = "vi_forward" if scenario.startswith("vi_forward:") else scenario
+                    name = scenario.split(":")[0] if scenario.startswith(("vi_forward:", "experts:")) else scenario
                     reports[name] = out if name == "vi_forward" else json.loads(report)
-            assert all((s.split(":")[0] if s.startswith("vi_forward") else s) in reports for s in scenarios), result.stdout
+            assert all((s.split(":")[0] if s.startswith(("vi_forward", "experts")) else s) in reports for s in scenarios), \
+                result.stdout
             worlds[num_ranks] = reports
         return worlds[num_ranks]
 

@@ -195,9 +195,9 @@ def copy_store(source: Path, target: Path) -> Path:
 # ------------------------------------------------------------------------- the shared MPI launches (conftest)
 
 # What each world size's one mpiexec launch of tests/mpi/scenarios.py runs
-# (OUT, UNET3D, WAN: filled in by conftest.mpi_world).
+# (OUT, UNET3D, WAN, WAN22: filled in by conftest.mpi_world).
 MPI_SCENARIOS = {
-    2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
+    2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}", "experts:{out}:{wan22}"],
     3: ["exchange", "preempt:0:3", "preempt:2:3"],
     4: ["exchange", "vi_forward:{out}:{unet3d}:{wan}"],
 }

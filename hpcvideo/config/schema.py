@@ -115,6 +115,8 @@ class SamplingConfig:
     seed: int = 0  # 0 <= seed < 2**63; all noise is a pure function of (seed, block index)
     num_inference_steps: int = 50  # denoising steps per block (= ticks a block spends in the queue)
     guidance_scale: float = 5.0  # classifier-free guidance weight; <= 1 disables CFG (one forward per step)
+    # two-expert models (Wan2.2 A14B): the weight of the low-noise expert's steps; null = guidance_scale
+    guidance_scale_2: float | None = None
     scheduler: str = "unipc"  # unipc (Wan's default, multistep) | flow_euler
     flow_shift: float = 3.0  # sigma shift of the flow-matching schedule (Wan: 3.0 at 480p, 5.0 at 720p)
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # used when guidance_scale > 1

@@ -100,6 +100,9 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     if ok("sampling.guidance_scale") and s.guidance_scale < 0:
         fail("sampling.guidance_scale",
              f"sampling.guidance_scale={s.guidance_scale!r} is out of range; allowed: >= 0 (<= 1 disables guidance)")
+    if ok("sampling.guidance_scale_2") and s.guidance_scale_2 is not None and s.guidance_scale_2 < 0:
+        fail("sampling.guidance_scale_2", f"sampling.guidance_scale_2={s.guidance_scale_2!r} is out of range; "
+                                          "allowed: >= 0, or null (= sampling.guidance_scale)")
     one_of("sampling.scheduler", s.scheduler, UNET3D_SCHEDULERS if m.family == "unet3d" else SCHEDULERS)
     positive("sampling.flow_shift", s.flow_shift)
     at_least("sampling.max_sequence_length", s.max_sequence_length, 1)

@@ -67,6 +67,13 @@ class ModelFamily:
     def prepare_denoiser(self, model, path: Path, cfg) -> None:
         """Family-specific conditioning of a loaded denoiser (default: none)."""
 
+    def experts(self, info: dict):
+        """Which denoiser serves a timestep (:class:`hpcvideo.models.experts.Experts`, from the JSON facts
+        ``info``): ``load(denoiser=True).models`` / ``load_stage(expert=name)`` hold them in ``names`` order."""
+        from .experts import Experts
+
+        return Experts.of(info)
+
 
 class WanFamily(ModelFamily):
     name, vae_kind = "wan", "causal"
@@ -82,17 +89,19 @@ class WanFamily(ModelFamily):
     def load(self, path, *, device, dtype, denoiser=False, vae=False, text=False):
         from .wan import load_wan
 
-        parts = (("transformer",) if denoiser else ()) + (("vae",) if vae else ()) + (
-            ("text_encoder", "tokenizer") if text else ())
+        experts = self.experts(self.info(path)).names if denoiser else ()
+        parts = experts + (("vae",) if vae else ()) + (("text_encoder", "tokenizer") if text else ())
         components = load_wan(path, device=device, dtype=dtype, parts=parts)
         components.model = components.transformer
+        components.models = [getattr(components, name) for name in experts]  # every expert (Wan2.2 A14B: two)
         return components
 
-    def load_stage(self, path, layers: range, *, device, dtype):
-        """The transformer with only the blocks in ``layers`` (a pipeline stage)."""
+    def load_stage(self, path, layers: range, *, device, dtype, expert: str = "transformer"):
+        """The transformer ``expert`` (a name of :meth:`experts`) with only the blocks in ``layers`` (a
+        pipeline stage)."""
         from .wan import load_wan_transformer_stage
 
-        return load_wan_transformer_stage(path, layers, device=device, dtype=dtype)
+        return load_wan_transformer_stage(path, layers, device=device, dtype=dtype, subfolder=expert)
 
     def encode_prompts(self, components, cfg, *, dtype):
         from .wan import encode_prompts
@@ -136,6 +145,7 @@ class UNet3DFamily(ModelFamily):
             ("text_encoder", "tokenizer") if text else ())
         components = load_unet3d(path, device=device, dtype=dtype, parts=parts)
         components.model = components.unet
+        components.models = [components.unet] if denoiser else []
         return components
 
     def prepare_denoiser(self, model, path, cfg) -> None:

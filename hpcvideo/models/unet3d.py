@@ -122,6 +122,9 @@ def read_unet3d_info(path) -> dict:
         if not (path / part / name).is_file():
             raise FileNotFoundError(f"{str(path)!r} is not a UNet3D diffusers folder: {part}/{name} is missing "
                                     f"(expected subfolders: {', '.join(PARTS)}, scheduler)")
+    from .support import check_supported
+
+    check_supported(path, "unet3d")  # entries hpcvideo does not use: refused by name
     ucfg, vcfg = _read_json(path / "unet" / "config.json"), _read_json(path / "vae" / "config.json")
     if ucfg.get("_class_name", "UNet3DConditionModel") != "UNet3DConditionModel":
         raise ValueError(f"{str(path)!r}: unet/config.json has _class_name {ucfg['_class_name']!r}; expected UNet3DConditionModel")

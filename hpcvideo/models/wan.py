@@ -23,13 +23,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .support import check_supported
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 ALL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+EXPERT_PARTS = ("transformer_2",)  # Wan2.2 A14B's low-noise expert: loaded when asked for (hpcvideo.models.experts)
 _CONFIG_FILE = {
     "transformer": "config.json",
+    "transformer_2": "config.json",
     "vae": "config.json",
     "text_encoder": "config.json",
     "scheduler": "scheduler_config.json",
@@ -41,6 +45,7 @@ class WanComponents:
     """The loaded parts of a Wan model; a part not asked for in ``load_wan(parts=...)`` is ``None``."""
 
     transformer: WanTransformer3DModel | None
+    transformer_2: WanTransformer3DModel | None = None  # Wan2.2 A14B's low-noise expert, when asked for
     vae: AutoencoderKLWan | None
     text_encoder: UMT5EncoderModel | None
     tokenizer: PreTrainedTokenizerBase | None
@@ -92,10 +97,15 @@ def read_model_info(path) -> dict:
     ``vae_scale_factor_spatial`` (2**len(temperal_downsample), times the VAE patch size if any: 8 for
     Wan2.1), ``vae_scale_factor_temporal`` (2**sum(temperal_downsample): 4), ``patch_size`` (t, h, w),
     ``num_layers``, ``hidden_dim`` (num_attention_heads * attention_head_dim), ``num_attention_heads``,
-    ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``.
+    ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``, ``experts``
+    (["transformer"], or Wan2.2 A14B's ["transformer", "transformer_2"]) and ``boundary_timestep``
+    (None, or where the experts switch: :mod:`hpcvideo.models.experts`). Raises
+    :class:`hpcvideo.models.support.UnsupportedModelError` (a ValueError) naming what the folder sets
+    that hpcvideo does not use.
     """
     path = Path(path)
     _check_folder(path, ("transformer", "vae"))
+    check_supported(path, "wan")  # entries of model_index.json / configs hpcvideo does not use: refused by name
     tcfg = _read_json(path / "transformer" / "config.json")
     vcfg = _read_json(path / "vae" / "config.json")
     if tcfg.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
@@ -133,7 +143,38 @@ def read_model_info(path) -> dict:
         "ffn_dim": int(tcfg.get("ffn_dim", 13824)),
         "rope_max_seq_len": int(tcfg.get("rope_max_seq_len", 1024)),
         "model_id": _model_id(path),
+        **_read_experts(path, tcfg),
     }
+
+
+def _read_experts(path: Path, tcfg: dict) -> dict:
+    """``experts`` (denoiser subfolders, high noise first) and ``boundary_timestep`` (None with one
+    expert) of a Wan folder: Wan2.2 A14B names ``transformer_2`` and ``boundary_ratio`` in
+    model_index.json (:mod:`hpcvideo.models.experts`). Raises ValueError for a half-named pair or a
+    second expert of another shape."""
+    from .support import is_set
+
+    index_file = path / "model_index.json"
+    index = _read_json(index_file) if index_file.is_file() else {}
+    second, ratio = is_set(index.get("transformer_2")), index.get("boundary_ratio")
+    if not second and ratio is None:
+        return {"experts": ["transformer"], "boundary_timestep": None}
+    where = f"model.path={str(path)!r}: model_index.json"
+    if not second or ratio is None:
+        missing = "boundary_ratio" if second else "transformer_2"
+        raise ValueError(f"{where} sets {'transformer_2' if second else 'boundary_ratio'} without {missing}; "
+                         "allowed: both (Wan2.2 A14B, two experts) or neither")
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{where} sets boundary_ratio={ratio!r}; allowed: a number in (0, 1]")
+    _check_folder(path, ("transformer_2",))
+    tcfg_2 = _read_json(path / "transformer_2" / "config.json")
+    differ = sorted(k for k in set(tcfg) | set(tcfg_2) if not k.startswith("_") and tcfg.get(k) != tcfg_2.get(k))
+    if differ:
+        raise ValueError(f"model.path={str(path)!r}: transformer_2/config.json differs from transformer/config.json in "
+                         f"{differ}; the two experts must have the same shape")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    num_train = _read_json(scheduler_file).get("num_train_timesteps", 1000) if scheduler_file.is_file() else 1000
+    return {"experts": ["transformer", "transformer_2"], "boundary_timestep": ratio * num_train}
 
 
 def load_wan(
@@ -151,12 +192,12 @@ def load_wan(
     """
     path = Path(path)
     parts = tuple(parts)
-    unknown = sorted(set(parts) - set(ALL_PARTS))
+    unknown = sorted(set(parts) - set(ALL_PARTS + EXPERT_PARTS))
     if unknown:
-        raise ValueError(f"load_wan: unknown parts {unknown}; allowed: {list(ALL_PARTS)}")
-    _check_folder(path, tuple(p for p in ALL_PARTS if p in parts) + ("scheduler",))
+        raise ValueError(f"load_wan: unknown parts {unknown}; allowed: {list(ALL_PARTS + EXPERT_PARTS)}")
+    _check_folder(path, tuple(p for p in ALL_PARTS + EXPERT_PARTS if p in parts) + ("scheduler",))
 
-    transformer = vae = text_encoder = tokenizer = None
+    transformer = transformer_2 = vae = text_encoder = tokenizer = None
     if "transformer" in parts:
         from diffusers import WanTransformer3DModel
 
@@ -164,6 +205,12 @@ def load_wan(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
         transformer = transformer.to(device).eval()
+    if "transformer_2" in parts:
+        from diffusers import WanTransformer3DModel
+
+        transformer_2 = WanTransformer3DModel.from_pretrained(
+            path, subfolder="transformer_2", torch_dtype=dtype, local_files_only=True
+        ).to(device).eval()
     if "vae" in parts:
         from diffusers import AutoencoderKLWan
 
@@ -184,6 +231,7 @@ def load_wan(
     scheduler_config = dict(_read_json(path / "scheduler" / "scheduler_config.json"))
     return WanComponents(
         transformer=transformer,
+        transformer_2=transformer_2,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -286,7 +334,8 @@ class AbsentBlock(torch.nn.Module):
         raise RuntimeError(f"transformer block {self.index} belongs to another pipeline stage")
 
 
-def load_wan_transformer_stage(path, layers: range, *, device="cpu", dtype: torch.dtype = torch.float32):
+def load_wan_transformer_stage(path, layers: range, *, device="cpu", dtype: torch.dtype = torch.float32,
+                               subfolder: str = "transformer"):
     """A ``WanTransformer3DModel`` holding only transformer blocks ``layers`` plus the small shared
     modules (patch embedding, condition embedder, rope, output norm/projection): one DualParal
     pipeline stage (arXiv 2505.21070). Other blocks are :class:`AbsentBlock` placeholders, so block
@@ -296,15 +345,18 @@ def load_wan_transformer_stage(path, layers: range, *, device="cpu", dtype: torc
     index), straight onto ``device``: a stage never materialises the whole model. Dtypes follow
     ``from_pretrained(torch_dtype=dtype)``: modules named in ``_keep_in_fp32_modules`` stay float32,
     so every stage's weights equal the full model's bit for bit (tested). Raises FileNotFoundError
-    for a folder without transformer weights, ValueError for layers outside the model.
+    for a folder without transformer weights, ValueError for layers outside the model. ``subfolder``:
+    the expert to load ("transformer", or Wan2.2 A14B's "transformer_2").
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from diffusers import WanTransformer3DModel
     from safetensors import safe_open
 
-    folder = Path(path) / "transformer"
-    _check_folder(Path(path), ("transformer",))
+    if subfolder not in ("transformer",) + EXPERT_PARTS:
+        raise ValueError(f"subfolder={subfolder!r}; allowed: {('transformer',) + EXPERT_PARTS}")
+    folder = Path(path) / subfolder
+    _check_folder(Path(path), (subfolder,))
     config = WanTransformer3DModel.load_config(folder)
     num_layers = int(config["num_layers"])
     if len(layers) and (layers.start < 0 or layers.stop > num_layers):

@@ -5,6 +5,8 @@
 * ``exchange``: rank_env.py's RankEnv fields, ring send/recv and all_reduce;
 * ``preempt:R:S``: preempt.py's stop agreement, rank R signalled during step S;
 * ``vi_forward:OUT:UNET3D_DIR:WAN_DIR``: videoinfinity_forward.py's clip-parallel forwards, saved to OUT.
+* ``experts:OUT:WAN22_DIR``: experts.py's two-expert runs of both strategies, stores next to OUT (their paths
+  are the report).
 
 Rank 0 prints one line ``SCENARIO <scenario> <json>`` per scenario (the json: rank 0's result, or null).
 A failure on any rank ends the whole job (abort_on_failure), as in the one-scenario scripts.
@@ -14,6 +16,7 @@ import json
 import sys
 
 from hpcvideo.runtime import abort_on_failure, init_rank_env, shutdown_rank_env, start_failure_monitor, stop_failure_monitor
+from tests.mpi.experts import run_experts
 from tests.mpi.preempt import stop_agreement
 from tests.mpi.rank_env import exchange_report
 from tests.mpi.videoinfinity_forward import forward_all
@@ -28,7 +31,10 @@ def run_scenario(env, scenario: str):
     if name == "vi_forward":
         forward_all(env, *args)
         return None
-    raise ValueError(f"unknown scenario {scenario!r}; allowed: exchange, preempt:R:S, vi_forward:OUT:UNET3D_DIR:WAN_DIR")
+    if name == "experts":
+        return run_experts(env, *args)
+    raise ValueError(f"unknown scenario {scenario!r}; allowed: exchange, preempt:R:S, vi_forward:OUT:UNET3D_DIR:WAN_DIR, "
+                     "experts:OUT:WAN22_DIR")
 
 
 def main(scenarios: list[str]) -> int:

@@ -9,7 +9,8 @@ window's.
 
 Differences from the official code, on purpose: keys are recorded after ``norm_k`` (a per-token RMS
 norm, so this equals recording before it) and before RoPE; the cache is kept per CFG branch
-(cond/uncond forwards are separate here, as in diffusers' WanPipeline); and which block's K/V a
+(cond/uncond forwards are separate here, as in diffusers' WanPipeline) and per expert (Wan2.2 A14B:
+the queue links only blocks of the same expert, :func:`.queue.tick_plan`); and which block's K/V a
 forward sees is fixed by the queue semantics, never by message timing.
 
 ``apply_feature_cache(transformer, cache)`` swaps the processor of every ``blocks[i].attn1`` present
@@ -71,10 +72,11 @@ class FeatureCache:
 class FeatureCacheAttnProcessor:
     """Self-attention processor of one layer with the feature cache (text-to-video, no I2V branch)."""
 
-    def __init__(self, layer_index: int, cache: FeatureCache, stock) -> None:
+    def __init__(self, layer_index: int, cache: FeatureCache, stock, expert: int = 0) -> None:
         self.layer_index = layer_index
         self.cache = cache
         self.stock = stock
+        self.expert = expert  # which transformer this layer belongs to: slots never cross experts
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         plan = self.cache.plan
@@ -94,7 +96,7 @@ class FeatureCacheAttnProcessor:
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
-        slot = (plan.branch, self.layer_index)
+        slot = (plan.branch, self.layer_index) if self.expert == 0 else (plan.branch, self.layer_index, self.expert)
         if plan.record_tokens is not None:
             start, stop = plan.record_tokens
             self.cache.outgoing[slot] = (key[:, start:stop].clone(), value[:, start:stop].clone())
@@ -119,15 +121,17 @@ class FeatureCacheAttnProcessor:
         return attn.to_out[1](hidden_states)
 
 
-def apply_feature_cache(transformer, cache: FeatureCache) -> None:
-    """Install the feature-cache processor on each present ``blocks[i].attn1`` (idempotent)."""
+def apply_feature_cache(transformer, cache: FeatureCache, expert: int = 0) -> None:
+    """Install the feature-cache processor on each present ``blocks[i].attn1`` (idempotent). ``expert``: the
+    transformer's index among the model's experts (:mod:`hpcvideo.models.experts`); K/V recorded by one
+    expert's layers are kept under its index, so the other expert's layers never read them."""
     for index, block in enumerate(transformer.blocks):
         if not hasattr(block, "attn1"):  # a block another pipeline stage owns
             continue
         processor = block.attn1.processor
         if isinstance(processor, FeatureCacheAttnProcessor):
             processor = processor.stock
-        block.attn1.set_processor(FeatureCacheAttnProcessor(index, cache, processor))
+        block.attn1.set_processor(FeatureCacheAttnProcessor(index, cache, processor, expert))
 
 
 def remove_feature_cache(transformer) -> None:

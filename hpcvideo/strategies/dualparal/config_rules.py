@@ -80,6 +80,9 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
             f"reach {longest} positions, beyond the model's rotary table of {info['rope_max_seq_len']}"
         )
     from .pipeline import split_layers  # the split itself (imports torch: called once the model's JSON is read)
+    from ...models.experts import expert_problems  # sampling.guidance_scale_2 needs two experts
+
+    problems += expert_problems(cfg, info)
 
     try:
         split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)

@@ -58,7 +58,8 @@ def split_layers(num_layers: int, num_stages: int, stage_layers: list[int] | Non
 class DualParalPipeline(DualParalReference):
     """The block queue on ``env.world_size`` ranks, one pipeline stage per rank.
 
-    Takes the arguments of :class:`DualParalReference` (the queue, CFG, noise, scheduler) plus
+    Takes the arguments of :class:`DualParalReference` (the queue, CFG, noise, scheduler; with two
+    experts, ``transformer_2`` holds the same layers of the low-noise expert) plus
     ``env`` (:class:`hpcvideo.runtime.RankEnv`), ``layers`` (this rank's block range, the
     ``transformer`` holds at least these blocks) and ``latent_shape`` (C, h, w). Queue state lives on
     rank 0; ``run_tick`` on other ranks returns [] and their ``state_dict`` is never needed.
@@ -72,7 +73,8 @@ class DualParalPipeline(DualParalReference):
         self.latent_shape = latent_shape
         self.hidden_dtype = self.transformer.patch_embedding.weight.dtype
         self.hidden_dim = self.transformer.patch_embedding.out_channels
-        self.conditions = wan_forward.ConditionCache(self.transformer)  # text/time/rope per prompt, step, shape
+        # per expert (Wan2.2 A14B: each holds its own embedders): text/time/rope per prompt, step, shape
+        self.conditions = [wan_forward.ConditionCache(model) for model in self.transformers]
         self.forward_group = self.feedback_group = None
         if self.num_stages > 1:
             # two groups: hidden states go r -> r+1, noise predictions N-1 -> 0 (separate NCCL
@@ -253,7 +255,9 @@ class DualParalPipeline(DualParalReference):
             )
             extra = self.context_latent_frames if work.append else 0
             prompt_key = self.prompt_index_for_block(work.block_index) if branch == "cond" else "negative"
-            inputs = self.conditions.block_inputs(
+            expert = self.step_experts[work.step_index]  # the expert of this block's timestep
+            model = self.transformers[expert]
+            inputs = self.conditions[expert].block_inputs(
                 window_shape, timestep, prompt_embeds, prompt_key=prompt_key, step_key=work.step_index,
                 extra_key_frames=extra,
             )
@@ -264,7 +268,7 @@ class DualParalPipeline(DualParalReference):
                 block = self.blocks[work.block_index]
                 context = self._context(work)
                 window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
-                hidden_states = wan_forward.patchify(self.transformer, window.to(self.dtype))
+                hidden_states = wan_forward.patchify(model, window.to(self.dtype))
             else:
                 hidden_states, request = incoming.popleft()
                 if k + 1 < len(items):  # the next transfer runs while this item computes
@@ -280,19 +284,19 @@ class DualParalPipeline(DualParalReference):
             self.cache.plan = CachePlan(
                 branch=branch, record_tokens=record, append=work.append, key_rotary_emb=inputs.key_rotary_emb
             )
-            hidden_states = wan_forward.run_blocks(self.transformer, hidden_states, inputs, self.layers)
+            hidden_states = wan_forward.run_blocks(model, hidden_states, inputs, self.layers)
             self.cache.plan = None
             if not last:
                 self._send(hidden_states, dst=self.rank + 1, group=self.forward_group, kind="send")
             else:
-                outputs.append(wan_forward.head(self.transformer, hidden_states, inputs)[:, :, num_context:])
+                outputs.append(wan_forward.head(model, hidden_states, inputs)[:, :, num_context:])
             if branch == branches[-1]:
                 self.cache.end_block()
                 if last:
                     noise_pred = outputs[0]
                     if self.do_cfg:
                         noise_uncond = outputs[1]
-                        noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
+                        noise_pred = noise_uncond + self.step_guidance[work.step_index] * (noise_pred - noise_uncond)
                     outputs = []
                     if first:
                         noise_preds[work.block_index] = noise_pred

@@ -13,6 +13,9 @@ c = ``context_latent_frames``.
   used). Block 0 has no context.
 * Feature cache: block j appends the self-attention K/V of the first c frames of block j+1 computed
   in the same tick (block j+1 is processed first). The last block of the video has no block j+1.
+  With two experts (Wan2.2 A14B, ``step_experts``) blocks j and j+1 of one tick may be denoised by
+  different experts (one step apart across the boundary); then j+1 records nothing and j appends
+  nothing: K/V produced by one expert never enter the attention of the other.
 
 This module decides *what* happens at a tick; executors (single process, or the multi-rank pipeline)
 decide *where*. Both follow this plan, which is why they agree bit for bit.
@@ -20,6 +23,7 @@ decide *where*. Both follow this plan, which is why they agree bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -55,14 +59,21 @@ def in_flight(tick: int, *, num_blocks: int, num_inference_steps: int) -> range:
 
 
 def tick_plan(
-    tick: int, *, num_blocks: int, num_inference_steps: int, context_latent_frames: int, feature_cache: bool
+    tick: int, *, num_blocks: int, num_inference_steps: int, context_latent_frames: int, feature_cache: bool,
+    step_experts: Sequence[int] | None = None,
 ) -> list[BlockWork]:
-    """The work of ``tick``, newest block first. Raises ValueError for a tick outside the run."""
+    """The work of ``tick``, newest block first. ``step_experts``: the expert of each step index
+    (:meth:`hpcvideo.models.experts.Experts.index` of its timestep; None: one expert); the feature cache
+    links only blocks of the same expert. Raises ValueError for a tick outside the run."""
     if not 0 <= tick < num_ticks(num_blocks, num_inference_steps):
         raise ValueError(f"tick={tick} outside the run's 0..{num_ticks(num_blocks, num_inference_steps) - 1}")
     blocks = in_flight(tick, num_blocks=num_blocks, num_inference_steps=num_inference_steps)
     cache = feature_cache and context_latent_frames > 0
     plan = []
+
+    def same_expert(a: int, b: int) -> bool:  # blocks a and b of this tick (steps tick - a, tick - b)
+        return step_experts is None or step_experts[tick - a] == step_experts[tick - b]
+
     for j in reversed(blocks):
         step_index = tick - j
         plan.append(
@@ -70,8 +81,8 @@ def tick_plan(
                 block_index=j,
                 step_index=step_index,
                 context_from=j - 1 if (j > 0 and context_latent_frames > 0) else None,
-                record=cache and (j - 1) in blocks,
-                append=cache and (j + 1) in blocks,
+                record=cache and (j - 1) in blocks and same_expert(j, j - 1),
+                append=cache and (j + 1) in blocks and same_expert(j, j + 1),
                 enters=step_index == 0,
                 finishes=step_index == num_inference_steps - 1,
             )

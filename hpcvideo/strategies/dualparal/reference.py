@@ -7,7 +7,10 @@ cache recording/appending as planned, combine ``noise_uncond + g * (noise_cond -
 the block's own frames; after all forwards, apply each block's own scheduler step. Blocks whose last
 step was this tick leave the queue and are returned.
 
-With one block and no context this is exactly WanPipeline's denoising loop (tested bit for bit).
+With one block and no context this is exactly WanPipeline's denoising loop (tested bit for bit), also
+with two experts (Wan2.2 A14B): each block's forward uses the expert of its own timestep and that
+expert's guidance scale (:class:`hpcvideo.models.experts.Experts`), so blocks of one tick may use
+different experts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...models.experts import Experts
 from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
 from . import forward as wan_forward
 from .attention import CachePlan, FeatureCache, apply_feature_cache, remove_feature_cache
@@ -46,6 +50,8 @@ class DualParalReference:
         num_blocks, block_latent_frames, context_latent_frames, feature_cache: the queue (docs/DESIGN.md, section 6.1).
         noise_fn: block index -> initial latents (1, C, n, h, w) float32 (:func:`hpcvideo.noise.block_noise`).
         device: where latents live and the transformer runs.
+        transformer_2, experts, guidance_scale_2: a two-expert model (Wan2.2 A14B): the low-noise expert,
+            the switch (:class:`hpcvideo.models.experts.Experts`) and its guidance scale (None: ``guidance_scale``).
     """
 
     def __init__(
@@ -63,11 +69,21 @@ class DualParalReference:
         feature_cache: bool,
         noise_fn: Callable[[int], torch.Tensor],
         device: torch.device | str = "cpu",
+        transformer_2=None,
+        experts: Experts | None = None,
+        guidance_scale_2: float | None = None,
     ) -> None:
         self.transformer = transformer
+        self.transformers = [transformer] + ([transformer_2] if transformer_2 is not None else [])
+        self.experts = experts or Experts()
+        if len(self.experts.names) != len(self.transformers):
+            raise ValueError(f"experts {self.experts.names} but {len(self.transformers)} transformer(s) given")
         self.scheduler_template = scheduler_template
         self.timesteps = scheduler_template.timesteps
         self.num_inference_steps = len(self.timesteps)
+        # per step index: the expert of its timestep and that expert's guidance scale
+        self.step_experts = tuple(self.experts.index(t) for t in self.timesteps)
+        self.step_guidance = tuple(self.experts.guidance_scale(t, guidance_scale, guidance_scale_2) for t in self.timesteps)
         self.prompt_embeds = prompt_embeds
         self.negative_prompt_embeds = negative_prompt_embeds
         self.prompt_index_for_block = prompt_index_for_block
@@ -85,7 +101,8 @@ class DualParalReference:
         self.tail: tuple[int, torch.Tensor] | None = None  # last block that left: its context for the next
         self.cache = FeatureCache()
         if self.feature_cache:
-            apply_feature_cache(transformer, self.cache)
+            for expert, model in enumerate(self.transformers):
+                apply_feature_cache(model, self.cache, expert)
 
     # -- queue -------------------------------------------------------------------------------
     @property
@@ -98,7 +115,8 @@ class DualParalReference:
 
     def close(self) -> None:
         """Undo the model patch."""
-        remove_feature_cache(self.transformer)
+        for model in self.transformers:
+            remove_feature_cache(model)
 
     def set_num_blocks(self, num_blocks: int) -> None:
         """Lengthen the video. Valid only while the state is still one of the longer run's states,
@@ -136,25 +154,26 @@ class DualParalReference:
         extra = self.context_latent_frames if work.append else 0
 
         embeds = self.prompt_embeds[self.prompt_index_for_block(work.block_index)]
+        model = self.transformers[self.step_experts[work.step_index]]  # the expert of this block's timestep
         branches = [("cond", embeds)]
         if self.do_cfg:
             branches.append(("uncond", self.negative_prompt_embeds))
         outputs = []
         for branch, prompt_embeds in branches:
             hidden_states, inputs = wan_forward.embed(
-                self.transformer, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra
+                model, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra
             )
             self.cache.plan = CachePlan(
                 branch=branch, record_tokens=record, append=work.append, key_rotary_emb=inputs.key_rotary_emb
             )
-            hidden_states = wan_forward.run_blocks(self.transformer, hidden_states, inputs)
+            hidden_states = wan_forward.run_blocks(model, hidden_states, inputs)
             self.cache.plan = None
-            outputs.append(wan_forward.head(self.transformer, hidden_states, inputs)[:, :, num_context:])
+            outputs.append(wan_forward.head(model, hidden_states, inputs)[:, :, num_context:])
         self.cache.end_block()
         noise_pred = outputs[0]
         if self.do_cfg:
             noise_uncond = outputs[1]
-            noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
+            noise_pred = noise_uncond + self.step_guidance[work.step_index] * (noise_pred - noise_uncond)
         return noise_pred
 
     @torch.no_grad()
@@ -172,6 +191,7 @@ class DualParalReference:
         return tick_plan(
             self.tick, num_blocks=self.num_blocks, num_inference_steps=self.num_inference_steps,
             context_latent_frames=self.context_latent_frames, feature_cache=self.feature_cache,
+            step_experts=self.step_experts,
         )
 
     def _enter(self, plan: list[BlockWork]) -> None:

@@ -34,7 +34,9 @@ class DualParalSpec(StrategySpec):
         cfg, env, info = ctx.cfg, ctx.env, ctx.info
         strategy, sampling = cfg.strategy, cfg.sampling
         layers = ctx.plan[env.rank]
-        transformer = ctx.family.load_stage(ctx.model_path, layers, device=env.device, dtype=ctx.dtype)
+        experts = ctx.family.experts(info)  # Wan2.2 A14B: this stage holds its layers of both experts
+        stages = [ctx.family.load_stage(ctx.model_path, layers, device=env.device, dtype=ctx.dtype, expert=name)
+                  for name in experts.names]
         scale = info["vae_scale_factor_spatial"]
         latent_shape = (info["latent_channels"], cfg.video.height // scale, cfg.video.width // scale)
 
@@ -49,7 +51,8 @@ class DualParalSpec(StrategySpec):
         template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
         executor = DualParalPipeline(
             env=env, layers=layers, latent_shape=latent_shape,
-            transformer=transformer, scheduler_template=template, prompt_embeds=ctx.prompt_embeds,
+            transformer=stages[0], transformer_2=stages[1] if len(stages) > 1 else None, experts=experts,
+            guidance_scale_2=sampling.guidance_scale_2, scheduler_template=template, prompt_embeds=ctx.prompt_embeds,
             negative_prompt_embeds=ctx.negative_prompt_embeds, prompt_index_for_block=cfg.prompt_index_for_block,
             guidance_scale=sampling.guidance_scale, num_blocks=cfg.num_blocks,
             block_latent_frames=strategy.block_latent_frames, context_latent_frames=strategy.context_latent_frames,

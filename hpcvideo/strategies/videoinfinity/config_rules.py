@@ -83,8 +83,9 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
     resolution against the model's stride, Wan's rotary table against the generated frames + the global set.
     The rank count itself is :func:`ranks_problem`. One line each; [] when it fits."""
     from ...layout import generated_latent_frames
+    from ...models.experts import expert_problems
 
-    problems = []
+    problems = expert_problems(cfg, info)  # sampling.guidance_scale_2 needs two experts
     stride = spatial_stride(cfg, info)
     for key, value in (("video.height", cfg.video.height), ("video.width", cfg.video.width)):
         if value % stride:

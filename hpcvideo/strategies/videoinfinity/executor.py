@@ -32,6 +32,7 @@ import torch
 
 from ...config import ConfigError
 from ...layout import ranks_problem
+from ...models.experts import Experts
 from ...noise import frame_noise
 from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
 from ..base import BuildContext, StrategySpec
@@ -53,12 +54,22 @@ class ClipExecutor:
     patched here for clip parallelism (``close`` removes the patches); ``template``: a scheduler at step
     0; ``latents``: the clip's initial latents (1, C, F, h, w) float32 (scaled by the scheduler's initial
     sigma); ``prompt_embeds`` (1, L, D) of this clip, ``negative_prompt_embeds`` or None (no CFG).
+    Two experts (Wan2.2 A14B): ``models`` holds every expert (each patched), ``experts`` picks the one
+    of each step's timestep (:class:`hpcvideo.models.experts.Experts`) and ``guidance_scale_2`` is the
+    low-noise expert's scale (None: ``guidance_scale``); every clip takes the same step, so every rank
+    uses the same expert at a tick.
     """
 
     def __init__(self, *, family, model, template, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                  negative_prompt_embeds: torch.Tensor | None, guidance_scale: float, dtype: torch.dtype,
-                 layout: ClipLayout, comm: ClipComm, scope: DualScope) -> None:
+                 layout: ClipLayout, comm: ClipComm, scope: DualScope, models: list | None = None,
+                 experts: Experts | None = None, guidance_scale_2: float | None = None) -> None:
         self.family, self.model, self.template = family, model, template
+        self.models = list(models) if models else [model]
+        self.experts = experts or Experts()
+        if len(self.experts.names) != len(self.models):
+            raise ValueError(f"experts {self.experts.names} but {len(self.models)} model(s) given")
+        self.guidance_scale_2 = guidance_scale_2
         self.scheduler = fresh_copy(template)  # the template stays at step 0: checkpoints store the difference
         self.latents = latents
         self.prompt_embeds, self.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
@@ -73,7 +84,8 @@ class ClipExecutor:
         self.denoise_s = 0.0
         self._handed_out = False
         self._apply, self._remove = patch_functions(family.name)
-        self._apply(model, comm=comm, scope=scope)
+        for each in self.models:
+            self._apply(each, comm=comm, scope=scope)
         self._patched = True
 
     @property
@@ -93,10 +105,12 @@ class ClipExecutor:
             raise RuntimeError("the clip has finished")
         start = time.perf_counter()
         t = self.timesteps[self.tick]
+        model = self.models[self.experts.index(t)]  # the expert of this step's timestep
         # the diffusers loop: model -> classifier-free guidance -> scheduler.step
-        cond, uncond = self.family.noise_pred(self.model, self.latents, t, self.prompt_embeds,
+        cond, uncond = self.family.noise_pred(model, self.latents, t, self.prompt_embeds,
                                               self.negative_prompt_embeds, self.scheduler, self.dtype)
-        noise_pred = cond if uncond is None else uncond + self.guidance_scale * (cond - uncond)
+        guidance_scale = self.experts.guidance_scale(t, self.guidance_scale, self.guidance_scale_2)
+        noise_pred = cond if uncond is None else uncond + guidance_scale * (cond - uncond)
         self.latents = self.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
         self.tick += 1
         self.denoise_s += time.perf_counter() - start
@@ -119,7 +133,8 @@ class ClipExecutor:
 
     def close(self) -> None:
         if self._patched:
-            self._remove(self.model)
+            for each in self.models:
+                self._remove(each)
             self._patched = False
 
 
@@ -151,7 +166,8 @@ class VideoInfinitySpec(StrategySpec):
         components = family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, denoiser=True,
                                  vae=env.is_main or family.vae_kind == "per_frame")
         model = components.model
-        family.prepare_denoiser(model, ctx.model_path, cfg)
+        for each in components.models:  # every expert (Wan2.2 A14B: two)
+            family.prepare_denoiser(each, ctx.model_path, cfg)
         template = family.make_scheduler(cfg, components.scheduler_config, env.device)
         layout = ClipLayout(rank=env.rank, world_size=env.world_size, clip_frames=cfg.strategy.clip_latent_frames)
         scale = info["vae_scale_factor_spatial"]
@@ -165,7 +181,8 @@ class VideoInfinitySpec(StrategySpec):
             negative_prompt_embeds=ctx.negative_prompt_embeds, guidance_scale=cfg.sampling.guidance_scale,
             dtype=ctx.dtype, layout=layout,
             comm=ClipComm(layout, sync=cfg.strategy.sync_clips),  # sync_clips false: independent clips (baseline)
-            scope=scope_of(cfg),
+            scope=scope_of(cfg), models=components.models, experts=family.experts(info),
+            guidance_scale_2=cfg.sampling.guidance_scale_2,
         )
         from ...writer import ClipSink
 
