@@ -379,6 +379,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             heartbeat.beat(executor.tick, tick_s=time.perf_counter() - t)
             for unit, latents in finished:
                 sink.submit(unit, latents)
+            if hasattr(sink, "poll"):
+                sink.poll()  # a sink that decodes on every rank takes its blocks between ticks
             if bar is not None:
                 if finished:
                     bar.set_postfix(unit=finished[-1][0], refresh=False)
@@ -406,7 +408,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             sink.close()
     heartbeat.beat(executor.tick, force=True, state="finished")
     rank_stats = gather_object(env, {
-        "rank": env.rank, **executor.stats,
+        "rank": env.rank, **executor.stats, **getattr(sink, "stats", {}),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     })
     if not main:
