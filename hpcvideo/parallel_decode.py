@@ -12,8 +12,9 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
 
 * rank 0 (the queue owner) writes every block's latents and done marker as before (its writer thread);
   block j is decoded by rank ``j % world_size`` (:func:`owner`; block 0, the video's first, always on rank 0);
-  rank 0 sends the latents (1, C, n, h, w) float32 of a block it does not decode to its owner
-  (``isend`` on a process group of the sink's own);
+  rank 0 sends the latents (1, C, n, h, w) float32 of a block it does not decode to its owner (MPI
+  ``Isend`` on a duplicate of the world communicator: host memory, small; gloo's ``is_completed`` does not
+  report a finished receive before ``wait``, MPI's ``Test`` does);
 * every rank decodes the blocks it owns in order, in its own thread, between its ticks (the runner calls
   :meth:`SpreadBlockSink.poll` after each tick; a block whose latents have not arrived yet waits for a later
   tick) and at the end of the run (:meth:`SpreadBlockSink.finish`); the other ranks send the uint8 frames
@@ -27,9 +28,9 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
   (:class:`hpcvideo.writer.BlockSink`: the decoder carry) is accepted too (that sink wrote every frame before
   its checkpoint).
 
-Per rank the sink measures (``stats``, into the store's ``rank_stats``): ``decode_s``/``decode_blocks``
+Per rank the sink measures (``stats``, into the store's ``rank_stats``): ``decode_s``/``decode_blocks``/``decode_blocks_at_end``
 (its decode), ``send_s`` (frames and latents messages), and on rank 0 ``write_s`` (its writer thread)
-and ``wait_s`` (blocked: a full write queue, flushes, the frames still outstanding at the end).
+and ``sink_wait_s`` (blocked: a full write queue, flushes, a message still outstanding at the end).
 
 A decoder that is not chunk-local keeps the single-rank stream (:class:`hpcvideo.writer.BlockSink` on
 rank 0): :func:`make_sink` chooses.
@@ -52,7 +53,8 @@ from .faults import NO_FAULTS, FaultPlan
 log = logging.getLogger("hpcvideo")
 
 STATE_KIND = "spread"
-TAG_SPACE = 1 << 20
+TAG_SPACE = 1 << 15  # MPI guarantees tags up to 32767
+POLL_S = 0.002  # waits test and sleep: MPICH's blocking waits would spin a core
 
 
 def is_chunk_local(vae) -> bool:
@@ -122,13 +124,9 @@ class SpreadBlockSink:
         self.frames_per_block = temporal_factor * block_latent_frames
         self.frame_shape = tuple(frame_shape)
         self.decode_s = self.wait_s = self.write_s = self.send_s = 0.0
-        self.decode_blocks = 0
+        self.decode_blocks = self.decode_blocks_at_end = 0
         self.blocks_submitted = 0
-        self.group = None
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            self.group = dist.new_group(list(range(self.world_size)))  # collective: every rank builds its sink
+        self.comm = env.comm.Dup() if self.world_size > 1 else None  # collective: every rank builds its sink
         self._sends: deque = deque()  # (request, buffer) not known complete
         self._frames_in: deque = deque()  # rank 0: (block, owner, buffer, request), in submit order
         self._latents_in: tuple | None = None  # other ranks: (block, buffer, request) of the next owned block
@@ -145,6 +143,7 @@ class SpreadBlockSink:
     @property
     def stats(self) -> dict:
         return {"decode_s": round(self.decode_s, 4), "decode_blocks": self.decode_blocks,
+                "decode_blocks_at_end": self.decode_blocks_at_end,
                 "send_s": round(self.send_s, 4), "write_s": round(self.write_s, 4),
                 "sink_wait_s": round(self.wait_s, 4)}
 
@@ -190,21 +189,24 @@ class SpreadBlockSink:
         self.decode_blocks += 1
         return frames
 
-    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        import torch.distributed as dist
-
+    def _isend(self, array: np.ndarray, dst: int, tag: int) -> None:
         start = time.perf_counter()
-        self._sends.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag % TAG_SPACE), tensor))
-        while self._sends and self._sends[0][0].is_completed():
+        array = np.ascontiguousarray(array)
+        self._sends.append((self.comm.Isend(array, dest=dst, tag=tag % TAG_SPACE), array))
+        while self._sends and self._sends[0][0].Test():
             self._sends.popleft()
         self.send_s += time.perf_counter() - start
+
+    def _wait(self, request) -> None:
+        start = time.perf_counter()
+        while not request.Test():
+            time.sleep(POLL_S)
+        self.wait_s += time.perf_counter() - start
 
     # -- the sink protocol ---------------------------------------------------------------------------
     def submit(self, block_index: int, latents: torch.Tensor) -> None:
         """Rank 0: block ``block_index`` left the queue (latents (1, C, n, h, w) float32, not modified
         afterwards): its latents are written, and it is decoded here or sent to its owner."""
-        import torch.distributed as dist
-
         latents = latents.detach().float().cpu()
         self._put(("latents", block_index, latents[0].permute(1, 0, 2, 3).numpy()))
         self.blocks_submitted = max(self.blocks_submitted, block_index + 1)
@@ -212,10 +214,9 @@ class SpreadBlockSink:
         if dst == self.rank:
             self._put(("frames", block_index, self._decode(block_index, latents)))
         else:
-            self._isend(latents.contiguous(), dst, block_index)
-            buffer = torch.empty((self.frames_per_block, *self.frame_shape, 3), dtype=torch.uint8)
-            request = dist.irecv(buffer, src=dst, group=self.group, tag=block_index % TAG_SPACE)
-            self._frames_in.append((block_index, buffer, request))
+            self._isend(latents.numpy(), dst, block_index)
+            buffer = np.empty((self.frames_per_block, *self.frame_shape, 3), dtype=np.uint8)
+            self._frames_in.append((block_index, buffer, self.comm.Irecv(buffer, source=dst, tag=block_index % TAG_SPACE)))
         self.poll()
 
     def poll(self) -> None:
@@ -223,20 +224,18 @@ class SpreadBlockSink:
         latents arrived and sends their frames back. Never blocks on another rank."""
         if self.store is not None:
             self._raise()
-            while self._frames_in and self._frames_in[0][2].is_completed():
+            while self._frames_in and self._frames_in[0][2].Test():
                 block_index, buffer, _ = self._frames_in.popleft()
-                self._put(("frames", block_index, buffer.numpy()))
+                self._put(("frames", block_index, buffer))
             return
         while True:
             pending = self._post_next()
-            if pending is None or not pending[2].is_completed():
+            if pending is None or not pending[2].Test():
                 return
             self._decode_received(wait=False)
 
     def _post_next(self):
         """Other ranks: the receive of the next block this rank owns (posted once), or None after the last."""
-        import torch.distributed as dist
-
         if self._latents_in is not None:
             return self._latents_in
         if self._next_owned is None:
@@ -246,19 +245,18 @@ class SpreadBlockSink:
         if j >= self.executor.num_units:
             return None
         c, h, w = self.latent_shape
-        buffer = torch.empty((1, c, self.block_latent_frames, h, w), dtype=torch.float32)
-        self._latents_in = (j, buffer, dist.irecv(buffer, src=0, group=self.group, tag=j % TAG_SPACE))
+        buffer = np.empty((1, c, self.block_latent_frames, h, w), dtype=np.float32)
+        self._latents_in = (j, buffer, self.comm.Irecv(buffer, source=0, tag=j % TAG_SPACE))
         self._next_owned = j + self.world_size
         return self._latents_in
 
     def _decode_received(self, *, wait: bool) -> None:
         j, buffer, request = self._latents_in
         if wait:
-            start = time.perf_counter()
-            request.wait()
-            self.wait_s += time.perf_counter() - start
+            self._wait(request)
+            self.decode_blocks_at_end += 1
         self._latents_in = None
-        self._isend(torch.from_numpy(np.ascontiguousarray(self._decode(j, buffer))), 0, j)
+        self._isend(self._decode(j, torch.from_numpy(buffer)), 0, j)
 
     def flush(self) -> None:
         """Rank 0: every latents chunk submitted, and every frames chunk decoded here or arrived, is on disk
@@ -273,24 +271,24 @@ class SpreadBlockSink:
 
     def finish(self) -> None:
         """End of the run: every rank decodes the rest of its blocks; rank 0 writes every frame."""
-        start = time.perf_counter()
         if self.store is None:
             while self._post_next() is not None:
                 self._decode_received(wait=True)
             for request, _ in self._sends:
-                request.wait()
+                self._wait(request)
             self._sends.clear()
         else:
             while self._frames_in:
                 block_index, buffer, request = self._frames_in.popleft()
-                request.wait()
-                self._put(("frames", block_index, buffer.numpy()))
+                self._wait(request)
+                self._put(("frames", block_index, buffer))
             for request, _ in self._sends:
-                request.wait()
+                self._wait(request)
             self._sends.clear()
+            start = time.perf_counter()
             self._queue.join()
+            self.wait_s += time.perf_counter() - start
             self._raise()
-        self.wait_s += time.perf_counter() - start
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the number of blocks submitted (their latents are on disk)."""
