@@ -277,6 +277,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
     timings = Timings()
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
+    elif getattr(env, "local_world_size", 1) > 1 and torch.device(env.device).type == "cpu":  # ranks on a node share its cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // env.local_world_size))
     dtype = DTYPES[cfg.model.dtype]
     main, store = env.is_main, setup.store
     every_rank = spec.every_rank_writes
