@@ -276,6 +276,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
     timings = Timings()
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
+    elif getattr(env, "local_world_size", 1) > 1 and torch.device(env.device).type == "cpu":  # ranks on a node share its cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // env.local_world_size))
     dtype = DTYPES[cfg.model.dtype]
     main, store = env.is_main, setup.store
     every_rank = spec.every_rank_writes
@@ -381,6 +383,8 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             heartbeat.beat(executor.tick, tick_s=time.perf_counter() - t)
             for unit, latents in finished:
                 sink.submit(unit, latents)
+            if hasattr(sink, "poll"):
+                sink.poll()  # a sink that decodes on every rank takes its blocks between ticks
             if bar is not None:
                 if finished:
                     bar.set_postfix(unit=finished[-1][0], refresh=False)
@@ -408,7 +412,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             sink.close()
     heartbeat.beat(executor.tick, force=True, state="finished")
     rank_stats = gather_object(env, {
-        "rank": env.rank, **executor.stats,
+        "rank": env.rank, **executor.stats, **getattr(sink, "stats", {}),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     })
     if not main:

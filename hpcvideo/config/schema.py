@@ -161,7 +161,7 @@ class RuntimeConfig:
     """``runtime``: the process on each rank."""
 
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
-    num_threads: int = 0  # torch intra-op CPU threads per rank; 0 = torch's default
+    num_threads: int = 0  # torch intra-op CPU threads per rank; 0 = torch's default / ranks on the node
     # transformer blocks per pipeline stage (one count per rank, summing to the model's blocks);
     # null = contiguous split with the remainder to the first stages. Not part of the run's identity:
     # a run may resume on another number of ranks.

@@ -1,9 +1,10 @@
 """DualParal's spec for the runner: its model-fit checks (no weights), its store layout (a unit is a block of
 ``strategy.block_latent_frames``; a run can be extended) and its builder (this rank's pipeline stage,
-and on rank 0 the streaming decoder behind a background :class:`hpcvideo.writer.BlockSink`).
+and its sink: :func:`hpcvideo.parallel_decode.make_sink`, the decode spread over every rank for a chunk-local
+VAE, else rank 0's streaming decoder behind a background :class:`hpcvideo.writer.BlockSink`).
 
-Queue state lives on rank 0 only (:class:`.pipeline.DualParalPipeline`): rank 0 checkpoints, decodes and
-writes; the other stages are stateless between ticks.
+Queue state lives on rank 0 only (:class:`.pipeline.DualParalPipeline`): rank 0 checkpoints and writes; the
+other stages are stateless between ticks (with a spread decode they decode their share of the blocks).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class DualParalSpec(StrategySpec):
                 latent_channels=latent_shape[0], latent_height=latent_shape[1], latent_width=latent_shape[2],
             )
 
-        components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=env.is_main)
+        components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=True)  # every rank may decode
         template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
         executor = DualParalPipeline(
             env=env, layers=layers, latent_shape=latent_shape,
@@ -59,10 +60,7 @@ class DualParalSpec(StrategySpec):
             feature_cache=strategy.feature_cache, noise_fn=noise_fn,
         )
         ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
-        sink = None
-        if env.is_main:
-            from ...decode import StreamingDecoder
-            from ...writer import BlockSink
+        from ...parallel_decode import make_sink
 
-            sink = BlockSink(ctx.store, StreamingDecoder(components.vae, device=env.device), faults=ctx.faults)
+        sink = make_sink(ctx, executor, components.vae)  # decode spread over the ranks when the VAE allows it
         return executor, sink

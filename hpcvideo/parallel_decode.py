@@ -1,0 +1,348 @@
+"""Decode spread over the ranks: each rank decodes about 1/N of the blocks, between its own ticks.
+
+The streaming Wan decode (:class:`hpcvideo.decode.StreamingDecoder`) carries a feature cache from latent
+frame to latent frame, so in general block j can only be decoded after block j-1, on the rank that holds
+the carry. A *chunk-local* decoder (:func:`is_chunk_local`: every causal temporal tap that reaches an
+earlier latent frame has zero weight, as the demo model's VAE, ``hpcvideo.demo.train.make_chunk_local``)
+decodes each latent frame from its own values alone: the carry is multiplied by zero. Then block j can
+be decoded by any rank, from any carry, with the same bits (:class:`IndependentDecoder`; a zero product
+adds exactly 0 to every sum, so the frames are bit-identical, tested).
+
+:class:`SpreadBlockSink` uses that for DualParal (the runner's sink, one per rank):
+
+* rank 0 (the queue owner) writes every block's latents and done marker as before (its writer thread);
+  block j is decoded by rank ``j % world_size`` (:func:`owner`; block 0, the video's first, always on rank 0);
+  rank 0 sends the latents (1, C, n, h, w) float32 of a block it does not decode to its owner (MPI
+  ``Isend`` on a duplicate of the world communicator: host memory, small; gloo's ``is_completed`` does not
+  report a finished receive before ``wait``, MPI's ``Test`` does);
+* every rank decodes the blocks it owns in order, in its own thread, between its ticks (the runner calls
+  :meth:`SpreadBlockSink.poll` after each tick; a block whose latents have not arrived yet waits for a later
+  tick) and at the end of the run (:meth:`SpreadBlockSink.finish`); the other ranks send the uint8 frames
+  (4n, H, W, 3) back to rank 0, which writes them and their done marker (one frames writer: adjacent blocks
+  share a frames chunk);
+* checkpoints: rank 0 never waits for another rank's frames before a checkpoint (the other rank may be
+  waiting for rank 0's next tick). The sink's state is the number of blocks submitted; their latents are
+  on disk. After a resume, :meth:`SpreadBlockSink.load_state_dict` decodes again, on rank 0, the blocks
+  below that number whose frames were not written yet (the decode of a chunk-local block is a function of
+  its latents alone), so the store ends as after an uninterrupted run. The state of a rank-0 streaming sink
+  (:class:`hpcvideo.writer.BlockSink`: the decoder carry) is accepted too (that sink wrote every frame before
+  its checkpoint).
+
+Per rank the sink measures (``stats``, into the store's ``rank_stats``): ``decode_s``/``decode_blocks``/``decode_blocks_at_end``
+(its decode), ``send_s`` (frames and latents messages), and on rank 0 ``write_s`` (its writer thread)
+and ``sink_wait_s`` (blocked: a full write queue, flushes, a message still outstanding at the end).
+
+A decoder that is not chunk-local keeps the single-rank stream (:class:`hpcvideo.writer.BlockSink` on
+rank 0): :func:`make_sink` chooses.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from .decode import StreamingDecoder, to_uint8
+from .faults import NO_FAULTS, FaultPlan
+
+log = logging.getLogger("hpcvideo")
+
+STATE_KIND = "spread"
+TAG_SPACE = 1 << 15  # MPI guarantees tags up to 32767
+POLL_S = 0.002  # waits test and sleep: MPICH's blocking waits would spin a core
+
+
+def is_chunk_local(vae) -> bool:
+    """Whether ``vae``'s decoder reads nothing of earlier latent frames: every causal 3-D convolution of its
+    decoder with a temporal kernel k > 1 has all-zero weights on its k - 1 past taps (stride 1; the carry
+    feeds exactly those). False for Wan2.1/2.2's VAEs, True for the demo model's. No weights are changed."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    convs = [m for m in vae.decoder.modules() if isinstance(m, WanCausalConv3d)]
+    if not convs:
+        return False
+    for conv in convs:
+        k = conv.kernel_size[0]
+        if k == 1:
+            continue
+        if conv.stride[0] != 1 or conv.dilation[0] != 1 or not bool((conv.weight[:, :, : k - 1] == 0).all()):
+            return False
+    return True
+
+
+def owner(block_index: int, world_size: int) -> int:
+    """The rank that decodes block ``block_index``: round robin (block 0 on rank 0)."""
+    return block_index % world_size
+
+
+class IndependentDecoder:
+    """Decodes any block of a chunk-local VAE's video on its own: (block_index, latents) -> uint8 frames.
+
+    latents: (1, z_dim, n, h, w) normalised; returns (f, H, W, 3) uint8, f = 1 + 4(n - 1) for block 0,
+    4n after, equal to the frames a :class:`hpcvideo.decode.StreamingDecoder` gives for that block in a
+    streamed decode of the whole video. Raises ValueError when ``vae`` is not chunk-local."""
+
+    def __init__(self, vae, *, device="cpu"):
+        if not is_chunk_local(vae):
+            raise ValueError("IndependentDecoder needs a chunk-local VAE decoder (its causal past taps all zero); "
+                             "decode this VAE with hpcvideo.decode.StreamingDecoder, in order")
+        self.stream = StreamingDecoder(vae, device=device)
+
+    @torch.no_grad()
+    def decode(self, block_index: int, latents: torch.Tensor) -> np.ndarray:
+        stream = self.stream
+        if block_index == 0:
+            stream.reset()  # the video's first latent frame: 1 frame, the decoder's first-chunk path
+        elif stream.num_latent_frames_decoded == 0:
+            # any carry past the first frame will do (it meets only zero weights): one zero latent frame
+            stream.decode_block(torch.zeros_like(latents[:, :, :1]))
+        return to_uint8(stream.decode_block(latents))
+
+
+class SpreadBlockSink:
+    """The runner's DualParal sink on every rank, decoding about 1/N of the blocks here (module docstring).
+
+    ``store``: the run store on rank 0 (None elsewhere); ``decoder``: an :class:`IndependentDecoder`;
+    ``env``: :class:`hpcvideo.runtime.RankEnv`; ``executor``: this rank's pipeline (its ``num_units`` and
+    ``stale_from`` say which blocks this run decodes); ``latent_shape``: (C, h, w) of a latent frame;
+    ``frame_shape``: (H, W) of the frames;
+    ``block_latent_frames``: n; ``max_pending``: the bound of rank 0's write queue (memory independent of
+    the video's length)."""
+
+    def __init__(self, store, decoder: IndependentDecoder, env, executor, *, latent_shape: tuple[int, int, int],
+                 frame_shape: tuple[int, int], block_latent_frames: int, temporal_factor: int = 4,
+                 max_pending: int = 4, faults: FaultPlan = NO_FAULTS) -> None:
+        self.store, self.decoder, self.env, self.executor = store, decoder, env, executor
+        self.rank, self.world_size = env.rank, env.world_size
+        self.faults = faults
+        self.latent_shape, self.block_latent_frames = tuple(latent_shape), block_latent_frames
+        self.frames_per_block = temporal_factor * block_latent_frames
+        self.frame_shape = tuple(frame_shape)
+        self.decode_s = self.wait_s = self.write_s = self.send_s = 0.0
+        self.decode_blocks = self.decode_blocks_at_end = 0
+        self.blocks_submitted = 0
+        self.comm = env.comm.Dup() if self.world_size > 1 else None  # collective: every rank builds its sink
+        self._sends: deque = deque()  # (request, buffer) not known complete
+        self._frames_in: deque = deque()  # rank 0: (block, owner, buffer, request), in submit order
+        self._latents_in: tuple | None = None  # other ranks: (block, buffer, request) of the next owned block
+        self._next_owned: int | None = None
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._thread = None
+        if store is not None:
+            self._queue = queue.Queue(maxsize=max_pending)
+            self._thread = threading.Thread(target=self._run, name="hpcvideo-spread-sink", daemon=True)
+            self._thread.start()
+
+    # -- what the runner reads ---------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        return {"decode_s": round(self.decode_s, 4), "decode_blocks": self.decode_blocks,
+                "decode_blocks_at_end": self.decode_blocks_at_end,
+                "send_s": round(self.send_s, 4), "write_s": round(self.write_s, 4),
+                "sink_wait_s": round(self.wait_s, 4)}
+
+    # -- rank 0's writer thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._write(*item)
+            except BaseException as error:  # re-raised in the caller's thread
+                self._error = error
+            finally:
+                self._queue.task_done()
+
+    def _write(self, kind: str, block_index: int, data) -> None:
+        start = time.perf_counter()
+        if kind == "latents":
+            self.store.write_block_latents(block_index, data)
+        else:
+            self.store.write_block_frames(block_index, data)
+        self.faults.fire(kind, block_index)
+        self.store.mark_done(kind, block_index)
+        self.write_s += time.perf_counter() - start
+
+    def _put(self, item) -> None:
+        self._raise()
+        start = time.perf_counter()
+        self._queue.put(item)
+        self.wait_s += time.perf_counter() - start
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            path = None if self.store is None else self.store.path
+            raise RuntimeError(f"decoding/writing to the run store {path} failed: {self._error!r}") from self._error
+
+    def _decode(self, block_index: int, latents: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        frames = self.decoder.decode(block_index, latents)
+        self.decode_s += time.perf_counter() - start
+        self.decode_blocks += 1
+        return frames
+
+    def _isend(self, array: np.ndarray, dst: int, tag: int) -> None:
+        start = time.perf_counter()
+        array = np.ascontiguousarray(array)
+        self._sends.append((self.comm.Isend(array, dest=dst, tag=tag % TAG_SPACE), array))
+        while self._sends and self._sends[0][0].Test():
+            self._sends.popleft()
+        self.send_s += time.perf_counter() - start
+
+    def _wait(self, request) -> None:
+        start = time.perf_counter()
+        while not request.Test():
+            time.sleep(POLL_S)
+        self.wait_s += time.perf_counter() - start
+
+    # -- the sink protocol ---------------------------------------------------------------------------
+    def submit(self, block_index: int, latents: torch.Tensor) -> None:
+        """Rank 0: block ``block_index`` left the queue (latents (1, C, n, h, w) float32, not modified
+        afterwards): its latents are written, and it is decoded here or sent to its owner."""
+        latents = latents.detach().float().cpu()
+        self._put(("latents", block_index, latents[0].permute(1, 0, 2, 3).numpy()))
+        self.blocks_submitted = max(self.blocks_submitted, block_index + 1)
+        dst = owner(block_index, self.world_size)
+        if dst == self.rank:
+            self._put(("frames", block_index, self._decode(block_index, latents)))
+        else:
+            self._isend(latents.numpy(), dst, block_index)
+            buffer = np.empty((self.frames_per_block, *self.frame_shape, 3), dtype=np.uint8)
+            self._frames_in.append((block_index, buffer, self.comm.Irecv(buffer, source=dst, tag=block_index % TAG_SPACE)))
+        self.poll()
+
+    def poll(self) -> None:
+        """Between ticks: rank 0 writes the frames that arrived; another rank decodes the blocks whose
+        latents arrived and sends their frames back. Never blocks on another rank."""
+        if self.store is not None:
+            self._raise()
+            while self._frames_in and self._frames_in[0][2].Test():
+                block_index, buffer, _ = self._frames_in.popleft()
+                self._put(("frames", block_index, buffer))
+            return
+        while True:
+            pending = self._post_next()
+            if pending is None or not pending[2].Test():
+                return
+            self._decode_received(wait=False)
+
+    def _post_next(self):
+        """Other ranks: the receive of the next block this rank owns (posted once), or None after the last."""
+        if self._latents_in is not None:
+            return self._latents_in
+        if self._next_owned is None:
+            first = self.executor.stale_from  # blocks before it were decoded by an earlier attempt
+            self._next_owned = first + (self.rank - first) % self.world_size
+        j = self._next_owned
+        if j >= self.executor.num_units:
+            return None
+        c, h, w = self.latent_shape
+        buffer = np.empty((1, c, self.block_latent_frames, h, w), dtype=np.float32)
+        self._latents_in = (j, buffer, self.comm.Irecv(buffer, source=0, tag=j % TAG_SPACE))
+        self._next_owned = j + self.world_size
+        return self._latents_in
+
+    def _decode_received(self, *, wait: bool) -> None:
+        j, buffer, request = self._latents_in
+        if wait:
+            self._wait(request)
+            self.decode_blocks_at_end += 1
+        self._latents_in = None
+        self._isend(self._decode(j, torch.from_numpy(buffer)), 0, j)
+
+    def flush(self) -> None:
+        """Rank 0: every latents chunk submitted, and every frames chunk decoded here or arrived, is on disk
+        with its marker (frames still being decoded elsewhere are not waited for: see the module docstring)."""
+        if self.store is None:
+            return
+        self.poll()
+        start = time.perf_counter()
+        self._queue.join()
+        self.wait_s += time.perf_counter() - start
+        self._raise()
+
+    def finish(self) -> None:
+        """End of the run: every rank decodes the rest of its blocks; rank 0 writes every frame."""
+        if self.store is None:
+            while self._post_next() is not None:
+                self._decode_received(wait=True)
+            for request, _ in self._sends:
+                self._wait(request)
+            self._sends.clear()
+        else:
+            while self._frames_in:
+                block_index, buffer, request = self._frames_in.popleft()
+                self._wait(request)
+                self._put(("frames", block_index, buffer))
+            for request, _ in self._sends:
+                self._wait(request)
+            self._sends.clear()
+            start = time.perf_counter()
+            self._queue.join()
+            self.wait_s += time.perf_counter() - start
+            self._raise()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the number of blocks submitted (their latents are on disk)."""
+        return {"kind": STATE_KIND, "blocks_submitted": int(self.blocks_submitted)}
+
+    def load_state_dict(self, state) -> None:
+        """Rank 0, resuming: decode again the blocks the checkpoint covers whose frames were not written
+        (they were being decoded on another rank). A streaming sink's state (decoder carry) needs nothing:
+        that sink wrote every frame before its checkpoint."""
+        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+            return
+        store = self.store
+        covered = min(int(state["blocks_submitted"]), store.num_blocks)
+        self.blocks_submitted = covered
+        latents_done, frames_done = store.done("latents"), store.done("frames")
+        n = store.block_latent_frames
+        for j in range(covered):
+            if frames_done[j] or not latents_done[j]:
+                continue
+            latents = torch.from_numpy(np.asarray(store.read_latents(j * n, (j + 1) * n)))  # (n, C, h, w)
+            frames = self._decode(j, latents.permute(1, 0, 2, 3).unsqueeze(0))
+            self._write("frames", j, frames)
+            log.info("decoded block %d again from its stored latents (its frames were not written)", j)
+
+    def close(self) -> None:
+        """Stop rank 0's writer thread after its queue is written (idempotent; never collective: a
+        message another rank still owes is not waited for, a resume decodes it again)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        try:
+            start = time.perf_counter()
+            self._queue.join()
+            self.wait_s += time.perf_counter() - start
+            self._raise()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+
+
+def make_sink(ctx, executor, vae):
+    """The DualParal sink of this rank: a :class:`SpreadBlockSink` on every rank when ``vae`` is chunk-local,
+    else rank 0's streaming :class:`hpcvideo.writer.BlockSink` (None on the other ranks). ``vae``: this
+    rank's VAE (every rank loads it: the answer is the same everywhere, computed from the same weights)."""
+    env, cfg = ctx.env, ctx.cfg
+    if is_chunk_local(vae):
+        info = ctx.info
+        scale = info["vae_scale_factor_spatial"]
+        return SpreadBlockSink(
+            ctx.store, IndependentDecoder(vae, device=env.device), env, executor,
+            latent_shape=(info["latent_channels"], cfg.video.height // scale, cfg.video.width // scale),
+            frame_shape=(cfg.video.height, cfg.video.width), block_latent_frames=cfg.strategy.block_latent_frames,
+            temporal_factor=info["vae_temporal_stride"], faults=ctx.faults)
+    if not env.is_main:
+        return None
+    from .writer import BlockSink
+
+    return BlockSink(ctx.store, StreamingDecoder(vae, device=env.device), faults=ctx.faults)

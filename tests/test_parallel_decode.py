@@ -1,0 +1,85 @@
+"""hpcvideo.parallel_decode: blocks of a chunk-local VAE decoded on their own equal the streamed decode, bit for
+bit; a resumed spread sink decodes again the blocks whose frames another rank had not sent back.
+(The 2-rank run of the demo model is pinned by tests/test_golden_hashes.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from hpcvideo.decode import StreamingDecoder, to_uint8
+from hpcvideo.demo import WEIGHTS_DIR
+from hpcvideo.models import build_tiny_wan, load_wan
+from hpcvideo.parallel_decode import IndependentDecoder, SpreadBlockSink, is_chunk_local, owner
+from hpcvideo.store import RunStore
+
+pytestmark = pytest.mark.unit
+N, BLOCKS, C, h, w = 2, 4, 16, 4, 4  # demo VAE: 16 latent channels; 4 x 4 latents -> 32 x 32 frames (any size)
+
+
+@pytest.fixture(scope="module")
+def demo_vae():
+    return load_wan(WEIGHTS_DIR, parts=("vae",)).vae
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return torch.randn(1, C, N * BLOCKS, h, w, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def streamed(demo_vae, latents):
+    decoder = StreamingDecoder(demo_vae)
+    return [to_uint8(decoder.decode_block(latents[:, :, j * N:(j + 1) * N])) for j in range(BLOCKS)]
+
+
+def test_chunk_local_is_recognised(demo_vae, tmp_path):
+    assert is_chunk_local(demo_vae)
+    tiny = load_wan(build_tiny_wan(tmp_path / "tiny-wan", seed=0), parts=("vae",)).vae
+    assert not is_chunk_local(tiny)  # a Wan VAE reads earlier latent frames through its carry
+    with pytest.raises(ValueError, match="chunk-local"):
+        IndependentDecoder(tiny)
+    assert [owner(j, 3) for j in range(5)] == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (2, 0, 3, 1)])
+def test_blocks_decoded_on_their_own_equal_the_stream(demo_vae, latents, streamed, order):
+    decoder = IndependentDecoder(demo_vae)  # one rank's decoder, given its blocks in any order
+    for j in order:
+        frames = decoder.decode(j, latents[:, :, j * N:(j + 1) * N])
+        assert frames.shape == streamed[j].shape and np.array_equal(frames, streamed[j])
+
+
+def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latents, streamed, tmp_path):
+    store = RunStore.create(tmp_path / "run.zarr", config={}, num_latent_frames=N * BLOCKS, block_latent_frames=N,
+                            latent_channels=C, latent_height=h, latent_width=w, height=8 * h, width=8 * w, fps=16.0,
+                            model_id="demo", num_frames=1 + 4 * (N * BLOCKS - 1) - 2)  # the last block is cut
+    for j in range(BLOCKS):
+        store.write_block_latents(j, latents[0, :, j * N:(j + 1) * N].permute(1, 0, 2, 3).numpy())
+        store.mark_done("latents", j)
+    store.write_block_frames(0, streamed[0])
+    store.mark_done("frames", 0)  # blocks 1-3: decoded elsewhere, not sent back before the checkpoint
+    env = SimpleNamespace(rank=0, world_size=1)
+    sink = SpreadBlockSink(store, IndependentDecoder(demo_vae), env, executor=None, latent_shape=(C, h, w),
+                           frame_shape=(8 * h, 8 * w), block_latent_frames=N)
+    try:
+        sink.load_state_dict({"kind": "spread", "blocks_submitted": 3})  # block 3 left the queue after it
+    finally:
+        sink.close()
+    assert store.done("frames").tolist() == [True, True, True, False]
+    assert sink.state_dict() == {"kind": "spread", "blocks_submitted": 3}
+    expected = np.concatenate(streamed[:3])
+    assert np.array_equal(store.read_frames(0, len(expected)), expected)
+    sink = SpreadBlockSink(store, IndependentDecoder(demo_vae), env, executor=None, latent_shape=(C, h, w),
+                           frame_shape=(8 * h, 8 * w), block_latent_frames=N)
+    try:
+        sink.load_state_dict({"format": 1, "feat_cache": []})  # a streaming sink's state: nothing to decode
+        sink.submit(3, latents[:, :, 3 * N:])  # the cut last block: written up to num_frames
+        sink.finish()
+    finally:
+        sink.close()
+    assert store.done("frames").all()
+    assert np.array_equal(store.read_frames(0, store.num_frames), np.concatenate(streamed)[: store.num_frames])
