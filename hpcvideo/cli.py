@@ -204,10 +204,12 @@ def _cmd_submit(args) -> int:
         print(f"job {item.job_id}: store {item.store_path}  logs {item.log_folder}")
     if not args.wait:
         return 0
+    from .launch.wait import wait_for_results
+
     code = 0
     for item in submitted:
         try:
-            status = item.job.results()[0]  # rank 0's return value (every task returns; the others None)
+            status = wait_for_results(item.job)[0]  # rank 0's return value (every task returns; the others None)
             print(f"job {item.job_id}: {status['path']}: {status['num_frames_written']}/{status['num_frames']} frames, "
                   f"complete={status['complete']}")
         except Exception as error:  # noqa: BLE001 - submitit's UncompletedJobError/FailedJobError carry the logs

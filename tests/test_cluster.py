@@ -23,13 +23,16 @@ import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
-from tests.helpers import ROOT, cli_subprocess, store_arrays
+from tests.helpers import ROOT, cli, store_arrays
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
-# tiny-test (blocks of 2 latent frames, 4 steps) made longer: 4*(2B - 1) + 1 frames for B blocks;
-# B = 40 -> 317 frames, 43 ticks, long enough to signal the job twice while it runs.
-FRAMES = 4 * (2 * 40 - 1) + 1
+# tiny-test (blocks of 2 latent frames, 4 steps) made longer: 4*(2B - 1) + 1 frames for B blocks, B + 3 ticks;
+# B = 24 -> 189 frames, 27 ticks: the crash at tick 5 and two stops 3 checkpoints apart leave the last
+# allocation more than 10 ticks to run, so the second signal always meets a running job.
+BLOCKS = 24
+FRAMES = 4 * (2 * BLOCKS - 1) + 1
+TICKS = BLOCKS + 4 - 1
 LAB_SETTINGS = [
     "cluster.request_gpus=false", "cluster.gpus_per_node=2", "cluster.cpus_per_task=1", "cluster.mem_gb=1",
     "cluster.timeout_min=15", "cluster.signal_delay_s=60",
@@ -66,13 +69,18 @@ def slurm_lab(tmp_path_factory):
     subprocess.run(["bash", str(ROOT / "slurm/lab/down.sh"), str(lab)], capture_output=True, timeout=60)
 
 
-def hv(environ, *args, timeout=300, fault=None, check=True):
-    """``hpcvideo ARGS`` as its own process in the lab's environment (sbatch exports it, with a fault, to the job)."""
-    return cli_subprocess(*args, env=environ, fault=fault, check=check, timeout=timeout)
+@pytest.fixture(scope="module")
+def hv(slurm_lab, forker):
+    """``hv(*args, timeout=, fault=, check=)``: ``hpcvideo ARGS`` as its own process (a fork of the pre-imported
+    worker) in the lab's environment (sbatch exports it, with a fault, to the job)."""
+    def run(*args, timeout=300, fault=None, check=True):
+        return forker.run(*args, env=slurm_lab, fault=fault, check=check, timeout=timeout)
+
+    return run
 
 
-def submit(environ, path, *extra, fault=None):
-    result = hv(environ, "submit", "tiny-test", "--output", path, "--frames", FRAMES, *[f"--set={s}" for s in LAB_SETTINGS],
+def submit(hv, path, *extra, fault=None):
+    result = hv("submit", "tiny-test", "--output", path, "--frames", FRAMES, *[f"--set={s}" for s in LAB_SETTINGS],
                 *extra, fault=fault, check=False)
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]  # "job 123: store PATH  logs FOLDER"
@@ -102,8 +110,8 @@ def release(environ, job_id):
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=environ, check=True, timeout=30)
 
 
-def status(environ, path):
-    result = hv(environ, "status", path, "--json", check=False)
+def status(path):
+    result = cli("status", path, "--json", check=False)  # in this process: it only reads the store
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
@@ -120,29 +128,29 @@ def reference_run(tmp_path, tiny_model_dir):
         process.wait()
 
 
-def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab, reference_run, tmp_path):
+def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab, hv, reference_run, tmp_path):
     """One store through four allocations of 2-rank submitit jobs (srun --mpi=pmi2, mpich wheel):
     rank 1 crashes (the user gets its error, the store stays intact); the resubmitted job resumes,
     is stopped twice by SLURM's warning signal and requeued each time, and ends bit-identical to an
     uninterrupted run, with ``hpcvideo status`` reading its progress while it runs."""
     path = tmp_path / "run.zarr"
-    failed = hv(slurm_lab, "submit", "tiny-test", "--output", path, "--frames", FRAMES,
+    failed = hv("submit", "tiny-test", "--output", path, "--frames", FRAMES,
                 *[f"--set={s}" for s in LAB_SETTINGS], "--wait", fault="raise:tick:5@1", check=False, timeout=400)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "injected fault at tick 5 on rank 1" in failed.stderr  # the rank's own error reaches the user
     crashed = RunStore.open(path).status_dict()  # intact: readable, checkpointed just before the crash
     assert not crashed["complete"] and crashed["last_checkpoint_tick"] in (4, 5)
 
-    job_id = submit(slurm_lab, path)  # resubmit: resumes from the store
+    job_id = submit(hv, path)  # resubmit: resumes from the store
     stops = [crashed["last_checkpoint_tick"]]
     for requeue in range(1, 3):  # SLURM's warning signal (what --signal=USR2@S sends before the time limit), twice
         # polled in this process (a CLI call takes seconds on a busy machine, ticks take ~0.2 s)
         wait_for(lambda: (RunStore.open(path).status_dict()["last_checkpoint_tick"] or 0) >= stops[-1] + 3,
                  "checkpoints of the running job", poll_s=0.05)
         subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_lab, check=True, timeout=30)
-        progress = status(slurm_lab, path)  # `hpcvideo status` while the job runs (or is stopping)
+        progress = status(path)  # `hpcvideo status` while the job runs (or is stopping)
         assert progress["status"] == "running" and not progress["complete"]
-        assert stops[-1] + 3 <= progress["last_checkpoint_tick"] < 43
+        assert stops[-1] + 3 <= progress["last_checkpoint_tick"] < TICKS
         # the ranks stop at the next tick, rank 0 checkpoints, submitit requeues: the job runs again from that tick
         wait_for(lambda: _submitit_out(path, job_id).count("Requeued job") >= requeue, "submitit to requeue the job")
         release(slurm_lab, job_id)
@@ -175,7 +183,7 @@ def _job_ids(environ) -> set[str]:
     return set(out.split())
 
 
-def test_a_job_that_cannot_run_is_refused_before_the_queue(slurm_lab, tmp_path, tiny_model_dir):
+def test_a_job_that_cannot_run_is_refused_before_the_queue(slurm_lab, hv, tmp_path, tiny_model_dir):
     """`submit` with more ranks than the model has blocks, or a preset's placeholder model path: exit 2
     with the key and value, no job, no store."""
     before = _job_ids(slurm_lab)
@@ -186,17 +194,17 @@ def test_a_job_that_cannot_run_is_refused_before_the_queue(slurm_lab, tmp_path, 
          "cluster.gpus_per_node=5 = 5 rank(s): 5 ranks cannot split"),
         (["wan2.1-t2v-14b"], "model.path='/path/to/Wan2.1-T2V-14B-Diffusers' is the preset's placeholder"),
     ):
-        refused = hv(slurm_lab, "submit", *args, "--output", path, check=False)
+        refused = hv("submit", *args, "--output", path, check=False)
         assert refused.returncode == 2 and needle in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     assert _job_ids(slurm_lab) == before and not (tmp_path / "runs").exists()
 
 
-def test_a_generated_script_with_a_task_count_the_run_cannot_use_fails_before_srun(slurm_lab, tmp_path, tiny_model_dir):
+def test_a_generated_script_with_a_task_count_the_run_cannot_use_fails_before_srun(slurm_lab, hv, tmp_path, tiny_model_dir):
     """`hpcvideo sbatch` writes the script for 2 tasks; submitted with `sbatch --ntasks-per-node=5` (5
     pipeline stages for a 4-block model) the job ends in seconds with exit 2 and the reason in its
     output, before any srun step: no store, no rank log."""
     path = tmp_path / "run.zarr"
-    script = hv(slurm_lab, "sbatch", "tiny-test", "--output", path, *[f"--set={s}" for s in LAB_SETTINGS]).stdout
+    script = hv("sbatch", "tiny-test", "--output", path, *[f"--set={s}" for s in LAB_SETTINGS]).stdout
     (tmp_path / "job.sbatch").write_text(script)
     started = time.monotonic()
     submitted = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=5", "job.sbatch"], cwd=tmp_path, env=slurm_lab,

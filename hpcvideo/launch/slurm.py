@@ -158,12 +158,21 @@ class GenerateJob(submitit.helpers.Checkpointable):
         except Preempted as stop:
             rank = (launcher_rank_and_size() or (0, 1))[0]  # srun's task id, read where every launcher's is
             log.warning("rank %d: %s", rank, stop)
+            # the requeue ends every task of the job: SIGTERM (which submitit's handler ignores), then SIGKILL
+            # KillWait seconds later (SLURM's default: 30 s). The checkpoint is written: leave at the SIGTERM, so
+            # the allocation is free at once.
+            signal.signal(signal.SIGTERM, _leave_for_requeue)
             if rank == 0:  # submitit's handler: checkpoint() -> dump -> scontrol requeue -> sys.exit
                 request.call_previous(signal.SIGUSR2)
-            time.sleep(WAIT_FOR_REQUEUE_S)  # the requeue ends every task of the job
+            time.sleep(WAIT_FOR_REQUEUE_S)
             raise RuntimeError(f"rank {rank}: stopped for a requeue but SLURM did not end the job in {WAIT_FOR_REQUEUE_S} s")
         finally:
             request.uninstall()
+
+
+def _leave_for_requeue(signum, frame) -> None:
+    """SIGTERM handler of a rank that stopped for a requeue and waits for SLURM to end it: exit now (status 0)."""
+    os._exit(0)
 
 
 def check_job(cfg: RunConfig, world_size: int | None = None, *, what: str | None = None,

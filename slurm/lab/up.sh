@@ -17,6 +17,8 @@
 #   would then return a stale result at once;
 # * no accounting: `sacct` exits 1, and submitit then never sees a job that died before writing its
 #   result; LAB_DIR/bin/sacct answers from squeue instead (header JobID|State|NodeList).
+# * KillWait=1: submitit's tasks ignore the SIGTERM of a requeue (they have checkpointed by then), so a
+#   requeued job stays COMPLETING until the SIGKILL, KillWait seconds later (SLURM's default: 30).
 set -euo pipefail
 LAB="${1:-/tmp/hpcvideo-slurm-lab}"
 for exe in slurmctld slurmd sbatch squeue scontrol sinfo; do
@@ -62,9 +64,9 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 FirstJobId=$(( $(date +%s) % 1000000 * 10 ))
 MaxJobId=67043328
-KillWait=5
+KillWait=1
 MinJobAge=600
-SchedulerParameters=defer_batch
+SchedulerParameters=defer_batch,batch_sched_delay=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=${host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=${mem_mb} State=UNKNOWN
