@@ -208,7 +208,7 @@ def test_the_feature_cache_links_only_blocks_of_the_same_expert():
     assert mixed == 3  # one tick per adjacent pair of blocks, where one crosses the boundary a step before the other
 
 
-@pytest.mark.unit
+@pytest.mark.e2e
 def test_two_expert_folders_are_checked(tmp_path, tiny_model_dir, tiny_wan22_dir):
     from hpcvideo.models.wan import read_model_info
 
@@ -217,6 +217,9 @@ def test_two_expert_folders_are_checked(tmp_path, tiny_model_dir, tiny_wan22_dir
     half = variant(tmp_path, tiny_wan22_dir, "half", index={"boundary_ratio": None})
     with pytest.raises(ValueError, match="sets transformer_2 without boundary_ratio"):
         read_model_info(half)
+    result = cli("generate", "tiny-test", "--set", f"model.path={half}", "--output", tmp_path / "run.zarr", check=False)
+    assert result.returncode == 2 and "without boundary_ratio" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run.zarr").exists()
     bad = variant(tmp_path, tiny_wan22_dir, "ratio", index={"boundary_ratio": 1.5})
     with pytest.raises(ValueError, match=r"boundary_ratio=1.5; allowed: a number in \(0, 1\]"):
         read_model_info(bad)

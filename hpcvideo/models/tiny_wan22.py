@@ -18,18 +18,22 @@ from pathlib import Path
 
 import torch
 
-from .tiny import COMPLETE_MARKER, TINY_VERSION, build_tiny_wan
+from .tiny import COMPLETE_MARKER, TINY_VERSION, build_tiny_wan, ensure_tiny_wan
 
 TINY_WAN22_VERSION = f"v1-{TINY_VERSION}"  # change whenever a number here (or the tiny Wan) changes
 BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's model_index.json
 
 
-def build_tiny_wan22_a14b(path, *, seed: int = 0) -> Path:
-    """Build the tiny two-expert Wan2.2 model at ``path`` (overwriting files there); returns the path."""
+def build_tiny_wan22_a14b(path, *, seed: int = 0, base: Path | None = None) -> Path:
+    """Build the tiny two-expert Wan2.2 model at ``path`` (overwriting files there); returns the path.
+    ``base``: a finished tiny Wan folder of the same seed to copy instead of building its parts again."""
     from diffusers import WanTransformer3DModel
 
     path = Path(path)
-    build_tiny_wan(path, seed=seed)
+    if base is None:
+        build_tiny_wan(path, seed=seed)
+    else:
+        shutil.copytree(base, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
     torch.manual_seed(seed + 1)
     low_noise = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(path / "transformer"))
     low_noise.save_pretrained(path / "transformer_2")
@@ -53,7 +57,7 @@ def ensure_tiny_wan22_a14b(cache_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
         os.chmod(tmp, 0o755)
-        build_tiny_wan22_a14b(tmp, seed=0)
+        build_tiny_wan22_a14b(tmp, seed=0, base=ensure_tiny_wan(cache_dir))  # the tiny Wan + transformer_2
         (tmp / COMPLETE_MARKER).write_text(f"tiny-wan22-a14b {TINY_WAN22_VERSION} seed 0\n")
         try:
             os.rename(tmp, final)

@@ -150,8 +150,9 @@ def read_model_info(path) -> dict:
 def _read_experts(path: Path, tcfg: dict) -> dict:
     """``experts`` (denoiser subfolders, high noise first) and ``boundary_timestep`` (None with one
     expert) of a Wan folder: Wan2.2 A14B names ``transformer_2`` and ``boundary_ratio`` in
-    model_index.json (:mod:`hpcvideo.models.experts`). Raises ValueError for a half-named pair or a
-    second expert of another shape."""
+    model_index.json (:mod:`hpcvideo.models.experts`). Raises ConfigError (a ValueError) for a half-named
+    pair or a second expert of another shape."""
+    from ..config.schema import ConfigError  # a user error: refused by check/plan/generate with exit 2
     from .support import is_set
 
     index_file = path / "model_index.json"
@@ -162,15 +163,15 @@ def _read_experts(path: Path, tcfg: dict) -> dict:
     where = f"model.path={str(path)!r}: model_index.json"
     if not second or ratio is None:
         missing = "boundary_ratio" if second else "transformer_2"
-        raise ValueError(f"{where} sets {'transformer_2' if second else 'boundary_ratio'} without {missing}; "
+        raise ConfigError(f"{where} sets {'transformer_2' if second else 'boundary_ratio'} without {missing}; "
                          "allowed: both (Wan2.2 A14B, two experts) or neither")
     if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"{where} sets boundary_ratio={ratio!r}; allowed: a number in (0, 1]")
+        raise ConfigError(f"{where} sets boundary_ratio={ratio!r}; allowed: a number in (0, 1]")
     _check_folder(path, ("transformer_2",))
     tcfg_2 = _read_json(path / "transformer_2" / "config.json")
     differ = sorted(k for k in set(tcfg) | set(tcfg_2) if not k.startswith("_") and tcfg.get(k) != tcfg_2.get(k))
     if differ:
-        raise ValueError(f"model.path={str(path)!r}: transformer_2/config.json differs from transformer/config.json in "
+        raise ConfigError(f"model.path={str(path)!r}: transformer_2/config.json differs from transformer/config.json in "
                          f"{differ}; the two experts must have the same shape")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     num_train = _read_json(scheduler_file).get("num_train_timesteps", 1000) if scheduler_file.is_file() else 1000
