@@ -7,8 +7,9 @@ num_frames, the video's pixel frames, any number the blocks cover: ``4*(L-n-1)+1
                                status, + whatever update_attrs() stores (timings, ...)
       latents                  (L, C, h, w) float32, chunks (n, C, h, w)      one chunk per block
       frames                   (N, H, W, 3) uint8,   chunks (4n, H, W, 3)     exactly the video's frames
-      done/latents             (L // n,) uint8, chunks (1,)                   one file per marker
-      done/frames              (L // n,) uint8, chunks (1,)
+      done/latents             (L // n,) uint64, chunks (1,)                  one file per marker: a crc32
+      done/frames              (L // n,) uint64, chunks (1,)                  of the block (integrity);
+                               attrs of done: the summary of the markers      (uint8, 1 = done: older stores)
       state/<kind>             group; its attrs are the checkpoint pointer (see save_state)
       state/<kind>_0, _1       (nbytes,) uint8, the two checkpoint slots
       state/frames_tail        checkpoint kind: every decoded frame of the last block when it reaches past
@@ -49,7 +50,10 @@ heartbeats included. Its modules:
   ``sweep_orphans``, ``status_dict``;
 * ``checkpoints``: ``save_state`` / ``load_state`` and the frames tail (mixed into RunStore);
 * ``heartbeat``: ``write_heartbeat`` / ``read_heartbeats`` (by path, no zarr handle: any rank) and
-  ``record_ticks`` / ``tick_times`` (mixed into RunStore).
+  ``record_ticks`` / ``tick_times`` (mixed into RunStore);
+* ``integrity``: checksums in the done markers, ``verify_blocks`` / ``verify`` (``hpcvideo verify``), the
+  done summary (``done_summary``: status without a scan), ``require_complete`` (mixed into RunStore);
+* ``recovery``: ``plan_resume``: the checkpoint a resume continues from, given what verifies.
 """
 
 from .base import (DONE_KINDS, STATUSES, VAE_TEMPORAL_STRIDE, ConfigMismatchError, StoreError, block_frame_range,
