@@ -56,6 +56,7 @@ from .runtime import abort_on_failure
 from .runtime.control import bcast_object, gather_object, scatter_object
 from .runtime.preempt import Preempted, StopRequest, should_stop
 from .store import RunStore, StoreError
+from .store.lock import StoreLock
 from .strategies import spec_for
 from .strategies.base import BuildContext
 
@@ -159,7 +160,8 @@ def create_store(cfg: RunConfig) -> RunStore:
     """Create the run store of a checked, resolved config, or reopen (and grow) an existing one: what
     the first rank of a job does before any weights load (job submission calls it up front)."""
     family = family_of(cfg)
-    store, _ = open_or_create_store(cfg, family.info(family.path(cfg)))
+    with StoreLock.acquire(cfg.store.path):  # not while a run writes it
+        store, _ = open_or_create_store(cfg, family.info(family.path(cfg)))
     return store
 
 
@@ -208,6 +210,7 @@ class _Setup:
     info: dict
     plan: object
     store: RunStore | None  # rank 0, and every rank when every rank writes
+    lock: StoreLock | None = None  # rank 0: the store's one-writer lock, held for the job
 
 
 def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, stop: StopRequest | None = None,
@@ -223,14 +226,18 @@ def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, s
     spec, family = spec or spec_for(cfg), family or family_of(cfg)
     faults = FaultPlan.from_env() if faults is None else faults
     setup = _prepare(cfg, env, spec, family)
-    with abort_on_failure(env):
-        return _run(cfg, env, spec, family, setup, progress=progress, stop=stop, faults=faults)
+    try:
+        with abort_on_failure(env):
+            return _run(cfg, env, spec, family, setup, progress=progress, stop=stop, faults=faults)
+    finally:
+        if setup.lock is not None:
+            setup.lock.release()  # rank 0 held the store's lock for the job (hpcvideo.store.lock)
 
 
 def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
     """Rank 0 resolves the model, runs the spec's checks and plan and opens/creates the store; the outcome,
     or the user error, is broadcast so every rank either goes on or raises the same error."""
-    outcome = store = None
+    outcome = store = lock = None
     if env.is_main:
         try:
             model_path = family.path(cfg)
@@ -239,9 +246,12 @@ def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
             if problems:
                 raise ConfigError(problems)
             plan = spec.plan(cfg, info, env.world_size)
+            lock = StoreLock.acquire(cfg.store.path)  # one writer: a live holder is refused here, by name
             store, _ = open_or_create_store(cfg, info, spec)
             outcome = ("ok", (str(model_path), info, plan))
         except (ConfigError, StoreError, FileNotFoundError, ValueError):
+            if lock is not None:
+                lock.release()
             if env.world_size > 1:
                 bcast_object(env, ("error", None))
             raise  # rank 0 reports it
@@ -253,7 +263,7 @@ def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
     model_path, info, plan = payload
     if store is None and spec.every_rank_writes:
         store = RunStore.open(cfg.store.path, mode="r+")
-    return _Setup(model_path=Path(model_path), info=info, plan=plan, store=store)
+    return _Setup(model_path=Path(model_path), info=info, plan=plan, store=store, lock=lock)
 
 
 def _encode_prompts(cfg: RunConfig, env, family, model_path: Path, dtype):
