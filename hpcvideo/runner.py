@@ -14,8 +14,10 @@ started job (:class:`hpcvideo.runtime.RankEnv`). It owns, once for all strategie
   ``store.checkpoint_every_ticks`` ticks or ``store.checkpoint_every_s`` seconds (rank 0 decides; the
   decision is broadcast when every rank's state is gathered); a final one after the last tick, before
   the sink's end-of-run writes;
-* preemption: at every tick boundary all ranks agree (:func:`hpcvideo.runtime.preempt.should_stop` on the
-  stop request the caller passed), checkpoint and raise :class:`~hpcvideo.runtime.preempt.Preempted`;
+* preemption and clean stops: at every tick boundary all ranks agree (:func:`hpcvideo.runtime.preempt.should_stop`
+  on the stop request the caller passed: USR2, SIGINT, SIGTERM, :mod:`hpcvideo.runtime.signals`), checkpoint and
+  raise :class:`~hpcvideo.runtime.preempt.Preempted` naming the signal;
+* the store's one-writer lock, held by rank 0 for the job (:mod:`hpcvideo.store.lock`);
 * heartbeats (:class:`hpcvideo.progress.Heartbeat`), the progress bar or log lines, :class:`Timings`
   and the per-rank ``rank_stats``.
 
@@ -377,7 +379,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             if should_stop(env, stop):  # SLURM's USR2 on any rank: every rank stops at this tick (runtime.preempt)
                 if saves:
                     checkpoint("resume")
-                raise Preempted(executor.tick)
+                raise Preempted(executor.tick, (getattr(stop, "agreed", None) or "USR2").removeprefix("SIG"))
             if checkpoint_due():
                 checkpoint("resume")
                 last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()

@@ -69,6 +69,7 @@ class StopRequest:
     signals: tuple[int, ...] = (signal.SIGUSR2,)
     requested: bool = False
     received: str | None = None  # name of the first signal received
+    agreed: str | None = None  # after a stop agreement: the signal every rank stops for (the highest number received)
     previous: dict[int, Any] = field(default_factory=dict)
     installed: bool = False
     poll_s: float = 0.001
@@ -116,16 +117,27 @@ class StopRequest:
         None or ``env.world_size`` 1): the local flag, nothing sent.
         """
         if env.comm is None or env.world_size == 1:
+            self.agreed = self.received if self.requested else None
             return self.requested
         import numpy as np
         from mpi4py import MPI
 
-        local = np.array([1 if self.requested else 0], dtype=np.int32)
+        # the signal's number, not just a flag: every rank learns which signal stops the job (USR2: requeue)
+        local = np.array([_signum(self.received) if self.requested else 0], dtype=np.int32)
         agreed = np.zeros(1, dtype=np.int32)
         pending = env.comm.Iallreduce(local, agreed, op=MPI.MAX)
         while not pending.Test():  # MPICH's blocking Allreduce would busy-poll a core
             time.sleep(self.poll_s)
+        self.agreed = signal.Signals(int(agreed[0])).name if agreed[0] > 0 else None
         return bool(agreed[0])
+
+
+def _signum(name: str | None) -> int:
+    """The number of signal ``name`` ("SIGUSR2"); SIGUSR2's for a flag set without a signal name."""
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return int(signal.SIGUSR2)
 
 
 def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> StopRequest:

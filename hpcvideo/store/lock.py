@@ -153,7 +153,7 @@ class StoreLock:
                 if reason is None:
                     raise StoreLocked(store_path, holder or {}, age)
                 if _break(path, holder):
-                    log.warning("%s: took over the lock of %s: %s", store_path,
+                    log.warning("%s: breaking the lock of %s: %s", store_path,
                                 describe_holder(holder or {}), reason)
             raise StoreError(f"{store_path}: could not take the lock {path}: it keeps changing hands; another run "
                              "is starting on the same store")
