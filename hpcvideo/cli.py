@@ -255,7 +255,13 @@ def _cmd_plan(args) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Config and run warnings as one line for a user (``hpcvideo: warning: ...``), not Python's source-line form."""
+    """Config and run warnings as one line for a user (``hpcvideo: warning: ...``), not Python's source-line form;
+    a config warning once per job (the ranks of a job load the same config: hpcvideo.runtime.output)."""
+    from .config.validate import ConfigWarning
+    from .runtime.output import first_process_of_job
+
+    if issubclass(category, ConfigWarning) and not first_process_of_job():
+        return
     print(f"hpcvideo: warning: {message}", file=sys.stderr if file is None else file)
 
 

@@ -53,6 +53,7 @@ from .config import IDENTITY_IGNORED, ConfigError, RunConfig
 from .faults import FaultPlan
 from .layout import generated_latent_frames
 from .models.family import DTYPES, family_of
+from .models.weights import weight_file_problems
 from .progress import Heartbeat, new_attempt
 from .runtime import abort_on_failure
 from .runtime.control import bcast_object, gather_object, scatter_object
@@ -197,6 +198,8 @@ def choose_checkpoint(store: RunStore, num_units: int) -> dict | None:
     if extend is not None:
         blob, meta = extend
         if meta["num_blocks"] <= num_units and meta["tick"] <= meta["num_blocks"]:
+            if resume is None:
+                log.info("%s: resuming from the extension snapshot (tick %d)", store.path, meta["tick"])
             return _load_checkpoint(blob)
     if resume is not None:
         raise StoreError(
@@ -245,6 +248,7 @@ def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
             model_path = family.path(cfg)
             info = family.info(model_path)
             problems = spec.problems(cfg, family, info, env.world_size)
+            problems += [f"model.path={str(model_path)!r}: {problem}" for problem in weight_file_problems(model_path)]
             if problems:
                 raise ConfigError(problems)
             plan = spec.plan(cfg, info, env.world_size)

@@ -114,7 +114,7 @@ class CheckpointsMixin:
                               f"({errors[0]}); using the previous one at tick {meta['tick']}", stacklevel=2)
             return blob, meta
         warnings.warn(f"run store {self._path}: no intact checkpoint '{kind}' ({'; '.join(errors)}); "
-                      "starting without it", stacklevel=2)
+                      "not using it", stacklevel=2)  # the caller says what it resumes from instead
         return None
 
     # ---------------------------------------------------------------- the frames tail
