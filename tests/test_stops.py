@@ -154,3 +154,24 @@ def test_a_rank_stops_when_its_parent_is_gone(monkeypatch):
         while not request.requested and time.monotonic() < deadline:
             time.sleep(0.01)
         assert request.requested and request.received == "SIGHUP"
+
+
+def test_clean_shm_outside_slurm_removes_segments_no_process_uses(monkeypatch, tmp_path):
+    from hpcvideo.runtime import shm
+
+    tag = uuid.uuid4().hex[:8]
+    stale, in_use, young = (Path("/dev/shm") / f"mpich_shm_hpcvideotest{tag}{kind}_0" for kind in ("a", "b", "c"))
+    for path in (stale, in_use, young):
+        path.write_bytes(b"\0" * 64)
+    old = time.time() - 2 * shm.LOCAL_MIN_AGE_S
+    os.utime(stale, (old, old))
+    os.utime(in_use, (old, old))
+    monkeypatch.setattr(shm, "list_segments", lambda shm_dir=shm.SHM_DIR: {stale, in_use, young})  # ours only
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    try:
+        with open(in_use, "rb"):  # a live job's segment: held open
+            assert shm.main(None) == 0
+        assert not stale.exists() and in_use.exists() and young.exists()  # young: maybe a job in MPI_Init
+    finally:
+        for path in (stale, in_use, young):
+            path.unlink(missing_ok=True)
