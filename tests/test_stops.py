@@ -85,9 +85,10 @@ def test_sigint_on_one_rank_stops_at_the_next_tick_then_resumes_bit_identical(tm
 @pytest.mark.mpi
 @needs_mpiexec
 def test_sigterm_on_one_rank_of_two_stops_both_then_resumes_bit_identical(tmp_path, tiny_test_arrays):
-    """``--ranks 2`` (the CLI's own mpiexec), SIGTERM to rank 1 only during tick 3: both ranks stop at tick 4,
-    rank 0 names the signal, the parent exits 143 with no "BAD TERMINATION" banner and no segment left; the
-    rerun (one rank) ends bit-identical."""
+    """``--ranks 2`` (the CLI's own mpiexec), SIGTERM to rank 1 only during tick 3: both ranks stop at tick 5
+    (the agreement posted at boundary 4 is read at boundary 5: no rank waits for another), rank 0 names the
+    signal, the parent exits 143 with no "BAD TERMINATION" banner and no segment left; the rerun (one rank)
+    ends bit-identical."""
     from hpcvideo.runtime.shm import list_segments, mapped_segments
 
     path = tmp_path / "run.zarr"
@@ -95,10 +96,10 @@ def test_sigterm_on_one_rank_of_two_stops_both_then_resumes_bit_identical(tmp_pa
     result = cli_subprocess("generate", "tiny-test", "--output", path, "--no-progress", "--ranks", 2,
                             fault="SIGTERM:tick:3@1", check=False, env=clean_env(), timeout=240)
     assert result.returncode == 143, result.stderr
-    assert "hpcvideo generate: stopped at tick 4 after SIGTERM: checkpoint written" in result.stderr
+    assert "hpcvideo generate: stopped at tick 5 after SIGTERM: checkpoint written" in result.stderr
     assert "BAD TERMINATION" not in result.stdout + result.stderr
-    assert "stopped at tick 4 after SIGTERM" in (Path(f"{path}.logs") / "rank1.log").read_text()
-    assert RunStore.open(path).status_dict()["last_checkpoint_tick"] == 4
+    assert "stopped at tick 5 after SIGTERM" in (Path(f"{path}.logs") / "rank1.log").read_text()
+    assert RunStore.open(path).status_dict()["last_checkpoint_tick"] == 5
     leftover = {p.name for p in list_segments() - before} - mapped_segments()  # new ones other jobs map are theirs
     assert not lock_path(path).exists() and not leftover and "shared-memory segment" not in result.stderr
     cli("generate", "tiny-test", "--output", path, "--no-progress")

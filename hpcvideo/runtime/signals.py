@@ -5,7 +5,9 @@ A rank (``hpcvideo generate``, one process or one rank of an MPI job) installs a
 stop goes through the same agreement as SLURM's USR2::
 
     SIGINT / SIGTERM on any rank  ->  the flag is set (a terminal gets one line: "stopping at the next tick ...")
-    next tick boundary, all ranks ->  they agree to stop and on the signal (the highest number any rank got)
+    next tick boundary, all ranks ->  they agree to stop and on the signal (the highest number any rank got);
+                                      on several ranks the answer is read one boundary later, so stopping
+                                      never makes a rank wait for another (StopRequest.lag)
     stop                          ->  checkpoint, Preempted on every rank, one line "... rerun the same command
                                       to resume", exit :func:`exit_code` (SIGINT 130, SIGTERM 143, USR2 75)
     a second SIGINT / SIGTERM     ->  exit at once with the same code (nothing more is written; the store
@@ -70,6 +72,7 @@ class CleanStop(StopRequest):
 
     signals: tuple[int, ...] = STOP_SIGNALS
     announce: bool = True
+    lag: int = 1  # several ranks stop at the second boundary after the signal, never waiting for each other
     _launcher_watch: threading.Thread | None = field(default=None, repr=False)
 
     def _handle(self, signum: int, frame=None) -> None:
@@ -82,7 +85,7 @@ class CleanStop(StopRequest):
         super()._handle(signum, frame)
         if first and self.announce and signum in STOP_SIGNALS:
             again = "Ctrl-C" if signum == signal.SIGINT else name
-            _say(f"hpcvideo: {name}: stopping every rank at the next tick boundary and writing a checkpoint "
+            _say(f"hpcvideo: {name}: stopping every rank at a tick boundary and writing a checkpoint "
                  f"({again} again to exit at once)")
 
     def request(self, signal_name: str) -> None:
