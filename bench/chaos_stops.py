@@ -76,6 +76,20 @@ def _trial_processes(store: Path) -> list[int]:
     return found
 
 
+def _segments_of(pids: list[int]) -> set[str]:
+    """The MPICH segments (/dev/shm names) that the processes ``pids`` map now."""
+    names = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                where = line.find("/dev/shm/mpich_")
+                if where >= 0:
+                    names.add(line[where + len("/dev/shm/"):].removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return names
+
+
 def _arrays(store: Path):
     from hpcvideo.store import RunStore
 
@@ -84,7 +98,7 @@ def _arrays(store: Path):
 
 
 def trial(rng: random.Random, work: Path, index: int, frames: int, ranks: int, event: str, reference) -> dict:
-    from hpcvideo.runtime.shm import list_segments, mapped_segments
+    from hpcvideo.runtime.shm import list_segments
     from hpcvideo.store.lock import lock_path
 
     store = work / f"trial{index}.zarr"
@@ -98,7 +112,9 @@ def trial(rng: random.Random, work: Path, index: int, frames: int, ranks: int, e
     started = time.monotonic()
     first = subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
+    ours: set[str] = set()  # the segments the trial's ranks mapped: only those are checked afterwards
     while first.poll() is None and (_checkpoint_tick(store) or 0) < at_tick:
+        ours |= _segments_of(_trial_processes(store))
         time.sleep(0.05)
     second = None
     if first.poll() is None:
@@ -144,7 +160,7 @@ def trial(rng: random.Random, work: Path, index: int, frames: int, ranks: int, e
         out["problems"].append(f"processes left running: {left}")
         for pid in left:
             os.kill(pid, signal.SIGKILL)
-    unused = {p.name for p in list_segments() - before} - (mapped_segments() or set())
+    unused = {p.name for p in list_segments() - before} & ours
     if unused:
         out["problems"].append(f"shared-memory segments left: {sorted(unused)}")
     out["lock_left"] = lock_path(store).exists()
