@@ -9,8 +9,9 @@ preset (F frames, default 61: 8 blocks, 11 ticks, a checkpoint every tick), each
 * ``SIGINT x2`` (Ctrl-C twice, 50 ms apart): exit 130 at once;
 * ``SIGKILL`` of the command (the parent of a 2-rank job): its ranks must stop by themselves;
 * ``kill rank`` (SIGKILL of rank 1 at a tick through ``HPCVIDEO_FAULT``, 2 ranks; rank 0 on 1 rank);
-* ``second writer``: the same command again while the first runs: refused at once (exit 2, naming the holder),
-  the first one unharmed (exit 0).
+* ``second writer``: the same command again while the first runs (paused by a SIGSTOP it sends itself at the
+  tick, through ``HPCVIDEO_FAULT``, and continued afterwards): refused at once (exit 2, naming the holder), the
+  first one unharmed (exit 0).
 
 After every event: no process of the trial is left (within 30 s), no MPICH segment that appeared during the trial
 is left unused in /dev/shm, the store's lock is released or broken by the rerun, and the rerun (the same command)
@@ -76,6 +77,19 @@ def _trial_processes(store: Path) -> list[int]:
     return found
 
 
+def _stopped(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that are stopped (SIGSTOP)."""
+    found = []
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if text[text.rindex(")") + 2:].split()[0] == "T":
+            found.append(pid)
+    return found
+
+
 def _segments_of(pids: list[int]) -> set[str]:
     """The MPICH segments (/dev/shm names) that the processes ``pids`` map now."""
     names = set()
@@ -107,6 +121,8 @@ def trial(rng: random.Random, work: Path, index: int, frames: int, ranks: int, e
     at_tick = rng.randint(1, 7)
     if event == "kill rank":
         environ["HPCVIDEO_FAULT"] = f"tick:{at_tick}@{1 if ranks > 1 else 0}"
+    if event == "second writer":  # rank 0 pauses itself at the tick (holding the lock) until the second one ran
+        environ["HPCVIDEO_FAULT"] = f"SIGSTOP:tick:{at_tick}@0"
     before = list_segments()
     out = {"trial": index, "ranks": ranks, "event": event, "at_tick": at_tick, "problems": []}
     started = time.monotonic()
@@ -115,6 +131,8 @@ def trial(rng: random.Random, work: Path, index: int, frames: int, ranks: int, e
     ours: set[str] = set()  # the segments the trial's ranks mapped: only those are checked afterwards
     while first.poll() is None and (_checkpoint_tick(store) or 0) < at_tick:
         ours |= _segments_of(_trial_processes(store))
+        time.sleep(0.05)
+    while event == "second writer" and first.poll() is None and not _stopped(_trial_processes(store)):
         time.sleep(0.05)
     second = None
     if first.poll() is None:
@@ -128,6 +146,8 @@ def trial(rng: random.Random, work: Path, index: int, frames: int, ranks: int, e
             first.kill()
         elif event == "second writer":
             second = subprocess.run(command, env=_environ(), capture_output=True, text=True, timeout=300)
+            for pid in _stopped(_trial_processes(store)):
+                os.kill(pid, signal.SIGCONT)
     try:
         stdout, stderr = first.communicate(timeout=300)
     except subprocess.TimeoutExpired:
