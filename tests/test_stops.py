@@ -53,6 +53,8 @@ def test_a_second_ctrl_c_exits_at_once_and_a_sigterm_after_usr2_does_not(monkeyp
         signal.raise_signal(signal.SIGUSR2)  # SLURM's warning, then its SIGTERM: still a stop at the next tick
         signal.raise_signal(signal.SIGTERM)
         assert exits == [130] and request.received == "SIGUSR2"
+        signal.raise_signal(signal.SIGINT)  # but a second interrupt after that one: at once
+        assert exits == [130, 130]
 
 
 def test_a_signal_fault_is_parsed_and_sent_to_this_process():

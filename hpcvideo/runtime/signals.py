@@ -73,11 +73,13 @@ class CleanStop(StopRequest):
     signals: tuple[int, ...] = STOP_SIGNALS
     announce: bool = True
     lag: int = 1  # several ranks stop at the second boundary after the signal, never waiting for each other
+    interrupts: int = 0  # SIGINT / SIGTERM received so far
     _launcher_watch: threading.Thread | None = field(default=None, repr=False)
 
     def _handle(self, signum: int, frame=None) -> None:
         name = signal.Signals(signum).name
-        if self.requested and signum in STOP_SIGNALS and self.received in ("SIGINT", "SIGTERM"):
+        self.interrupts += signum in STOP_SIGNALS
+        if self.interrupts >= 2 and signum in STOP_SIGNALS:
             _say(f"hpcvideo: second {name}: exiting at once; the store keeps its last checkpoint, rerun the same "
                  "command to resume from it", always=True)
             os._exit(exit_code(name))
@@ -179,7 +181,7 @@ def rank_processes(pid: int) -> list[int]:
 def forward(process: subprocess.Popen, signum: int) -> list[int]:
     """Send ``signum`` to the ranks below ``process`` (mpiexec); to mpiexec itself when none is found
     (hydra passes SIGINT and SIGTERM on to its ranks). Returns the pids signalled."""
-    ranks = [pid for pid in rank_processes(process.pid)]
+    ranks = rank_processes(process.pid)
     for pid in ranks:
         try:
             os.kill(pid, signum)
