@@ -79,6 +79,10 @@ def test_a_requeue_of_the_same_slurm_job_takes_the_lock_over_at_once(tmp_path):
     _plant(store, job_id="77")  # fresh, on another node: the killed first start of job 77
     with StoreLock.acquire(store, job_id="77") as lock:
         assert read_lock(store)["job_id"] == "77" and read_lock(store)["token"] == lock.record["token"]
+    # but not from a process of the same job that is seen alive here (a second step of one allocation)
+    _plant(store, job_id="77", host=socket.gethostname(), pid=os.getpid())
+    with pytest.raises(StoreLocked, match="SLURM job 77"):
+        StoreLock.acquire(store, job_id="77")
 
 
 def test_a_lock_broken_by_another_is_not_released_by_its_old_holder(tmp_path):

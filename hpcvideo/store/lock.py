@@ -199,11 +199,13 @@ def _stale_reason(holder: dict | None, age_s: float, job_id: str | None, stale_a
     if holder is None:
         return (f"its file is unreadable and was not touched for {_duration(age_s)}" if age_s > stale_after_s
                 else None)
-    here = holder.get("host") == socket.gethostname()
-    gone = process_gone(holder)
-    if gone:
+    from ..progress import _pid_namespace
+
+    if process_gone(holder):
         return f"process {holder.get('pid')} is no longer running on this host"
-    if job_id and holder.get("job_id") == job_id and not here:
+    seen_alive = (holder.get("host") == socket.gethostname()  # this host can see the process, and it lives
+                  and holder.get("pid_ns") in (None, _pid_namespace()))
+    if job_id and holder.get("job_id") == job_id and not seen_alive:
         return f"it belongs to an earlier start of the same SLURM job {job_id} (a requeue)"
     if age_s > stale_after_s:
         return f"its holder has not refreshed it for {_duration(age_s)} (more than {_duration(stale_after_s)})"
