@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     shm = sub.add_parser("clean-shm", help="remove this SLURM job's stale MPICH shared-memory segments "
-                         "(before srun in a requeued job; the scripts of submit/sbatch run it)")
+                         "(before srun in a requeued job; the scripts of submit/sbatch run it); outside a SLURM job, "
+                         "every MPICH segment on this machine that no process uses")
     shm.add_argument("--job-id", default=None, help="default: $SLURM_JOB_ID")
 
     tiny = sub.add_parser("tiny-model", help="build (or find) the cached tiny random-weight Wan model; prints its path")
@@ -115,15 +116,17 @@ def _cmd_generate(args) -> int:
     if code is not None:
         return code
     from .generate import generate
-    from .runtime.preempt import EXIT_REQUEUE, Preempted, StopRequest
+    from .runtime.preempt import Preempted
+    from .runtime.signals import clean_stop_for_cli, stopped_line
 
-    # USR2 before the time limit: stop at a tick, exit 75 (slurm/*.sbatch requeue)
-    request = StopRequest().install() if os.environ.get("SLURM_JOB_ID") else None
+    # SIGINT / SIGTERM (and SLURM's USR2 before the time limit): every rank stops at a tick with a checkpoint
+    request = clean_stop_for_cli()
     try:
         status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty(), stop=request, faults=faults)
     except Preempted as stop:
-        print(f"hpcvideo generate: {stop} (exit {EXIT_REQUEUE})", file=sys.stderr)
-        return EXIT_REQUEUE
+        line, code = stopped_line(stop)
+        print(f"hpcvideo generate: {line}", file=sys.stderr)
+        return code
     finally:
         if request is not None:
             request.uninstall()  # the handlers this command replaced come back
@@ -276,7 +279,13 @@ def _cmd_plan(args) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Config and run warnings as one line for a user (``hpcvideo: warning: ...``), not Python's source-line form."""
+    """Config and run warnings as one line for a user (``hpcvideo: warning: ...``), not Python's source-line form;
+    a config warning once per job (the ranks of a job load the same config: hpcvideo.runtime.output)."""
+    from .config.validate import ConfigWarning
+    from .runtime.output import first_process_of_job
+
+    if issubclass(category, ConfigWarning) and not first_process_of_job():
+        return
     print(f"hpcvideo: warning: {message}", file=sys.stderr if file is None else file)
 
 
@@ -303,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError, FileNotFoundError, LaunchError) as error:
         print(f"hpcvideo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handler (hpcvideo.runtime.signals): no traceback
+        print(f"hpcvideo {args.command}: interrupted (exit 130)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 ``HPCVIDEO_FAULT="[raise:]point:index[@rank]"`` makes the process fail when it reaches that point:
 "tick:N" at the start of tick N, "latents:J" / "frames:J" after block J's data is written and before
 its done marker. Default: SIGKILL (nothing runs after it); with the "raise:" prefix a RuntimeError
-is raised instead. "@R" picks rank R (default: rank 0).
+is raised instead; with a signal's name as prefix ("SIGINT:tick:3", "SIGSTOP:tick:3@1") the process sends
+itself that signal and goes on (as when Ctrl-C, ``kill`` or SLURM signals it right there). "@R" picks
+rank R (default: rank 0).
 
 The variable is read once, at the edge (``hpcvideo generate``, the submitit job, or the runner's start
 when its caller passed nothing), into a :class:`FaultPlan` that is handed down to where faults fire::
@@ -24,8 +26,8 @@ FAULT_VAR = "HPCVIDEO_FAULT"
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """The one planned fault of a process (``point`` None: none). ``action``: "kill" (SIGKILL) or "raise"
-    (RuntimeError)."""
+    """The one planned fault of a process (``point`` None: none). ``action``: "kill" (SIGKILL), "raise"
+    (RuntimeError) or a signal's name ("SIGINT": sent to this process, which goes on)."""
 
     point: str | None = None
     index: int = 0
@@ -41,6 +43,10 @@ class FaultPlan:
         text, action = spec, "kill"
         if text.startswith("raise:"):
             action, text = "raise", text[len("raise:"):]
+        elif text.startswith("SIG"):
+            action, _, text = text.partition(":")
+            if action not in signal.Signals.__members__:
+                raise ValueError(f"{FAULT_VAR}={spec!r}: {action!r} is not a signal name; use e.g. 'SIGINT:tick:3'")
         where, _, who = text.partition("@")
         point, _, index = where.partition(":")
         try:
@@ -60,6 +66,9 @@ class FaultPlan:
             return
         if self.action == "raise":
             raise RuntimeError(f"injected fault at {point} {index} on rank {rank} ({FAULT_VAR})")
+        if self.action.startswith("SIG"):
+            os.kill(os.getpid(), signal.Signals[self.action])
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -16,8 +16,10 @@ started job (:class:`hpcvideo.runtime.RankEnv`). It owns, once for all strategie
   ``store.checkpoint_every_ticks`` ticks or ``store.checkpoint_every_s`` seconds (rank 0 decides; the
   decision is broadcast when every rank's state is gathered); a final one after the last tick, before
   the sink's end-of-run writes;
-* preemption: at every tick boundary all ranks agree (:func:`hpcvideo.runtime.preempt.should_stop` on the
-  stop request the caller passed), checkpoint and raise :class:`~hpcvideo.runtime.preempt.Preempted`;
+* preemption and clean stops: at every tick boundary all ranks agree (:func:`hpcvideo.runtime.preempt.should_stop`
+  on the stop request the caller passed: USR2, SIGINT, SIGTERM, :mod:`hpcvideo.runtime.signals`), checkpoint and
+  raise :class:`~hpcvideo.runtime.preempt.Preempted` naming the signal;
+* the store's one-writer lock, held by rank 0 for the job (:mod:`hpcvideo.store.lock`);
 * heartbeats (:class:`hpcvideo.progress.Heartbeat`), the progress bar or log lines, :class:`Timings`
   and the per-rank ``rank_stats``.
 
@@ -53,11 +55,13 @@ from .config import IDENTITY_IGNORED, ConfigError, RunConfig
 from .faults import FaultPlan
 from .layout import generated_latent_frames
 from .models.family import DTYPES, family_of
+from .models.weights import weight_file_problems
 from .progress import Heartbeat, new_attempt
 from .runtime import abort_on_failure
 from .runtime.control import bcast_object, gather_object, scatter_object
 from .runtime.preempt import Preempted, StopRequest, should_stop
 from .store import RunStore, StoreError
+from .store.lock import StoreLock
 from .store.recovery import plan_resume
 from .strategies import spec_for
 from .strategies.base import BuildContext
@@ -162,7 +166,8 @@ def create_store(cfg: RunConfig) -> RunStore:
     """Create the run store of a checked, resolved config, or reopen (and grow) an existing one: what
     the first rank of a job does before any weights load (job submission calls it up front)."""
     family = family_of(cfg)
-    store, _ = open_or_create_store(cfg, family.info(family.path(cfg)))
+    with StoreLock.acquire(cfg.store.path):  # not while a run writes it
+        store, _ = open_or_create_store(cfg, family.info(family.path(cfg)))
     return store
 
 
@@ -195,6 +200,8 @@ def choose_checkpoint(store: RunStore, num_units: int, *, verify: bool = True) -
     message = plan.describe(store)
     if message:
         log.warning("%s", message)
+    if plan.blob is not None and plan.kind == "extend" and not message:
+        log.info("%s: resuming from the extension snapshot (tick %d)", store.path, plan.meta["tick"])
     if plan.unverified:
         log.info("run store %s was made before done markers kept checksums: its done blocks are trusted unverified",
                  store.path)
@@ -207,6 +214,7 @@ class _Setup:
     info: dict
     plan: object
     store: RunStore | None  # rank 0, and every rank when every rank writes
+    lock: StoreLock | None = None  # rank 0: the store's one-writer lock, held for the job
 
 
 def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, stop: StopRequest | None = None,
@@ -222,25 +230,33 @@ def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, s
     spec, family = spec or spec_for(cfg), family or family_of(cfg)
     faults = FaultPlan.from_env() if faults is None else faults
     setup = _prepare(cfg, env, spec, family)
-    with abort_on_failure(env):
-        return _run(cfg, env, spec, family, setup, progress=progress, stop=stop, faults=faults)
+    try:
+        with abort_on_failure(env):
+            return _run(cfg, env, spec, family, setup, progress=progress, stop=stop, faults=faults)
+    finally:
+        if setup.lock is not None:
+            setup.lock.release()  # rank 0 held the store's lock for the job (hpcvideo.store.lock)
 
 
 def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
     """Rank 0 resolves the model, runs the spec's checks and plan and opens/creates the store; the outcome,
     or the user error, is broadcast so every rank either goes on or raises the same error."""
-    outcome = store = None
+    outcome = store = lock = None
     if env.is_main:
         try:
             model_path = family.path(cfg)
             info = family.info(model_path)
             problems = spec.problems(cfg, family, info, env.world_size)
+            problems += [f"model.path={str(model_path)!r}: {problem}" for problem in weight_file_problems(model_path)]
             if problems:
                 raise ConfigError(problems)
             plan = spec.plan(cfg, info, env.world_size)
+            lock = StoreLock.acquire(cfg.store.path)  # one writer: a live holder is refused here, by name
             store, _ = open_or_create_store(cfg, info, spec)
             outcome = ("ok", (str(model_path), info, plan))
         except (ConfigError, StoreError, FileNotFoundError, ValueError):
+            if lock is not None:
+                lock.release()
             if env.world_size > 1:
                 bcast_object(env, ("error", None))
             raise  # rank 0 reports it
@@ -252,7 +268,7 @@ def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
     model_path, info, plan = payload
     if store is None and spec.every_rank_writes:
         store = RunStore.open(cfg.store.path, mode="r+")
-    return _Setup(model_path=Path(model_path), info=info, plan=plan, store=store)
+    return _Setup(model_path=Path(model_path), info=info, plan=plan, store=store, lock=lock)
 
 
 def _encode_prompts(cfg: RunConfig, env, family, model_path: Path, dtype):
@@ -371,7 +387,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
             if should_stop(env, stop):  # SLURM's USR2 on any rank: every rank stops at this tick (runtime.preempt)
                 if saves:
                     checkpoint("resume")
-                raise Preempted(executor.tick)
+                raise Preempted(executor.tick, (getattr(stop, "agreed", None) or "USR2").removeprefix("SIG"))
             if checkpoint_due():
                 checkpoint("resume")
                 last_checkpoint_tick, last_checkpoint_time = executor.tick, time.monotonic()

@@ -69,12 +69,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def cli(*args, fault: str | None = None, check: bool = True, env: dict[str, str] | None = None) -> Result:
     """``hpcvideo ARGS`` in this process (``hpcvideo.cli.main``), stdout and stderr captured; ``env`` entries are set
-    for the call (None removes one) and restored after it. ``fault`` must be a ``raise:`` fault here. A ``--ranks N``
+    for the call (None removes one) and restored after it. ``fault`` must be a ``raise:``, ``SIGINT:`` or ``SIGTERM:`` fault here. A ``--ranks N``
     that relaunches starts ``mpiexec -n N python -m hpcvideo.cli ...`` (its ranks' output is not captured here)."""
     from hpcvideo.cli import main
     from hpcvideo.launch import local
 
-    if fault is not None and not fault.startswith("raise:"):
+    if fault is not None and not fault.startswith(("raise:", "SIGINT:", "SIGTERM:")):  # the CLI handles these two
         raise ValueError(f"fault={fault!r}: a SIGKILL fault in this process would kill pytest; use the forker")
     argv = [str(a) for a in args]
     changes = {"HPCVIDEO_FAULT": fault, **(env or {})}

@@ -185,6 +185,10 @@ def _check_prompts(prompts: list[PromptEntry]) -> list[str]:
     return errors
 
 
+class ConfigWarning(UserWarning):
+    """A config that runs but may not do what was meant; the CLI shows it once per job (the first process)."""
+
+
 def _warn_unused_prompts(cfg: RunConfig) -> None:
     """Prompts switch at block starts: one warning for the schedule entries that no block of this video uses."""
     used = {cfg.prompt_index_for_block(j) for j in range(cfg.num_blocks)}
@@ -201,7 +205,7 @@ def _warn_unused_prompts(cfg: RunConfig) -> None:
         f"{entries} {'are' if more else 'is'} used by no block of this video and ignored: "
         f"prompts switch at block starts (pixel frames {', '.join(map(str, starts))}"
         f"{', ...' if cfg.num_blocks > 8 else ''}; video.num_frames={cfg.video.num_frames})",
-        stacklevel=4,
+        ConfigWarning, stacklevel=4,
     )
 
 

@@ -1,7 +1,8 @@
 """Local launch: ``hpcvideo generate ... --ranks N`` outside any MPI launcher re-runs itself under mpiexec.
 
 The parent (not an MPI rank) runs ``mpiexec -n N python <same program> <same args without --ranks>``
-and returns mpiexec's exit code; the children see the launcher's variables (``PMI_RANK``, ...), so
+and returns mpiexec's exit code (Ctrl-C / SIGTERM go to the ranks, which stop at a checkpoint;
+:func:`hpcvideo.runtime.signals.supervise`); the children see the launcher's variables (``PMI_RANK``, ...), so
 :func:`maybe_relaunch` returns None in them and they go on as ranks. mpiexec is the one of the
 installed MPI library: the one next to ``sys.executable`` (the mpich wheel puts it in the venv's
 bin/), then ``mpiexec`` on PATH. MPICH (hydra) needs no flags (it oversubscribes cores by itself);
@@ -28,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +37,7 @@ from ..runtime.env import (  # noqa: F401  (launcher_rank_and_size, RELAUNCHED_V
     MPI_HELP, RELAUNCHED_VAR, MPIUnavailable, launcher_rank_and_size, mpi_available, under_mpi_launcher,
 )
 from ..runtime.output import LOG_DIR_VAR, RankOutput, redirect_rank_output  # noqa: F401  (public here too)
+from ..runtime.signals import supervise
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +134,8 @@ def relaunch_under_mpiexec(
         environ.pop(LOG_DIR_VAR, None)
     command = [str(mpiexec), *flags, "-n", str(num_ranks), sys.executable, *(program or current_program()), *strip_ranks_option(argv)]
     logger.info("launching %d ranks: %s", num_ranks, " ".join(command))
-    process = subprocess.Popen(command, env=environ)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
-    try:
-        while True:
-            try:
-                return process.wait()
-            except KeyboardInterrupt:  # Ctrl-C reached mpiexec too (same process group); wait for it to stop the ranks
-                continue
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # signals forwarded to the ranks, ranks that stop when this process dies, shared memory cleaned up
+    return supervise(command, environ)
 
 
 def maybe_relaunch(args_ranks: int | None, argv: list[str], *, log_dir: Path | None = None, program: list[str] | None = None) -> int | None:

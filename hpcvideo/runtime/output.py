@@ -3,6 +3,9 @@
 The launcher (:mod:`hpcvideo.launch.local`) passes the folder to the ranks it starts in the environment
 variable :data:`LOG_DIR_VAR`; each rank calls :func:`redirect_rank_output` right after ``init_rank_env``:
 
+Each start of the job appends to the logs, after a line naming the time, rank and pid (:func:`start_line`),
+so the log of a run that was stopped and resumed keeps every attempt.
+
 * rank R != 0: its file descriptors 1 and 2 are pointed at ``log_dir/rank<R>.log`` (everything,
   also C-level output such as NCCL/gloo warnings, goes to the file and nothing to the terminal);
 * rank 0: ``sys.stdout``/``sys.stderr`` are teed at the Python level into ``log_dir/rank0.log`` and
@@ -64,6 +67,27 @@ class RankOutput:
         self.log.flush()
 
 
+def first_process_of_job() -> bool:
+    """True in the one process of a job that reports what every rank would (config warnings): a process outside
+    any launcher (a one-rank run, or the parent of a local ``--ranks N`` job), or rank 0 under a launcher that
+    no parent of ours started (srun, a user's mpiexec). False in every other rank."""
+    from .env import RELAUNCHED_VAR, launcher_rank_and_size
+
+    if os.environ.get(RELAUNCHED_VAR) == "1":
+        return False  # the parent that started this job's mpiexec reported them already
+    launched = launcher_rank_and_size()
+    return launched is None or launched[0] == 0
+
+
+def start_line(env: RankEnv) -> str:
+    """The line that opens one attempt's part of a rank log: ``==== <UTC time> rank R of N, pid P on HOST ====``."""
+    import socket
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"==== {when} rank {env.rank} of {env.world_size}, pid {os.getpid()} on {socket.gethostname()} ====\n"
+
+
 def redirect_rank_output(env: RankEnv, log_dir: Path | str | None = None) -> RankOutput | None:
     """Send this rank's output to ``log_dir/rank<R>.log`` (rank 0: also to the terminal).
 
@@ -75,7 +99,8 @@ def redirect_rank_output(env: RankEnv, log_dir: Path | str | None = None) -> Ran
         return None
     path = Path(log_dir) / f"rank{env.rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "w", buffering=1, encoding="utf-8", errors="replace")  # line-buffered; closed at exit
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # line-buffered; closed at exit
+    log.write(start_line(env))  # appended: a rerun (resume) keeps the logs of the earlier attempts above its own
     if env.rank == 0:
         sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
         return RankOutput(path=path, log=log, teed=True)

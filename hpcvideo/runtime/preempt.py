@@ -69,6 +69,9 @@ class StopRequest:
     signals: tuple[int, ...] = (signal.SIGUSR2,)
     requested: bool = False
     received: str | None = None  # name of the first signal received
+    agreed: str | None = None  # after a stop agreement: the signal every rank stops for (the highest number received)
+    lag: int = 0  # 1: decide at each boundary on the flags of the boundary before (see should_stop)
+    _pending: Any = field(default=None, repr=False)
     previous: dict[int, Any] = field(default_factory=dict)
     installed: bool = False
     poll_s: float = 0.001
@@ -114,18 +117,40 @@ class StopRequest:
 
         Every rank must call it at the same step boundary, as for any collective. World 1 (``env.comm``
         None or ``env.world_size`` 1): the local flag, nothing sent.
+
+        ``lag`` 1: the flags are posted at each boundary without waiting, and the answer is that of the
+        boundary before (False at the first), so every rank stops one boundary later than with ``lag`` 0 but
+        no rank waits for another at a boundary: DualParal's rank 0 runs into tick t+1 while the last stage
+        still finishes tick t, and a per-tick wait for the last stage would cost that overlap; by the time
+        rank 0 ends a tick, every rank has passed the boundary before it, so the answer is there.
         """
         if env.comm is None or env.world_size == 1:
+            self.agreed = self.received if self.requested else None
             return self.requested
         import numpy as np
         from mpi4py import MPI
 
-        local = np.array([1 if self.requested else 0], dtype=np.int32)
+        # the signal's number, not just a flag: every rank learns which signal stops the job (USR2: requeue)
+        local = np.array([_signum(self.received) if self.requested else 0], dtype=np.int32)
         agreed = np.zeros(1, dtype=np.int32)
         pending = env.comm.Iallreduce(local, agreed, op=MPI.MAX)
+        if self.lag:  # answer with the boundary before; this one's is read at the next boundary
+            (pending, local, agreed), self._pending = (self._pending or (None, None, None)), (pending, local, agreed)
+            if pending is None:
+                self.agreed = None
+                return False
         while not pending.Test():  # MPICH's blocking Allreduce would busy-poll a core
             time.sleep(self.poll_s)
+        self.agreed = signal.Signals(int(agreed[0])).name if agreed[0] > 0 else None
         return bool(agreed[0])
+
+
+def _signum(name: str | None) -> int:
+    """The number of signal ``name`` ("SIGUSR2"); SIGUSR2's for a flag set without a signal name."""
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return int(signal.SIGUSR2)
 
 
 def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> StopRequest:

@@ -223,7 +223,8 @@ class CheckpointsMixin:
             return blob, meta
         if errors or damaged:
             warnings.warn(f"run store {self._path}: no intact checkpoint '{kind}' "
-                          f"({'; '.join(errors) or 'no slot keeps its own record'}); starting without it", stacklevel=2)
+                          f"({'; '.join(errors) or 'no slot keeps its own record'}); not using it",
+                          stacklevel=2)  # the caller says what it resumes from instead
         return None
 
     # ---------------------------------------------------------------- the frames tail
