@@ -92,7 +92,8 @@ def read_model_info(path) -> dict:
     ``vae_scale_factor_spatial`` (2**len(temperal_downsample), times the VAE patch size if any: 8 for
     Wan2.1), ``vae_scale_factor_temporal`` (2**sum(temperal_downsample): 4), ``patch_size`` (t, h, w),
     ``num_layers``, ``hidden_dim`` (num_attention_heads * attention_head_dim), ``num_attention_heads``,
-    ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``.
+    ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``, and
+    ``expand_timesteps`` (model_index.json: the pipeline passes one timestep per token, Wan2.2 TI2V).
     """
     path = Path(path)
     _check_folder(path, ("transformer", "vae"))
@@ -133,7 +134,14 @@ def read_model_info(path) -> dict:
         "ffn_dim": int(tcfg.get("ffn_dim", 13824)),
         "rope_max_seq_len": int(tcfg.get("rope_max_seq_len", 1024)),
         "model_id": _model_id(path),
+        "expand_timesteps": bool(_model_index(path).get("expand_timesteps") or False),
     }
+
+
+def _model_index(path: Path) -> dict:
+    """model_index.json of a folder ({} when absent)."""
+    index = path / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
 
 
 def load_wan(

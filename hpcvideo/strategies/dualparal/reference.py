@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...conditioning import NO_CONDITION, FrameCondition, frame_levels, token_timesteps
 from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
 from . import forward as wan_forward
 from .attention import CachePlan, FeatureCache, apply_feature_cache, remove_feature_cache
@@ -46,6 +47,9 @@ class DualParalReference:
         num_blocks, block_latent_frames, context_latent_frames, feature_cache: the queue (docs/DESIGN.md, section 6.1).
         noise_fn: block index -> initial latents (1, C, n, h, w) float32 (:func:`hpcvideo.noise.block_noise`).
         device: where latents live and the transformer runs.
+        expand_timesteps: the model takes one timestep per token (Wan2.2 TI2V): each window frame gets
+            its own level (:mod:`hpcvideo.conditioning`); else one timestep per forward.
+        condition: video latent frames fixed to clean latents (an image at frame 0), or none.
     """
 
     def __init__(
@@ -63,6 +67,8 @@ class DualParalReference:
         feature_cache: bool,
         noise_fn: Callable[[int], torch.Tensor],
         device: torch.device | str = "cpu",
+        expand_timesteps: bool = False,
+        condition: FrameCondition = NO_CONDITION,
     ) -> None:
         self.transformer = transformer
         self.scheduler_template = scheduler_template
@@ -80,6 +86,8 @@ class DualParalReference:
         self.noise_fn = noise_fn
         self.device = torch.device(device)
         self.dtype = transformer.dtype
+        self.expand_timesteps = expand_timesteps
+        self.condition = condition
         self.tick = 0
         self.blocks: dict[int, BlockState] = {}
         self.tail: tuple[int, torch.Tensor] | None = None  # last block that left: its context for the next
@@ -120,15 +128,47 @@ class DualParalReference:
             return self.tail[1][:, :, -c:]
         raise RuntimeError(f"context block {work.context_from} of block {work.block_index} is gone (tick {self.tick})")
 
-    def _predict(self, work: BlockWork) -> torch.Tensor:
-        """noise_pred (1, C, n, h, w) of one block at this tick (CFG combined)."""
+    def _window(self, work: BlockWork) -> torch.Tensor:
+        """The block's forward input (1, C, ctx + n, h, w) float32: context ++ own latents, fixed frames
+        replaced by their clean latents."""
         block = self.blocks[work.block_index]
         context = self._context(work)
         window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
-        num_context = 0 if context is None else context.shape[2]
+        if self.condition:
+            window = self.condition.apply(window, self._window_start(work))
+        return window
+
+    def _window_start(self, work: BlockWork) -> int:
+        """Video latent frame of the window's first frame."""
+        context = self.context_latent_frames if work.context_from is not None else 0
+        return work.block_index * self.block_latent_frames - context
+
+    def _timestep(self, work: BlockWork, tokens_per_frame: int):
+        """(timestep, key): the forward's timestep, (1,) or per token (1, S) for an ``expand_timesteps``
+        model, and a key identifying it for :class:`.forward.ConditionCache`."""
+        t = self.timesteps[work.step_index]
+        if not self.expand_timesteps:
+            return t.expand(1), work.step_index
+        num_context = self.context_latent_frames if work.context_from is not None else 0
+        after = work.step_index + 1  # the previous block's steps at the start of this tick
+        context_t = self.timesteps[after] if after < self.num_inference_steps else torch.zeros_like(t)
+        steps = [context_t] * num_context + [t] * self.block_latent_frames
+        levels = frame_levels(steps, self.condition.mask(self._window_start(work), len(steps)))
+        return token_timesteps(levels, tokens_per_frame), ("tokens", tuple(levels.tolist()))
+
+    def _output(self, block_index: int, latents: torch.Tensor) -> torch.Tensor:
+        """A finished block's latents, fixed frames replaced (as the TI2V pipeline's final latents)."""
+        if not self.condition:
+            return latents
+        return self.condition.apply(latents, block_index * self.block_latent_frames)
+
+    def _predict(self, work: BlockWork) -> torch.Tensor:
+        """noise_pred (1, C, n, h, w) of one block at this tick (CFG combined)."""
+        window = self._window(work)
+        num_context = window.shape[2] - self.block_latent_frames
         latent_model_input = window.to(self.dtype)  # (1, C, ctx + n, h, w)
-        timestep = self.timesteps[work.step_index].expand(latent_model_input.shape[0])
         tokens_per_frame = (window.shape[3] // 2) * (window.shape[4] // 2)
+        timestep, _ = self._timestep(work, tokens_per_frame)
         record = None
         if work.record:
             start = num_context * tokens_per_frame
@@ -195,8 +235,9 @@ class DualParalReference:
         for work in reversed(plan):  # oldest first
             if work.finishes:
                 block = self.blocks.pop(work.block_index)
-                self.tail = (block.index, block.latents)
-                finished.append((block.index, block.latents))
+                latents = self._output(block.index, block.latents)
+                self.tail = (block.index, latents)
+                finished.append((block.index, latents))
         self.tick += 1
         return finished
 

@@ -8,6 +8,7 @@ writes; the other stages are stateless between ticks.
 
 from __future__ import annotations
 
+from ...conditioning import frame_condition
 from ...noise import block_noise
 from ..base import BuildContext, StrategySpec
 from .config_rules import model_problems
@@ -54,6 +55,8 @@ class DualParalSpec(StrategySpec):
             guidance_scale=sampling.guidance_scale, num_blocks=cfg.num_blocks,
             block_latent_frames=strategy.block_latent_frames, context_latent_frames=strategy.context_latent_frames,
             feature_cache=strategy.feature_cache, noise_fn=noise_fn,
+            expand_timesteps=info.get("expand_timesteps", False),
+            condition=frame_condition(cfg, info, components.vae if env.is_main else None, env.device),
         )
         ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
         sink = None

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from ...conditioning import NO_CONDITION, FrameCondition, frame_condition, frame_levels, token_timesteps
 from ...config import ConfigError
 from ...layout import ranks_problem
 from ...noise import frame_noise
@@ -53,17 +54,21 @@ class ClipExecutor:
     patched here for clip parallelism (``close`` removes the patches); ``template``: a scheduler at step
     0; ``latents``: the clip's initial latents (1, C, F, h, w) float32 (scaled by the scheduler's initial
     sigma); ``prompt_embeds`` (1, L, D) of this clip, ``negative_prompt_embeds`` or None (no CFG).
+    ``expand_timesteps``: the model takes one timestep per token (Wan2.2 TI2V; fixed frames at 0);
+    ``condition``: video latent frames fixed to clean latents (:class:`hpcvideo.conditioning.FrameCondition`).
     """
 
     def __init__(self, *, family, model, template, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                  negative_prompt_embeds: torch.Tensor | None, guidance_scale: float, dtype: torch.dtype,
-                 layout: ClipLayout, comm: ClipComm, scope: DualScope) -> None:
+                 layout: ClipLayout, comm: ClipComm, scope: DualScope, expand_timesteps: bool = False,
+                 condition: FrameCondition = NO_CONDITION) -> None:
         self.family, self.model, self.template = family, model, template
         self.scheduler = fresh_copy(template)  # the template stays at step 0: checkpoints store the difference
         self.latents = latents
         self.prompt_embeds, self.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
         self.guidance_scale, self.dtype = guidance_scale, dtype
         self.layout, self.comm = layout, comm
+        self.expand_timesteps, self.condition = expand_timesteps, condition
         self.timesteps = self.scheduler.timesteps
         self.num_ticks = len(self.timesteps)
         self.num_units = layout.world_size
@@ -93,8 +98,16 @@ class ClipExecutor:
             raise RuntimeError("the clip has finished")
         start = time.perf_counter()
         t = self.timesteps[self.tick]
-        # the diffusers loop: model -> classifier-free guidance -> scheduler.step
-        cond, uncond = self.family.noise_pred(self.model, self.latents, t, self.prompt_embeds,
+        # the diffusers loop: model -> classifier-free guidance -> scheduler.step (TI2V: fixed frames replaced in
+        # the model's input, their tokens at timestep 0, as WanImageToVideoPipeline with expand_timesteps)
+        latents, timestep = self.latents, t
+        if self.condition:
+            latents = self.condition.apply(latents, self.layout.start)
+        if self.expand_timesteps:
+            frames, tokens_per_frame = latents.shape[2], (latents.shape[3] // 2) * (latents.shape[4] // 2)
+            levels = frame_levels([t] * frames, self.condition.mask(self.layout.start, frames))
+            timestep = token_timesteps(levels, tokens_per_frame)
+        cond, uncond = self.family.noise_pred(self.model, latents, timestep, self.prompt_embeds,
                                               self.negative_prompt_embeds, self.scheduler, self.dtype)
         noise_pred = cond if uncond is None else uncond + self.guidance_scale * (cond - uncond)
         self.latents = self.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
@@ -107,7 +120,8 @@ class ClipExecutor:
         if not self.done or self._handed_out:
             return []
         self._handed_out = True
-        return [(self.layout.rank, self.latents)]
+        latents = self.condition.apply(self.latents, self.layout.start) if self.condition else self.latents
+        return [(self.layout.rank, latents)]
 
     def state_dict(self) -> dict:
         return {"step": self.tick, "latents": self.latents.cpu(), "scheduler": scheduler_state(self.scheduler, self.template)}
@@ -165,7 +179,8 @@ class VideoInfinitySpec(StrategySpec):
             negative_prompt_embeds=ctx.negative_prompt_embeds, guidance_scale=cfg.sampling.guidance_scale,
             dtype=ctx.dtype, layout=layout,
             comm=ClipComm(layout, sync=cfg.strategy.sync_clips),  # sync_clips false: independent clips (baseline)
-            scope=scope_of(cfg),
+            scope=scope_of(cfg), expand_timesteps=info.get("expand_timesteps", False),
+            condition=frame_condition(cfg, info, components.vae if layout.start == 0 else None, env.device),
         )
         from ...writer import ClipSink
 

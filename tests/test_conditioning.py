@@ -1,0 +1,152 @@
+"""Wan2.2 TI2V (per-token timesteps, 16x residual VAE with patch 2) and videos that start from an image.
+
+A one-block (DualParal) or one-clip (Video-Infinity, exact mode) video of the tiny TI2V model equals diffusers'
+``WanPipeline`` (text only, ``expand_timesteps``) and ``WanImageToVideoPipeline`` (with an image: first
+latent frame = the image's latent, its tokens at timestep 0) bit for bit; longer videos agree between the
+DualParal executors; a changed image is not resumed; an image on a text-only model is refused by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import cli, store_arrays
+
+pytestmark = pytest.mark.e2e
+
+HEIGHT = WIDTH = 64  # 4 x 4 latents (VAE 16x), 2 x 2 tokens per latent frame
+STEPS, GUIDANCE, PROMPT = 3, 4.0, "a cat"
+VI_EXACT = ["--set", "strategy.name=videoinfinity", "--set", "strategy.global_frames=0", "--set",
+            "strategy.local_frames=8"]  # one clip, the whole video in the window: the unsplit model
+
+
+@pytest.fixture(scope="module")
+def ti2v_dir(hpcvideo_cache):
+    from hpcvideo.models.tiny_cond import ensure_tiny_ti2v
+
+    return ensure_tiny_ti2v(hpcvideo_cache)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("image") / "start.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)  # resized to 64 x 64
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _args(model, *extra):
+    return ["--set", f"model.path={model}", "--set", "model.dtype=float32", "--set", f"video.height={HEIGHT}",
+            "--set", f"video.width={WIDTH}", "--set", f"sampling.num_inference_steps={STEPS}",
+            "--set", f"sampling.guidance_scale={GUIDANCE}", "--set", "sampling.flow_shift=5.0",
+            "--set", f"sampling.prompt={PROMPT}", "--set", "strategy.block_latent_frames=3",
+            "--set", "strategy.context_latent_frames=1", "--no-progress", *extra]
+
+
+def _pipeline_latents(model, noise, image):
+    """diffusers' own pipeline on the same model, prompt embeddings and initial latents: (F, C, h, w)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers.utils import load_image
+
+    from hpcvideo.config import load_config
+
+    negative = load_config("tiny-test", check_paths=False).sampling.negative_prompt
+    text = WanPipeline.from_pretrained(model, local_files_only=True)
+    with torch.no_grad():  # as inside the pipelines' __call__
+        embeds, negative_embeds = text.encode_prompt(prompt=PROMPT, negative_prompt=negative, max_sequence_length=512)
+    if image is None:
+        pipe, extra = text, {}
+    else:  # (its prompt cleaning needs ftfy: the embeddings are passed instead)
+        pipe, extra = WanImageToVideoPipeline.from_pretrained(model, local_files_only=True), {"image": load_image(str(image))}
+    assert pipe.config.expand_timesteps
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, height=HEIGHT, width=WIDTH, num_frames=9,
+               num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise.clone(), output_type="latent", **extra)
+    return out.frames[0].permute(1, 0, 2, 3).numpy(), pipe.vae
+
+
+@pytest.mark.parametrize("strategy", ["dualparal", "videoinfinity"])
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_one_block_equals_the_diffusers_pipeline(tmp_path, ti2v_dir, image_file, strategy, with_image):
+    from hpcvideo.decode import decode_latents, to_uint8
+    from hpcvideo.noise import block_noise, frame_noise
+
+    extra = (["--image", str(image_file)] if with_image else []) + (VI_EXACT if strategy == "videoinfinity" else [])
+    out = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", out, "--frames", "9", *_args(ti2v_dir, *extra))
+    latents, frames = store_arrays(out)
+    shape = dict(latent_channels=latents.shape[1], latent_height=HEIGHT // 16, latent_width=WIDTH // 16)
+    if strategy == "dualparal":
+        noise = block_noise(seed=0, block_index=0, block_latent_frames=3, context_latent_frames=1, **shape)
+    else:
+        noise = frame_noise(seed=0, start=0, stop=3, **shape)
+    expected, vae = _pipeline_latents(ti2v_dir, noise, image_file if with_image else None)
+    assert latents.shape == expected.shape == (3, 8, 4, 4)
+    assert np.array_equal(latents, expected)
+    # the frames: the streaming decode of the 16x residual VAE equals vae.decode of the whole video
+    video = decode_latents(vae, torch.from_numpy(expected).permute(1, 0, 2, 3).unsqueeze(0))
+    assert np.array_equal(frames, to_uint8(video))
+
+
+def test_a_longer_video_agrees_between_the_dualparal_executors(tmp_path, ti2v_dir, image_file):
+    """Three blocks with context and feature cache, started from an image: the run (the pipeline executor)
+    equals the single-process reference executor; the first latent frame is the image's latent."""
+    from hpcvideo.conditioning import encode_image, frame_condition
+    from hpcvideo.config import load_config
+    from hpcvideo.models.family import family_of
+    from hpcvideo.noise import block_noise
+    from hpcvideo.strategies.dualparal.reference import DualParalReference
+
+    out = tmp_path / "run.zarr"
+    argv = _args(ti2v_dir, "--image", str(image_file))
+    cli("generate", "tiny-test", "--output", out, "--frames", "33", *argv)  # 9 latent frames = 3 blocks
+    latents, _ = store_arrays(out)
+
+    overrides = [a for a in argv[1::2] if "=" in a] + [f"condition.image={image_file}"]
+    cfg = load_config("tiny-test", overrides, num_frames=33, check_paths=False)
+    family = family_of(cfg)
+    info = family.info(ti2v_dir)
+    components = family.load(ti2v_dir, device="cpu", dtype=torch.float32, denoiser=True, vae=True, text=True)
+    embeds, negative = family.encode_prompts(components, cfg, dtype=torch.float32)
+    condition = frame_condition(cfg, info, components.vae, "cpu")
+    reference = DualParalReference(
+        transformer=components.model, scheduler_template=family.make_scheduler(cfg, components.scheduler_config, "cpu"),
+        prompt_embeds=embeds, negative_prompt_embeds=negative, prompt_index_for_block=cfg.prompt_index_for_block,
+        guidance_scale=GUIDANCE, num_blocks=3, block_latent_frames=3, context_latent_frames=1, feature_cache=True,
+        noise_fn=lambda j: block_noise(seed=0, block_index=j, block_latent_frames=3, context_latent_frames=1,
+                                       latent_channels=8, latent_height=4, latent_width=4),
+        expand_timesteps=True, condition=condition,
+    )
+    blocks = {}
+    while not reference.done:
+        blocks.update(reference.run_tick())
+    reference.close()
+    expected = torch.cat([blocks[j] for j in range(3)], dim=2)[0].permute(1, 0, 2, 3).numpy()
+    assert np.array_equal(latents, expected)
+    image_latent = encode_image(components.vae, image_file, height=HEIGHT, width=WIDTH, device="cpu")
+    assert np.array_equal(latents[0], image_latent[0, :, 0].numpy())
+
+
+def test_a_changed_image_is_not_resumed_and_bad_images_are_refused(tmp_path, ti2v_dir, tiny_model_dir, image_file):
+    from PIL import Image
+
+    image = tmp_path / "start.png"
+    image.write_bytes(image_file.read_bytes())
+    out = tmp_path / "run.zarr"
+    cli("generate", "tiny-test", "--output", out, "--frames", "9", *_args(ti2v_dir, "--image", str(image)))
+    Image.fromarray(np.zeros((48, 80, 3), np.uint8)).save(image)  # same path, other pixels
+    again = cli("generate", "tiny-test", "--output", out, "--frames", "9", *_args(ti2v_dir, "--image", str(image)),
+                check=False)
+    assert again.returncode == 2 and "condition.image_sha256" in again.stderr, again.stderr
+
+    missing = cli("generate", "tiny-test", "--output", tmp_path / "b.zarr", "--image", str(tmp_path / "nope.png"),
+                  check=False)
+    assert missing.returncode == 2 and "condition.image=" in missing.stderr and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    text_only = cli("generate", "tiny-test", "--output", tmp_path / "c.zarr", "--image", str(image), check=False)
+    assert text_only.returncode == 2 and "condition.image=" in text_only.stderr, text_only.stderr
+    assert "does not take an image" in text_only.stderr
+    assert not (tmp_path / "c.zarr").exists()
