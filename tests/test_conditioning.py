@@ -150,3 +150,58 @@ def test_a_changed_image_is_not_resumed_and_bad_images_are_refused(tmp_path, ti2
     assert text_only.returncode == 2 and "condition.image=" in text_only.stderr, text_only.stderr
     assert "does not take an image" in text_only.stderr
     assert not (tmp_path / "c.zarr").exists()
+
+
+def _ti2v_5b_configs(path):
+    """A folder with the JSON configs of Wan-AI/Wan2.2-TI2V-5B-Diffusers and no weights (``plan`` and ``check``
+    read only the configs). The VAE's latents_mean/std are placeholders (they do not change any size)."""
+    import json
+
+    def write(rel, data):
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(json.dumps(data))
+
+    write("model_index.json", {"_class_name": "WanPipeline", "_name_or_path": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                               "boundary_ratio": None, "expand_timesteps": True,
+                               "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                               "text_encoder": ["transformers", "UMT5EncoderModel"],
+                               "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers",
+                               "WanTransformer3DModel"], "transformer_2": [None, None],
+                               "vae": ["diffusers", "AutoencoderKLWan"]})
+    write("transformer/config.json", {
+        "_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+        "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 14336, "freq_dim": 256, "image_dim": None, "in_channels": 48,
+        "num_attention_heads": 24, "num_layers": 30, "out_channels": 48, "patch_size": [1, 2, 2],
+        "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096})
+    write("vae/config.json", {
+        "_class_name": "AutoencoderKLWan", "attn_scales": [], "base_dim": 160, "decoder_base_dim": 256,
+        "dim_mult": [1, 2, 4, 4], "dropout": 0.0, "in_channels": 12, "is_residual": True, "num_res_blocks": 2,
+        "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+        "temperal_downsample": [False, True, True], "z_dim": 48, "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48})
+    write("text_encoder/config.json", {
+        "architectures": ["UMT5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096, "feed_forward_proj":
+        "gated-gelu", "model_type": "umt5", "num_heads": 64, "num_layers": 24, "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "vocab_size": 256384})
+    write("scheduler/scheduler_config.json", {"_class_name": "UniPCMultistepScheduler", "flow_shift": 5.0,
+                                              "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                                              "num_train_timesteps": 1000})
+    (path / "tokenizer").mkdir()
+    return path
+
+
+def test_the_ti2v_5b_preset_plans_on_its_gpus(tmp_path):
+    """The preset on the real model's sizes: 5.0e9 transformer parameters, a 16x VAE with 48 channels, and a
+    plan that fits 80 GB GPUs on the preset's 4 ranks (and on 1)."""
+    import json
+
+    folder = _ti2v_5b_configs(tmp_path / "Wan2.2-TI2V-5B-Diffusers")
+    base = ["--set", f"model.path={folder}", "--set", "cluster.gpu_mem_gb=80", "--json"]
+    plan = json.loads(cli("plan", "wan2.2-ti2v-5b", *base).stdout)
+    assert plan["model_id"] == "Wan-AI/Wan2.2-TI2V-5B-Diffusers" and plan["num_ranks"] == 4
+    assert plan["num_blocks"] == 45 and plan["tokens_per_block_forward"] == 10 * 22 * 40
+    assert all(r["peak_bytes"] < 20 * 2**30 for r in plan["ranks"])
+    one = json.loads(cli("plan", "wan2.2-ti2v-5b", *base, "--ranks", "1").stdout)["ranks"][0]
+    assert 5.0e9 * 2 < one["weights_bytes"] < 5.05e9 * 2  # 5.0e9 parameters in bfloat16 (a few float32 norms)
+    assert 7.0e8 * 4 < one["vae_bytes"] < 7.1e8 * 4  # the 48-channel residual VAE, float32
+    assert one["peak_bytes"] < 30 * 2**30
+    assert cli("check", "wan2.2-ti2v-5b", "--set", f"model.path={folder}", "--output", tmp_path / "x.zarr").returncode == 0
