@@ -101,3 +101,29 @@ def frame_condition(cfg, info: dict, vae, device) -> FrameCondition:
         latents[0] = encode_image(vae, cfg.condition.image, height=cfg.video.height, width=cfg.video.width,
                                   device=device)
     return FrameCondition(frames=frozenset({0}), latents=latents)
+
+
+def image_to_video_inputs(cfg, info: dict, model_path, vae, env):
+    """An image-to-video checkpoint's extra inputs for ``cfg.condition.image``: (condition channels, on the
+    rank holding ``vae`` — :class:`hpcvideo.models.wan_i2v.ConditionChannels` — else None; the image's CLIP
+    features (1, tokens, image_dim) on ``env.device`` on every rank, or None for a model without an image
+    encoder). Collective: rank 0 encodes the image, the features are broadcast. (None, None) for other models."""
+    if not info.get("condition_channels") or cfg.condition.image is None:
+        return None, None
+    from .models.wan_i2v import ConditionChannels, encode_image_clip
+    from .runtime.control import bcast_object
+
+    channels = None
+    if vae is not None:
+        scale = info["vae_scale_factor_spatial"]
+        from .layout import generated_latent_frames
+
+        channels = ConditionChannels(vae, cfg.condition.image, height=cfg.video.height, width=cfg.video.width,
+                                     num_latent_frames=generated_latent_frames(cfg), device=env.device)
+        assert channels.latents.shape[3:] == (cfg.video.height // scale, cfg.video.width // scale)
+    embeds = None
+    if info.get("image_dim"):
+        if env.is_main:
+            embeds = encode_image_clip(model_path, cfg.condition.image, device="cpu")
+        embeds = bcast_object(env, embeds).to(env.device)
+    return channels, embeds

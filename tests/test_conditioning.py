@@ -152,6 +152,66 @@ def test_a_changed_image_is_not_resumed_and_bad_images_are_refused(tmp_path, ti2
     assert not (tmp_path / "c.zarr").exists()
 
 
+@pytest.fixture(scope="module")
+def i2v_dirs(hpcvideo_cache):
+    """Tiny image-to-video folders: {"wan2.1": with a CLIP image encoder, "wan2.2": without}."""
+    from hpcvideo.models.tiny_cond import ensure_tiny_i2v
+
+    return {"wan2.1": ensure_tiny_i2v(hpcvideo_cache, image_encoder=True),
+            "wan2.2": ensure_tiny_i2v(hpcvideo_cache, image_encoder=False)}
+
+
+@pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
+def test_image_to_video_checkpoints_equal_the_i2v_pipeline(tmp_path, i2v_dirs, image_file, layout):
+    """One block of an image-to-video checkpoint (mask + image-latent channels; Wan2.1: CLIP image tokens in
+    every cross-attention) equals WanImageToVideoPipeline bit for bit; a longer video (3 blocks, context and
+    feature cache) keeps the same first block's inputs and runs to the end on DualParal."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers.utils import load_image
+
+    from hpcvideo.config import load_config
+    from hpcvideo.noise import block_noise
+
+    model = i2v_dirs[layout]
+    argv = ["--set", f"model.path={model}", "--set", "model.dtype=float32", "--set", "video.height=64", "--set",
+            "video.width=64", "--set", f"sampling.num_inference_steps={STEPS}", "--set", f"sampling.guidance_scale={GUIDANCE}",
+            "--set", f"sampling.prompt={PROMPT}", "--set", "sampling.max_sequence_length=512", "--set",
+            "strategy.block_latent_frames=3", "--set", "strategy.context_latent_frames=1", "--image", str(image_file),
+            "--no-progress"]
+    cli("generate", "tiny-test", "--output", tmp_path / "one.zarr", "--frames", "9", *argv)
+    latents, _ = store_arrays(tmp_path / "one.zarr")
+    noise = block_noise(seed=0, block_index=0, block_latent_frames=3, context_latent_frames=1, latent_channels=4,
+                        latent_height=8, latent_width=8)
+    negative = load_config("tiny-test", check_paths=False).sampling.negative_prompt
+    with torch.no_grad():
+        embeds, negative_embeds = WanPipeline.from_pretrained(model, local_files_only=True).encode_prompt(
+            prompt=PROMPT, negative_prompt=negative, max_sequence_length=512)
+    pipe = WanImageToVideoPipeline.from_pretrained(model, local_files_only=True)
+    assert (pipe.image_encoder is not None) == (layout == "wan2.1") and not pipe.config.expand_timesteps
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(image=load_image(str(image_file)), prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+                    height=64, width=64, num_frames=9, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                    latents=noise.clone(), output_type="latent").frames[0].permute(1, 0, 2, 3).numpy()
+    assert np.array_equal(latents, expected)
+    if layout == "wan2.1":
+        cli("generate", "tiny-test", "--output", tmp_path / "long.zarr", "--frames", "33", *argv)
+        long_latents, frames = store_arrays(tmp_path / "long.zarr")
+        assert long_latents.shape == (9, 4, 8, 8) and frames.shape == (33, 64, 64, 3)
+        assert np.isfinite(long_latents).all()
+
+
+def test_image_to_video_checkpoints_refuse_what_they_cannot_run(tmp_path, i2v_dirs, image_file):
+    model = ["--set", f"model.path={i2v_dirs['wan2.1']}"]
+    no_image = cli("generate", "tiny-test", "--output", tmp_path / "a.zarr", *model,
+                   "--set", "sampling.max_sequence_length=24", check=False)
+    assert no_image.returncode == 2 and "condition.image=None" in no_image.stderr, no_image.stderr
+    assert "sampling.max_sequence_length=24" in no_image.stderr  # the image tokens go before 512 text tokens
+    vi = cli("generate", "tiny-test", "--output", tmp_path / "b.zarr", *model, "--image", str(image_file),
+             *VI_EXACT, check=False)
+    assert vi.returncode == 2 and "DualParal only" in vi.stderr, vi.stderr
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
 def _ti2v_5b_configs(path):
     """A folder with the JSON configs of Wan-AI/Wan2.2-TI2V-5B-Diffusers and no weights (``plan`` and ``check``
     read only the configs). The VAE's latents_mean/std are placeholders (they do not change any size)."""

@@ -60,11 +60,24 @@ def with_image_hash(cfg):
 
 def model_problems(cfg, info: dict) -> list[str]:
     """Problems of ``cfg``'s ``condition`` with the model whose JSON facts are ``info`` (no weights): an image
-    needs a model that takes one (``expand_timesteps``: Wan2.2 TI2V). One line each."""
-    if cfg.condition.image is None:
+    needs a model that takes one (``expand_timesteps``: Wan2.2 TI2V; or an image-to-video checkpoint, which
+    needs one, on DualParal, with max_sequence_length 512 when it has an image encoder). One line each."""
+    image = cfg.condition.image
+    name = info.get("model_id", cfg.model.path)
+    if info.get("condition_channels"):
+        problems = []
+        if image is None:
+            problems.append(f"condition.image=None: {name} is an image-to-video model; allowed: an image file "
+                            "(--image PATH)")
+        if cfg.strategy.name != "dualparal":
+            problems.append(f"strategy.name={cfg.strategy.name!r}: image-to-video checkpoints ({name}) run with "
+                            "DualParal only; allowed: 'dualparal'")
+        if info.get("image_dim") and cfg.sampling.max_sequence_length != 512:
+            problems.append(f"sampling.max_sequence_length={cfg.sampling.max_sequence_length}: {name} puts its image "
+                            "tokens before 512 text tokens (diffusers' WanAttnProcessor); allowed: 512")
+        return problems
+    if image is None or info.get("expand_timesteps"):
         return []
-    if info.get("expand_timesteps"):
-        return []
-    return [f"condition.image={cfg.condition.image!r}: {info.get('model_id', cfg.model.path)} does not take an image "
-            "(text-to-video only); allowed: null, or a model with expand_timesteps in its model_index.json "
-            "(Wan2.2 TI2V, e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers)"]
+    return [f"condition.image={image!r}: {name} does not take an image (text-to-video only); allowed: null, "
+            "or a model with expand_timesteps in its model_index.json (Wan2.2 TI2V, e.g. "
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers) or an image-to-video checkpoint (WanImageToVideoPipeline)"]

@@ -93,7 +93,9 @@ def read_model_info(path) -> dict:
     Wan2.1), ``vae_scale_factor_temporal`` (2**sum(temperal_downsample): 4), ``patch_size`` (t, h, w),
     ``num_layers``, ``hidden_dim`` (num_attention_heads * attention_head_dim), ``num_attention_heads``,
     ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``, and
-    ``expand_timesteps`` (model_index.json: the pipeline passes one timestep per token, Wan2.2 TI2V).
+    ``expand_timesteps`` (model_index.json: the pipeline passes one timestep per token, Wan2.2 TI2V),
+    ``condition_channels`` (image-to-video: the 4 mask + z_dim image-latent input channels after the
+    latents; 0 for text-to-video) and ``image_dim`` (the CLIP feature size of Wan2.1-I2V's image encoder, or None).
     """
     path = Path(path)
     _check_folder(path, ("transformer", "vae"))
@@ -114,10 +116,12 @@ def read_model_info(path) -> dict:
     vae_patch = vcfg.get("patch_size") or 1
     in_channels = int(tcfg.get("in_channels", 16))
     out_channels = int(tcfg.get("out_channels") or in_channels)
-    if in_channels != z_dim or out_channels != z_dim:
+    image_to_video = in_channels == 2 * z_dim + 4 and out_channels == z_dim  # WanImageToVideoPipeline layout
+    if (in_channels != z_dim or out_channels != z_dim) and not image_to_video:
         raise ValueError(
-            f"{str(path)!r}: transformer in/out channels ({in_channels}/{out_channels}) differ from the VAE "
-            f"z_dim ({z_dim}); only text-to-video Wan models are supported (not image-to-video)"
+            f"{str(path)!r}: transformer in/out channels ({in_channels}/{out_channels}) fit neither a text-to-video "
+            f"model (both the VAE z_dim {z_dim}) nor an image-to-video one (in {2 * z_dim + 4} = latents + 4 mask + "
+            f"{z_dim} condition channels, out {z_dim})"
         )
     heads = int(tcfg.get("num_attention_heads", 40))
     head_dim = int(tcfg.get("attention_head_dim", 128))
@@ -135,6 +139,8 @@ def read_model_info(path) -> dict:
         "rope_max_seq_len": int(tcfg.get("rope_max_seq_len", 1024)),
         "model_id": _model_id(path),
         "expand_timesteps": bool(_model_index(path).get("expand_timesteps") or False),
+        "condition_channels": in_channels - z_dim if image_to_video else 0,
+        "image_dim": tcfg.get("image_dim"),
     }
 
 

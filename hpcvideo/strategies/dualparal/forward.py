@@ -42,6 +42,7 @@ def block_inputs(
     prompt_embeds: torch.Tensor,
     *,
     extra_key_frames: int = 0,
+    image_embeds: torch.Tensor | None = None,
 ) -> BlockInputs:
     """Rotary tables and condition embeddings for a window of ``latent_shape`` (B, C, F, h, w).
 
@@ -49,6 +50,8 @@ def block_inputs(
     the tick plan: timestep (B,) or per token (B, S) (:func:`hpcvideo.conditioning.token_timesteps`), prompt_embeds
     (B, text_len, text_dim). ``extra_key_frames`` latent
     frames of keys appended after the window (feature cache) get rotary positions F .. F + extra - 1.
+    ``image_embeds`` (B, tokens, image_dim): an image-to-video model's CLIP features, embedded and put
+    before the text tokens (``encoder_hidden_states``) as diffusers does.
     """
     batch_size, num_channels, num_frames, height, width = latent_shape
     p_t, p_h, p_w = transformer.config.patch_size
@@ -62,10 +65,12 @@ def block_inputs(
         probe = torch.zeros((), dtype=dtype, device=device).expand(1, 1, num_frames + extra_key_frames, height, width)
         key_rotary_emb = transformer.rope(probe)
     per_token = timestep.ndim == 2  # as WanTransformer3DModel.forward: (B, S) -> flattened, seq_len S
-    temb, timestep_proj, encoder_hidden_states, _ = transformer.condition_embedder(
-        timestep.flatten() if per_token else timestep, prompt_embeds, None,
+    temb, timestep_proj, encoder_hidden_states, image_hidden_states = transformer.condition_embedder(
+        timestep.flatten() if per_token else timestep, prompt_embeds, image_embeds,
         timestep_seq_len=timestep.shape[1] if per_token else None,
     )
+    if image_hidden_states is not None:
+        encoder_hidden_states = torch.concat([image_hidden_states, encoder_hidden_states], dim=1)
     timestep_proj = timestep_proj.unflatten(2 if per_token else 1, (6, -1))  # (B, S, 6, D) or (B, 6, D)
     return BlockInputs(
         encoder_hidden_states=encoder_hidden_states,
@@ -105,8 +110,10 @@ class ConditionCache:
             self._rope[key] = self.transformer.rope(probe)
         return self._rope[key]
 
-    def block_inputs(self, latent_shape, timestep, prompt_embeds, *, prompt_key, step_key, extra_key_frames: int = 0) -> BlockInputs:
-        """As :func:`block_inputs`, memoised. Mirrors ``WanTimeTextImageEmbedding.forward``."""
+    def block_inputs(self, latent_shape, timestep, prompt_embeds, *, prompt_key, step_key, extra_key_frames: int = 0,
+                     image_embeds: torch.Tensor | None = None) -> BlockInputs:
+        """As :func:`block_inputs`, memoised (``image_embeds``: the same for every call of a run). Mirrors
+        ``WanTimeTextImageEmbedding.forward``."""
         batch_size, num_channels, num_frames, height, width = latent_shape
         p_t, p_h, p_w = self.transformer.config.patch_size
         embedder = self.transformer.condition_embedder
@@ -132,6 +139,9 @@ class ConditionCache:
             self._time[time_key] = (temb, timestep_proj)
         if prompt_key not in self._text:
             self._text[prompt_key] = embedder.text_embedder(prompt_embeds)
+            if image_embeds is not None:  # image-to-video: image tokens before the text tokens
+                image_hidden_states = embedder.image_embedder(image_embeds)
+                self._text[prompt_key] = torch.concat([image_hidden_states, self._text[prompt_key]], dim=1)
         if timestep.ndim != 2:
             temb, timestep_proj = self._time[time_key]
         return BlockInputs(
@@ -157,10 +167,12 @@ def embed(
     prompt_embeds: torch.Tensor,
     *,
     extra_key_frames: int = 0,
+    image_embeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BlockInputs]:
     """First-stage work: :func:`patchify` + :func:`block_inputs`. latents: (B, C, F, h, w) in the
     transformer's dtype. Returns hidden_states (B, S, D) and the :class:`BlockInputs`."""
-    inputs = block_inputs(transformer, tuple(latents.shape), timestep, prompt_embeds, extra_key_frames=extra_key_frames)
+    inputs = block_inputs(transformer, tuple(latents.shape), timestep, prompt_embeds, extra_key_frames=extra_key_frames,
+                          image_embeds=image_embeds)
     return patchify(transformer, latents), inputs
 
 
@@ -194,8 +206,10 @@ def head(transformer, hidden_states: torch.Tensor, inputs: BlockInputs) -> torch
     return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def forward(transformer, latents, timestep, prompt_embeds, *, extra_key_frames: int = 0) -> torch.Tensor:
-    """The whole model: (B, C, F, h, w) -> noise_pred (B, C, F, h, w); equals ``transformer(...)``."""
-    hidden_states, inputs = embed(transformer, latents, timestep, prompt_embeds, extra_key_frames=extra_key_frames)
+def forward(transformer, latents, timestep, prompt_embeds, *, extra_key_frames: int = 0,
+            image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole model: (B, C, F, h, w) -> noise_pred (B, C_out, F, h, w); equals ``transformer(...)``."""
+    hidden_states, inputs = embed(transformer, latents, timestep, prompt_embeds, extra_key_frames=extra_key_frames,
+                                  image_embeds=image_embeds)
     hidden_states = run_blocks(transformer, hidden_states, inputs)
     return head(transformer, hidden_states, inputs)

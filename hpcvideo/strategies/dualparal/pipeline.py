@@ -256,7 +256,7 @@ class DualParalPipeline(DualParalReference):
             prompt_key = self.prompt_index_for_block(work.block_index) if branch == "cond" else "negative"
             inputs = self.conditions.block_inputs(
                 window_shape, timestep, prompt_embeds, prompt_key=prompt_key, step_key=step_key,
-                extra_key_frames=extra,
+                extra_key_frames=extra, image_embeds=self.image_embeds,
             )
             if first:
                 self._settle(work.block_index)  # its own latents and its context: after last tick's steps

@@ -50,6 +50,9 @@ class DualParalReference:
         expand_timesteps: the model takes one timestep per token (Wan2.2 TI2V): each window frame gets
             its own level (:mod:`hpcvideo.conditioning`); else one timestep per forward.
         condition: video latent frames fixed to clean latents (an image at frame 0), or none.
+        condition_channels: an image-to-video model's extra input channels
+            (:class:`hpcvideo.models.wan_i2v.ConditionChannels`, on the rank that assembles inputs), or None.
+        image_embeds: an image-to-video model's CLIP features (1, tokens, image_dim) on every rank, or None.
     """
 
     def __init__(
@@ -69,6 +72,8 @@ class DualParalReference:
         device: torch.device | str = "cpu",
         expand_timesteps: bool = False,
         condition: FrameCondition = NO_CONDITION,
+        condition_channels=None,
+        image_embeds: torch.Tensor | None = None,
     ) -> None:
         self.transformer = transformer
         self.scheduler_template = scheduler_template
@@ -88,6 +93,8 @@ class DualParalReference:
         self.dtype = transformer.dtype
         self.expand_timesteps = expand_timesteps
         self.condition = condition
+        self.condition_channels = condition_channels
+        self.image_embeds = image_embeds
         self.tick = 0
         self.blocks: dict[int, BlockState] = {}
         self.tail: tuple[int, torch.Tensor] | None = None  # last block that left: its context for the next
@@ -129,13 +136,15 @@ class DualParalReference:
         raise RuntimeError(f"context block {work.context_from} of block {work.block_index} is gone (tick {self.tick})")
 
     def _window(self, work: BlockWork) -> torch.Tensor:
-        """The block's forward input (1, C, ctx + n, h, w) float32: context ++ own latents, fixed frames
-        replaced by their clean latents."""
+        """The block's forward input (1, C_in, ctx + n, h, w) float32: context ++ own latents, fixed frames
+        replaced by their clean latents (image-to-video: the condition channels appended)."""
         block = self.blocks[work.block_index]
         context = self._context(work)
         window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
         if self.condition:
             window = self.condition.apply(window, self._window_start(work))
+        if self.condition_channels is not None:  # image-to-video: latents ++ mask ++ image latents (channels)
+            window = torch.cat([window, self.condition_channels.window(self._window_start(work), window.shape[2])], dim=1)
         return window
 
     def _window_start(self, work: BlockWork) -> int:
@@ -182,7 +191,8 @@ class DualParalReference:
         outputs = []
         for branch, prompt_embeds in branches:
             hidden_states, inputs = wan_forward.embed(
-                self.transformer, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra
+                self.transformer, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra,
+                image_embeds=self.image_embeds,
             )
             self.cache.plan = CachePlan(
                 branch=branch, record_tokens=record, append=work.append, key_rotary_emb=inputs.key_rotary_emb

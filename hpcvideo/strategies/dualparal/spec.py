@@ -8,7 +8,7 @@ writes; the other stages are stateless between ticks.
 
 from __future__ import annotations
 
-from ...conditioning import frame_condition
+from ...conditioning import frame_condition, image_to_video_inputs
 from ...noise import block_noise
 from ..base import BuildContext, StrategySpec
 from .config_rules import model_problems
@@ -47,6 +47,7 @@ class DualParalSpec(StrategySpec):
             )
 
         components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=env.is_main)
+        channels, image_embeds = image_to_video_inputs(cfg, info, ctx.model_path, components.vae, env)
         template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
         executor = DualParalPipeline(
             env=env, layers=layers, latent_shape=latent_shape,
@@ -57,6 +58,7 @@ class DualParalSpec(StrategySpec):
             feature_cache=strategy.feature_cache, noise_fn=noise_fn,
             expand_timesteps=info.get("expand_timesteps", False),
             condition=frame_condition(cfg, info, components.vae if env.is_main else None, env.device),
+            condition_channels=channels, image_embeds=None if image_embeds is None else image_embeds.to(ctx.dtype),
         )
         ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
         sink = None
