@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import cli, store_arrays
+from helpers import cli, mpi_cli, needs_mpiexec, store_arrays
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +91,16 @@ def test_one_block_equals_the_diffusers_pipeline(tmp_path, ti2v_dir, image_file,
     assert np.array_equal(frames, to_uint8(video))
 
 
-def test_a_longer_video_agrees_between_the_dualparal_executors(tmp_path, ti2v_dir, image_file):
+@pytest.fixture(scope="module")
+def long_ti2v_run(tmp_path_factory, ti2v_dir, image_file):
+    """(argv, latents) of a 3-block TI2V run started from the image, on one rank in this process."""
+    out = tmp_path_factory.mktemp("long-ti2v") / "run.zarr"
+    argv = _args(ti2v_dir, "--image", str(image_file))
+    cli("generate", "tiny-test", "--output", out, "--frames", "33", *argv)  # 9 latent frames = 3 blocks
+    return argv, store_arrays(out)[0]
+
+
+def test_a_longer_video_agrees_between_the_dualparal_executors(long_ti2v_run, ti2v_dir, image_file):
     """Three blocks with context and feature cache, started from an image: the run (the pipeline executor)
     equals the single-process reference executor; the first latent frame is the image's latent."""
     from hpcvideo.conditioning import encode_image, frame_condition
@@ -100,11 +109,7 @@ def test_a_longer_video_agrees_between_the_dualparal_executors(tmp_path, ti2v_di
     from hpcvideo.noise import block_noise
     from hpcvideo.strategies.dualparal.reference import DualParalReference
 
-    out = tmp_path / "run.zarr"
-    argv = _args(ti2v_dir, "--image", str(image_file))
-    cli("generate", "tiny-test", "--output", out, "--frames", "33", *argv)  # 9 latent frames = 3 blocks
-    latents, _ = store_arrays(out)
-
+    argv, latents = long_ti2v_run
     overrides = [a for a in argv[1::2] if "=" in a] + [f"condition.image={image_file}"]
     cfg = load_config("tiny-test", overrides, num_frames=33, check_paths=False)
     family = family_of(cfg)
@@ -128,6 +133,15 @@ def test_a_longer_video_agrees_between_the_dualparal_executors(tmp_path, ti2v_di
     assert np.array_equal(latents, expected)
     image_latent = encode_image(components.vae, image_file, height=HEIGHT, width=WIDTH, device="cpu")
     assert np.array_equal(latents[0], image_latent[0, :, 0].numpy())
+
+
+@needs_mpiexec
+@pytest.mark.mpi
+def test_two_ranks_equal_one_rank(tmp_path, long_ti2v_run):
+    """Per-token timesteps and the image latent across two pipeline stages: the same bits as one rank."""
+    argv, latents = long_ti2v_run
+    mpi_cli(2, "generate", "tiny-test", "--output", tmp_path / "two.zarr", "--frames", "33", *argv)
+    assert np.array_equal(store_arrays(tmp_path / "two.zarr")[0], latents)
 
 
 def test_a_changed_image_is_not_resumed_and_bad_images_are_refused(tmp_path, ti2v_dir, tiny_model_dir, image_file):
@@ -209,7 +223,16 @@ def test_image_to_video_checkpoints_refuse_what_they_cannot_run(tmp_path, i2v_di
     vi = cli("generate", "tiny-test", "--output", tmp_path / "b.zarr", *model, "--image", str(image_file),
              *VI_EXACT, check=False)
     assert vi.returncode == 2 and "DualParal only" in vi.stderr, vi.stderr
-    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    import json
+    import shutil
+
+    flf2v = shutil.copytree(i2v_dirs["wan2.1"], tmp_path / "flf2v")  # first-last-frame: two images, refused
+    config = json.loads((flf2v / "transformer" / "config.json").read_text())
+    (flf2v / "transformer" / "config.json").write_text(json.dumps({**config, "pos_embed_seq_len": 34}))
+    two = cli("generate", "tiny-test", "--output", tmp_path / "c.zarr", "--set", f"model.path={flf2v}", "--image",
+              str(image_file), check=False)
+    assert two.returncode == 2 and "first-last-frame" in two.stderr, two.stderr
+    assert not any((tmp_path / name).exists() for name in ("a.zarr", "b.zarr", "c.zarr"))
 
 
 def _ti2v_5b_configs(path):

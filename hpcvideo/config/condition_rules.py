@@ -66,6 +66,10 @@ def model_problems(cfg, info: dict) -> list[str]:
     name = info.get("model_id", cfg.model.path)
     if info.get("condition_channels"):
         problems = []
+        if info.get("pos_embed_seq_len"):
+            problems.append(f"model.path={cfg.model.path!r}: {name} is a first-last-frame checkpoint (transformer "
+                            "pos_embed_seq_len: two images); not supported; allowed: a text-to-video, TI2V or "
+                            "image-to-video (one image) Wan checkpoint")
         if image is None:
             problems.append(f"condition.image=None: {name} is an image-to-video model; allowed: an image file "
                             "(--image PATH)")

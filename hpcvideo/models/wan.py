@@ -141,6 +141,7 @@ def read_model_info(path) -> dict:
         "expand_timesteps": bool(_model_index(path).get("expand_timesteps") or False),
         "condition_channels": in_channels - z_dim if image_to_video else 0,
         "image_dim": tcfg.get("image_dim"),
+        "pos_embed_seq_len": tcfg.get("pos_embed_seq_len"),  # set by first-last-frame (FLF2V) checkpoints
     }
 
 
