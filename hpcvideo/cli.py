@@ -38,7 +38,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override a config key, e.g. --set sampling.num_inference_steps=20 (repeatable; YAML values)",
     )
     parser.add_argument("--image", dest="overrides", action=_SetKey, key="condition.image", metavar="PATH",
-                        help="start the video from this image (overrides condition.image; Wan2.2 TI2V models)")
+                        help="start the video from this image (overrides condition.image; Wan2.2 TI2V and "
+                        "image-to-video models)")
+    parser.add_argument("--init-video", dest="overrides", action=_SetKey, key="condition.init_video", metavar="PATH",
+                        help="continue this video: its last frames are the first block's context (condition.init_video)")
+    parser.add_argument("--init-store", dest="overrides", action=_SetKey, key="condition.init_store",
+                        metavar="RUN.zarr", help="continue the video of this run store (condition.init_store)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,7 +97,7 @@ def long_ti2v_run(tmp_path_factory, ti2v_dir, image_file):
     out = tmp_path_factory.mktemp("long-ti2v") / "run.zarr"
     argv = _args(ti2v_dir, "--image", str(image_file))
     cli("generate", "tiny-test", "--output", out, "--frames", "33", *argv)  # 9 latent frames = 3 blocks
-    return argv, store_arrays(out)[0]
+    return argv, store_arrays(out)[0], out
 
 
 def test_a_longer_video_agrees_between_the_dualparal_executors(long_ti2v_run, ti2v_dir, image_file):
@@ -109,7 +109,7 @@ def test_a_longer_video_agrees_between_the_dualparal_executors(long_ti2v_run, ti
     from hpcvideo.noise import block_noise
     from hpcvideo.strategies.dualparal.reference import DualParalReference
 
-    argv, latents = long_ti2v_run
+    argv, latents, _ = long_ti2v_run
     overrides = [a for a in argv[1::2] if "=" in a] + [f"condition.image={image_file}"]
     cfg = load_config("tiny-test", overrides, num_frames=33, check_paths=False)
     family = family_of(cfg)
@@ -139,9 +139,80 @@ def test_a_longer_video_agrees_between_the_dualparal_executors(long_ti2v_run, ti
 @pytest.mark.mpi
 def test_two_ranks_equal_one_rank(tmp_path, long_ti2v_run):
     """Per-token timesteps and the image latent across two pipeline stages: the same bits as one rank."""
-    argv, latents = long_ti2v_run
+    argv, latents, _ = long_ti2v_run
     mpi_cli(2, "generate", "tiny-test", "--output", tmp_path / "two.zarr", "--frames", "33", *argv)
     assert np.array_equal(store_arrays(tmp_path / "two.zarr")[0], latents)
+
+
+@pytest.mark.parametrize("timesteps", ["per-token", "per-sample"])
+def test_continue_a_video_from_a_store(tmp_path, long_ti2v_run, ti2v_dir, timesteps):
+    """``--init-store``: block 0 reads the VAE latents of the earlier video's last frames as its context (clean
+    at timestep 0 for a per-token model; re-noised one step ahead of block 0 otherwise): the run equals the
+    reference executor given those latents, encoded here from the store's frames."""
+    import json
+    import shutil
+
+    from hpcvideo.config import RunConfig
+    from hpcvideo.continuation import InitContext, encode_frames
+    from hpcvideo.models.family import family_of
+    from hpcvideo.noise import block_noise
+    from hpcvideo.store import RunStore
+    from hpcvideo.strategies.dualparal.reference import DualParalReference
+
+    _, _, previous = long_ti2v_run
+    model = ti2v_dir
+    if timesteps == "per-sample":  # the same weights as a text-to-video model (one timestep per forward)
+        model = shutil.copytree(ti2v_dir, tmp_path / "t2v")
+        index = json.loads((model / "model_index.json").read_text())
+        (model / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": False}))
+    out = tmp_path / "next.zarr"
+    cli("generate", "tiny-test", "--output", out, "--frames", "21", *_args(model, "--init-store", str(previous)))
+    latents, _ = store_arrays(out)
+    cfg = RunConfig.from_dict(RunStore.open(out).attrs["config"])
+    assert cfg.condition.init_sha256 and cfg.condition.init_store == str(previous)
+
+    family = family_of(cfg)
+    components = family.load(model, device="cpu", dtype=torch.float32, denoiser=True, vae=True, text=True)
+    embeds, negative = family.encode_prompts(components, cfg, dtype=torch.float32)
+    template = family.make_scheduler(cfg, components.scheduler_config, "cpu")
+    last = RunStore.open(previous).read_frames(32, 33)  # context 1 latent frame = the last pixel frame
+    context = InitContext(encode_frames(components.vae, last, height=HEIGHT, width=WIDTH, device="cpu"),
+                          sigmas=template.sigmas, seed=0, clean=timesteps == "per-token")
+    reference = DualParalReference(
+        transformer=components.model, scheduler_template=template, prompt_embeds=embeds, negative_prompt_embeds=negative,
+        prompt_index_for_block=cfg.prompt_index_for_block, guidance_scale=GUIDANCE, num_blocks=2, block_latent_frames=3,
+        context_latent_frames=1, feature_cache=True, expand_timesteps=timesteps == "per-token",
+        noise_fn=lambda j: block_noise(seed=0, block_index=j, block_latent_frames=3, context_latent_frames=1,
+                                       latent_channels=8, latent_height=4, latent_width=4),
+        initial_context=True, init_context=context,
+    )
+    blocks = {}
+    while not reference.done:
+        blocks.update(reference.run_tick())
+    reference.close()
+    assert np.array_equal(latents, torch.cat([blocks[0], blocks[1]], dim=2)[0].permute(1, 0, 2, 3).numpy())
+    plain = tmp_path / "plain.zarr"  # the same run without the earlier video differs
+    cli("generate", "tiny-test", "--output", plain, "--frames", "21", *_args(model))
+    assert not np.array_equal(store_arrays(plain)[0], latents)
+
+
+def test_continue_a_video_file(tmp_path, long_ti2v_run, ti2v_dir):
+    """``--init-video`` reads an mp4 (PyAV; the frames after compression); bad inputs are refused by name."""
+    _, _, previous = long_ti2v_run
+    video = tmp_path / "previous.mp4"
+    cli("export", previous, video)
+    cli("generate", "tiny-test", "--output", tmp_path / "a.zarr", "--frames", "9", *_args(ti2v_dir, "--init-video", str(video)))
+    assert store_arrays(tmp_path / "a.zarr")[0].shape == (3, 8, 4, 4)
+    both = cli("generate", "tiny-test", "--output", tmp_path / "b.zarr", *_args(ti2v_dir, "--init-video", str(video),
+               "--init-store", str(previous)), check=False)
+    assert both.returncode == 2 and "condition.init_video=" in both.stderr and "condition.init_store=" in both.stderr
+    missing = cli("generate", "tiny-test", "--output", tmp_path / "c.zarr", "--init-store", str(tmp_path / "no.zarr"),
+                  check=False)
+    assert missing.returncode == 2 and "is not a run store" in missing.stderr
+    vi = cli("generate", "tiny-test", "--output", tmp_path / "d.zarr", *_args(ti2v_dir, "--init-video", str(video)),
+             *VI_EXACT, check=False)
+    assert vi.returncode == 2 and "needs DualParal" in vi.stderr
+    assert not any((tmp_path / n).exists() for n in ("b.zarr", "c.zarr", "d.zarr"))
 
 
 def test_a_changed_image_is_not_resumed_and_bad_images_are_refused(tmp_path, ti2v_dir, tiny_model_dir, image_file):

@@ -203,6 +203,11 @@ class ConditionConfig:
     # SHA-256 of the image file's bytes: derived (filled in from the file when the run is resolved), so a
     # changed image at the same path is a different run and is not resumed
     image_sha256: str | None = None
+    # continue a video: its last frames (encoded with the model's VAE) become the context of the first block
+    # (DualParal, strategy.context_latent_frames of them): an mp4 file, or a run store's frames; null = none
+    init_video: str | None = None
+    init_store: str | None = None
+    init_sha256: str | None = None  # derived: SHA-256 of the init video's file, or of the store's frames used
 
 
 @dataclass(kw_only=True)

@@ -55,9 +55,11 @@ def in_flight(tick: int, *, num_blocks: int, num_inference_steps: int) -> range:
 
 
 def tick_plan(
-    tick: int, *, num_blocks: int, num_inference_steps: int, context_latent_frames: int, feature_cache: bool
+    tick: int, *, num_blocks: int, num_inference_steps: int, context_latent_frames: int, feature_cache: bool,
+    initial_context: bool = False,
 ) -> list[BlockWork]:
-    """The work of ``tick``, newest block first. Raises ValueError for a tick outside the run."""
+    """The work of ``tick``, newest block first. ``initial_context``: block 0 has a context too, the last
+    frames of a video it continues (``context_from`` -1). Raises ValueError for a tick outside the run."""
     if not 0 <= tick < num_ticks(num_blocks, num_inference_steps):
         raise ValueError(f"tick={tick} outside the run's 0..{num_ticks(num_blocks, num_inference_steps) - 1}")
     blocks = in_flight(tick, num_blocks=num_blocks, num_inference_steps=num_inference_steps)
@@ -69,7 +71,7 @@ def tick_plan(
             BlockWork(
                 block_index=j,
                 step_index=step_index,
-                context_from=j - 1 if (j > 0 and context_latent_frames > 0) else None,
+                context_from=j - 1 if ((j > 0 or initial_context) and context_latent_frames > 0) else None,
                 record=cache and (j - 1) in blocks,
                 append=cache and (j + 1) in blocks,
                 enters=step_index == 0,

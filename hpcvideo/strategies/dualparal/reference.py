@@ -53,6 +53,8 @@ class DualParalReference:
         condition_channels: an image-to-video model's extra input channels
             (:class:`hpcvideo.models.wan_i2v.ConditionChannels`, on the rank that assembles inputs), or None.
         image_embeds: an image-to-video model's CLIP features (1, tokens, image_dim) on every rank, or None.
+        initial_context: block 0 continues an earlier video (every rank); ``init_context``: its context
+            (:class:`hpcvideo.continuation.InitContext`) on the rank that holds the queue.
     """
 
     def __init__(
@@ -74,6 +76,8 @@ class DualParalReference:
         condition: FrameCondition = NO_CONDITION,
         condition_channels=None,
         image_embeds: torch.Tensor | None = None,
+        initial_context: bool = False,
+        init_context=None,
     ) -> None:
         self.transformer = transformer
         self.scheduler_template = scheduler_template
@@ -95,6 +99,8 @@ class DualParalReference:
         self.condition = condition
         self.condition_channels = condition_channels
         self.image_embeds = image_embeds
+        self.initial_context = initial_context and context_latent_frames > 0
+        self.init_context = init_context
         self.tick = 0
         self.blocks: dict[int, BlockState] = {}
         self.tail: tuple[int, torch.Tensor] | None = None  # last block that left: its context for the next
@@ -127,6 +133,8 @@ class DualParalReference:
     def _context(self, work: BlockWork) -> torch.Tensor | None:
         if work.context_from is None:
             return None
+        if work.context_from == -1:  # the video this one continues
+            return self.init_context.at(work.step_index)
         c = self.context_latent_frames
         source = self.blocks.get(work.context_from)
         if source is not None:
@@ -161,6 +169,8 @@ class DualParalReference:
         num_context = self.context_latent_frames if work.context_from is not None else 0
         after = work.step_index + 1  # the previous block's steps at the start of this tick
         context_t = self.timesteps[after] if after < self.num_inference_steps else torch.zeros_like(t)
+        if work.context_from == -1:  # a continued video's frames: clean
+            context_t = torch.zeros_like(t)
         steps = [context_t] * num_context + [t] * self.block_latent_frames
         levels = frame_levels(steps, self.condition.mask(self._window_start(work), len(steps)))
         return token_timesteps(levels, tokens_per_frame), ("tokens", tuple(levels.tolist()))
@@ -222,6 +232,7 @@ class DualParalReference:
         return tick_plan(
             self.tick, num_blocks=self.num_blocks, num_inference_steps=self.num_inference_steps,
             context_latent_frames=self.context_latent_frames, feature_cache=self.feature_cache,
+            initial_context=self.initial_context,
         )
 
     def _enter(self, plan: list[BlockWork]) -> None:

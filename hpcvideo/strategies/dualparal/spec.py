@@ -9,6 +9,7 @@ writes; the other stages are stateless between ticks.
 from __future__ import annotations
 
 from ...conditioning import frame_condition, image_to_video_inputs
+from ...continuation import init_context
 from ...noise import block_noise
 from ..base import BuildContext, StrategySpec
 from .config_rules import model_problems
@@ -59,6 +60,8 @@ class DualParalSpec(StrategySpec):
             expand_timesteps=info.get("expand_timesteps", False),
             condition=frame_condition(cfg, info, components.vae if env.is_main else None, env.device),
             condition_channels=channels, image_embeds=None if image_embeds is None else image_embeds.to(ctx.dtype),
+            initial_context=cfg.condition.init_video is not None or cfg.condition.init_store is not None,
+            init_context=init_context(cfg, info, components.vae if env.is_main else None, template, env.device),
         )
         ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
         sink = None
