@@ -68,8 +68,8 @@ def _pipeline_latents(model, noise, image):
     return out.frames[0].permute(1, 0, 2, 3).numpy(), pipe.vae
 
 
-@pytest.mark.parametrize("strategy", ["dualparal", "videoinfinity"])
-@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+@pytest.mark.parametrize("strategy, with_image", [("dualparal", False), ("dualparal", True), ("videoinfinity", True)],
+                         ids=["dualparal-text", "dualparal-image", "videoinfinity-image"])
 def test_one_block_equals_the_diffusers_pipeline(tmp_path, ti2v_dir, image_file, strategy, with_image):
     from hpcvideo.decode import decode_latents, to_uint8
     from hpcvideo.noise import block_noise, frame_noise
@@ -249,8 +249,7 @@ def i2v_dirs(hpcvideo_cache):
 @pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
 def test_image_to_video_checkpoints_equal_the_i2v_pipeline(tmp_path, i2v_dirs, image_file, layout):
     """One block of an image-to-video checkpoint (mask + image-latent channels; Wan2.1: CLIP image tokens in
-    every cross-attention) equals WanImageToVideoPipeline bit for bit; a longer video (3 blocks, context and
-    feature cache) keeps the same first block's inputs and runs to the end on DualParal."""
+    every cross-attention) equals WanImageToVideoPipeline bit for bit."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
     from diffusers.utils import load_image
 
@@ -278,11 +277,6 @@ def test_image_to_video_checkpoints_equal_the_i2v_pipeline(tmp_path, i2v_dirs, i
                     height=64, width=64, num_frames=9, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                     latents=noise.clone(), output_type="latent").frames[0].permute(1, 0, 2, 3).numpy()
     assert np.array_equal(latents, expected)
-    if layout == "wan2.1":
-        cli("generate", "tiny-test", "--output", tmp_path / "long.zarr", "--frames", "33", *argv)
-        long_latents, frames = store_arrays(tmp_path / "long.zarr")
-        assert long_latents.shape == (9, 4, 8, 8) and frames.shape == (33, 64, 64, 3)
-        assert np.isfinite(long_latents).all()
 
 
 def test_image_to_video_checkpoints_refuse_what_they_cannot_run(tmp_path, i2v_dirs, image_file):
