@@ -209,10 +209,12 @@ def test_continue_a_video_file(tmp_path, long_ti2v_run, ti2v_dir):
     missing = cli("generate", "tiny-test", "--output", tmp_path / "c.zarr", "--init-store", str(tmp_path / "no.zarr"),
                   check=False)
     assert missing.returncode == 2 and "is not a run store" in missing.stderr
+    decode_only = cli("generate", "tiny-test", "--output", tmp_path / "e.zarr", "--init-store", str(previous), check=False)
+    assert decode_only.returncode == 2 and "cannot encode" in decode_only.stderr, decode_only.stderr
     vi = cli("generate", "tiny-test", "--output", tmp_path / "d.zarr", *_args(ti2v_dir, "--init-video", str(video)),
              *VI_EXACT, check=False)
     assert vi.returncode == 2 and "needs DualParal" in vi.stderr
-    assert not any((tmp_path / n).exists() for n in ("b.zarr", "c.zarr", "d.zarr"))
+    assert not any((tmp_path / n).exists() for n in ("b.zarr", "c.zarr", "d.zarr", "e.zarr"))
 
 
 def test_a_changed_image_is_not_resumed_and_bad_images_are_refused(tmp_path, ti2v_dir, tiny_model_dir, image_file):

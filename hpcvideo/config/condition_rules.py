@@ -121,7 +121,20 @@ def _store_frames_sha256(cfg) -> str | None:
 def model_problems(cfg, info: dict) -> list[str]:
     """Problems of ``cfg``'s ``condition`` with the model whose JSON facts are ``info`` (no weights): an image
     needs a model that takes one (``expand_timesteps``: Wan2.2 TI2V; or an image-to-video checkpoint, which
-    needs one, on DualParal, with max_sequence_length 512 when it has an image encoder). One line each."""
+    needs one, on DualParal, with max_sequence_length 512 when it has an image encoder); an image or a video
+    to continue needs a VAE that encodes. One line each."""
+    problems = _model_kind_problems(cfg, info)
+    c = cfg.condition
+    uses_vae = [f"condition.{k}={v!r}" for k, v in (("image", c.image), ("init_video", c.init_video),
+                                                    ("init_store", c.init_store)) if v is not None]
+    if not problems and uses_vae and info.get("vae_encodes") is False:
+        problems.append(f"{uses_vae[0]}: the VAE of {info.get('model_id', cfg.model.path)} cannot encode (no residual "
+                        "blocks: a decode-only test VAE such as the tiny Wan's); allowed: null, or a model whose VAE "
+                        "encodes")
+    return problems
+
+
+def _model_kind_problems(cfg, info: dict) -> list[str]:
     image = cfg.condition.image
     name = info.get("model_id", cfg.model.path)
     if info.get("condition_channels"):

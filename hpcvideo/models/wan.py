@@ -95,7 +95,8 @@ def read_model_info(path) -> dict:
     ``attention_head_dim``, ``text_dim``, ``ffn_dim``, ``rope_max_seq_len``, ``model_id``, and
     ``expand_timesteps`` (model_index.json: the pipeline passes one timestep per token, Wan2.2 TI2V),
     ``condition_channels`` (image-to-video: the 4 mask + z_dim image-latent input channels after the
-    latents; 0 for text-to-video) and ``image_dim`` (the CLIP feature size of Wan2.1-I2V's image encoder, or None).
+    latents; 0 for text-to-video), ``image_dim`` (the CLIP feature size of Wan2.1-I2V's image encoder, or None),
+    ``pos_embed_seq_len`` (first-last-frame checkpoints) and ``vae_encodes`` (False for a VAE that can only decode).
     """
     path = Path(path)
     _check_folder(path, ("transformer", "vae"))
@@ -142,6 +143,8 @@ def read_model_info(path) -> dict:
         "condition_channels": in_channels - z_dim if image_to_video else 0,
         "image_dim": tcfg.get("image_dim"),
         "pos_embed_seq_len": tcfg.get("pos_embed_seq_len"),  # set by first-last-frame (FLF2V) checkpoints
+        # the encoder changes its width inside residual blocks: without any (the tiny Wan2.1) it cannot encode
+        "vae_encodes": int(vcfg.get("num_res_blocks", 2)) >= 1 or len(set(vcfg.get("dim_mult", [1, 2, 4, 4]))) == 1,
     }
 
 
