@@ -15,6 +15,18 @@ import warnings
 from pathlib import Path
 
 
+class _SetKey(argparse.Action):
+    """An option that is a shortcut for ``--set KEY=VALUE`` (the value kept a string)."""
+
+    def __init__(self, *args, key: str, **kwargs) -> None:
+        self.key = key
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        overrides = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, overrides + [f"{self.key}={json.dumps(values)}"])
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file or preset name in configs/ (e.g. tiny-cpu)")
     parser.add_argument("--output", "-o", help="run store path (overrides store.path)")
@@ -25,6 +37,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set sampling.num_inference_steps=20 (repeatable; YAML values)",
     )
+    parser.add_argument("--image", dest="overrides", action=_SetKey, key="condition.image", metavar="PATH",
+                        help="start the video from this image (overrides condition.image; Wan2.2 TI2V and "
+                        "image-to-video models)")
+    parser.add_argument("--init-video", dest="overrides", action=_SetKey, key="condition.init_video", metavar="PATH",
+                        help="continue this video: its last frames are the first block's context (condition.init_video)")
+    parser.add_argument("--init-store", dest="overrides", action=_SetKey, key="condition.init_store",
+                        metavar="RUN.zarr", help="continue the video of this run store (condition.init_store)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,7 +136,11 @@ def format_counts(counts: list[int]) -> str:
 def resolve_config(cfg: RunConfig, world_size: int) -> RunConfig:
     """``cfg`` with every value derived from the rank count filled in (Video-Infinity's null
     ``strategy.clip_latent_frames`` -> ceil(L / world_size)); ``cfg`` itself when nothing is derived.
-    The resolved config is what a run store records, so a resume with the same command matches."""
+    The resolved config is what a run store records, so a resume with the same command matches. An image
+    condition gets its file's SHA-256 (``condition.image_sha256``), so a changed image is not resumed."""
+    from .config.condition_rules import with_image_hash
+
+    cfg = with_image_hash(cfg)
     if cfg.strategy.name != "videoinfinity" or cfg.strategy.clip_latent_frames is not None:
         return cfg
     from .config import RunConfig

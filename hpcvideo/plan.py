@@ -10,7 +10,8 @@ F FFN size, p = tokens per latent frame = (h/2)(w/2), b = bytes per element of `
                  rank 0 also holds the VAE (float32) and, while prompts are encoded, the text encoder
     activations  one block forward at a time: S = (c + n) p tokens (+ c p cached K/V tokens);
                  g S (6 D + F) b  (residual, norm, q, k, v, attention out; FFN hidden) + SDPA without
-                 an S x S matrix (fused attention)
+                 an S x S matrix (fused attention); per-token timesteps (Wan2.2 TI2V) add
+                 S 6 D 4 (a block's float32 modulation) + 4 S 7 D b (the last 4 windows' embeddings)
     caches       feature cache (strategies/dualparal/attention.py): K/V of c p tokens per own layer
                  and branch, for two blocks at a time (the one being appended, the one being
                  recorded): min(K, 2) g 2 (c p) D b |layers[r]|
@@ -218,6 +219,9 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
         work = tick_plan(t, num_blocks=B, num_inference_steps=T, context_latent_frames=c, feature_cache=st.feature_cache)
         total_hidden += sum(g * ((c if wk.context_from is not None else 0) + n) * p * D * b for wk in work)
         total_feedback += len(work) * C * n * h * w * b
+    # per-token timesteps (expand_timesteps, Wan2.2 TI2V): a block's float32 (S, 6, D) modulation, and the
+    # (S, 6, D) + (S, D) condition embeddings the stage keeps for the last 4 windows (forward.ConditionCache)
+    token_time = S * 6 * D * 4 + 4 * S * 7 * D * b if info.get("expand_timesteps") else 0
     plan = Plan(model_id=info["model_id"], num_ranks=ranks, num_blocks=B, num_ticks=ticks, blocks_in_flight=K,
                 tokens_per_block_forward=S, throughput_tflops=throughput_tflops)
     for r, rng in enumerate(layers):
@@ -233,7 +237,7 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
             weights_bytes=shared + sum(block_bytes[i] for i in rng),
             vae_bytes=sizes["vae"] if r == 0 else 0,
             text_encoder_bytes=sizes["text_encoder"] if r == 0 else 0,
-            activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0),
+            activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0) + token_time,
             caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
             queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),
             sent_bytes_per_tick=0 if ranks == 1 else (feedback_bytes if r == ranks - 1 else hidden_bytes),

@@ -145,7 +145,7 @@ def test_tiny_cpu_numbers():
     assert (cfg.store.checkpoint_every_ticks, cfg.store.checkpoint_every_s) == (4, 60.0)
 
 
-@pytest.mark.parametrize("name, gpus", [("wan2.1-t2v-1.3b", 4), ("wan2.1-t2v-14b", 8)])
+@pytest.mark.parametrize("name, gpus", [("wan2.1-t2v-1.3b", 4), ("wan2.1-t2v-14b", 8), ("wan2.2-ti2v-5b", 4)])
 def test_real_model_presets(name, gpus):
     cfg = load_config(name, check_paths=False)
     assert cfg.model.dtype == "bfloat16" and cfg.strategy.block_latent_frames == 8

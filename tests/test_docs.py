@@ -77,6 +77,10 @@ NOT_RUN: dict[str, str] = {
     f"hpcvideo check wan2.1-t2v-1.3b {MODEL} --ranks 4": CHECKPOINT,
     f"hpcvideo plan wan2.1-t2v-1.3b {MODEL} --set cluster.gpu_mem_gb=80": CHECKPOINT,
     f"hpcvideo submit wan2.1-t2v-1.3b {MODEL} --output runs/long.zarr": f"{CLUSTER}; {CHECKPOINT}",
+    "hpcvideo generate wan2.2-ti2v-5b --set model.path=/models/Wan2.2-TI2V-5B-Diffusers --image first.png "
+    "-o runs/fox.zarr": "needs a real Wan2.2-TI2V-5B checkpoint and an image (tests/test_conditioning.py runs tiny ones)",
+    "hpcvideo plan wan2.2-ti2v-5b --set model.path=/models/Wan2.2-TI2V-5B-Diffusers --set cluster.gpu_mem_gb=80":
+        "needs the real checkpoint's configs (tests/test_conditioning.py plans the preset on them)",
     f"sbatch slurm/generate.sbatch wan2.1-t2v-1.3b {MODEL} --output runs/long.zarr": f"{CLUSTER}; {CHECKPOINT}",
     "HPCVIDEO_RUN=runs/tiny-cpu.zarr jupyter lab notebooks/inspect_run.ipynb":
         "starts an interactive JupyterLab server (the same notebook runs headless with `jupyter execute`)",

@@ -30,12 +30,9 @@ def variant(tmp_path, source, name, *, index=None, transformer=None):
 
 # what a folder sets -> the name the refusal must give
 UNSUPPORTED = {
-    "ti2v": ({"expand_timesteps": True}, None, "expand_timesteps"),
-    "i2v-encoder": ({"image_encoder": ["transformers", "CLIPVisionModel"]}, None, "image_encoder"),
-    "i2v-processor": ({"image_processor": ["transformers", "CLIPImageProcessor"]}, None, "image_processor"),
-    "i2v-pipeline": ({"_class_name": "WanImageToVideoPipeline"}, None, "WanImageToVideoPipeline"),
     "vace": ({"vace_encoder": ["diffusers", "Something"]}, None, "vace_encoder"),
-    "image-dim": (None, {"image_dim": 1280}, "image_dim"),
+    "flf2v": (None, {"pos_embed_seq_len": 514}, "pos_embed_seq_len"),
+    "pipeline": ({"_class_name": "WanVACEPipeline"}, None, "WanVACEPipeline"),
 }
 
 
@@ -59,7 +56,7 @@ def test_a_folder_naming_what_hpcvideo_does_not_use_is_refused_by_name(tmp_path,
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("case", ["ti2v", "i2v-encoder", "i2v-pipeline", "image-dim"])
+@pytest.mark.parametrize("case", ["flf2v"])
 def test_support_lands_by_leaving_the_one_list(tmp_path, tiny_model_dir, monkeypatch, case):
     """REFUSED is the one place: without the entry's name there, the same folder is no longer refused."""
     index, transformer, name = UNSUPPORTED[case]
@@ -73,11 +70,11 @@ def test_support_lands_by_leaving_the_one_list(tmp_path, tiny_model_dir, monkeyp
 def test_refused_before_any_work(tmp_path, tiny_model_dir, command):
     """check, plan and generate (and so sbatch/submit, which run the same checks) exit 2 naming the entry,
     and nothing is created."""
-    folder = variant(tmp_path, tiny_model_dir, "ti2v", index={"expand_timesteps": True})
+    folder = variant(tmp_path, tiny_model_dir, "vace", index={"vace_encoder": ["diffusers", "Something"]})
     output = tmp_path / "run.zarr"
     result = cli(command, "tiny-test", "--set", f"model.path={folder}", "--output", output, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "expand_timesteps=true" in result.stderr and "Traceback" not in result.stderr
+    assert "vace_encoder=" in result.stderr and "Traceback" not in result.stderr
     assert not output.exists()
 
 

@@ -196,6 +196,23 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True)
+class ConditionConfig:
+    """``condition``: what the video starts from besides the prompt."""
+
+    # an image file (PNG/JPEG/...) the video starts from: Wan2.2 TI2V (expand_timesteps) takes its VAE latent
+    # as the first latent frame, at timestep 0 (as diffusers' WanImageToVideoPipeline); null = text only
+    image: str | None = None
+    # SHA-256 of the image file's bytes: derived (filled in from the file when the run is resolved), so a
+    # changed image at the same path is a different run and is not resumed
+    image_sha256: str | None = None
+    # continue a video: its last frames (encoded with the model's VAE) become the context of the first block
+    # (DualParal, strategy.context_latent_frames of them): an mp4 file, or a run store's frames; null = none
+    init_video: str | None = None
+    init_store: str | None = None
+    init_sha256: str | None = None  # derived: SHA-256 of the init video's file, or of the store's frames used
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """The whole run: one validated tree. Build it with :func:`load_config` or :meth:`from_dict`."""
 
@@ -206,6 +223,7 @@ class RunConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
 
     @property
     def num_latent_frames(self) -> int:

@@ -230,6 +230,9 @@ def _check_paths(cfg: RunConfig, bad: set[str]) -> list[str]:
             errors.append(f"model.path={path!r} is not a directory; {allowed}")
         elif not (p / "model_index.json").is_file():
             errors.append(f"model.path={path!r} has no model_index.json (not a diffusers-format folder); {allowed}")
+    from .condition_rules import path_problems  # condition.image: an existing image file
+
+    errors += path_problems(cfg, bad)
     if "store.path" not in bad:
         if cfg.store.path is None:
             errors.append("store.path=None is not set: pass --output or set store.path "

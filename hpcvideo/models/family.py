@@ -119,8 +119,9 @@ class WanFamily(ModelFamily):
                               num_inference_steps=s.num_inference_steps, device=device)
 
     def noise_pred(self, model, latents, t, prompt_embeds, negative, scheduler, dtype):
-        # as WanPipeline: the conditional forward, then the unconditional one
-        timestep = t.expand(latents.shape[0])
+        # as WanPipeline: the conditional forward, then the unconditional one; t: a timestep, or per token
+        # (B, S) for an expand_timesteps model (hpcvideo.conditioning.token_timesteps)
+        timestep = t if t.ndim == 2 else t.expand(latents.shape[0])
         cond = model(latents.to(dtype), timestep, prompt_embeds, return_dict=False)[0].float()
         if negative is None:
             return cond, None

@@ -28,12 +28,7 @@ from ..config.schema import ConfigError
 # What a folder may name that hpcvideo does not use yet: name -> what it is (for the message).
 # model_index.json entries, denoiser config.json keys and pipeline classes share the list (no name collides).
 REFUSED: dict[str, str] = {
-    "expand_timesteps": "per-token timesteps of Wan2.2 TI2V",
-    "image_encoder": "the image encoder of an image-to-video model",
-    "image_processor": "the image processor of an image-to-video model",
-    "image_dim": "image-embedding input of an image-to-video transformer",
-    "added_kv_proj_dim": "image key/value projections of an image-to-video transformer",
-    "WanImageToVideoPipeline": "Wan image-to-video",
+    "pos_embed_seq_len": "the two-image position embedding of a Wan first-last-frame (FLF2V) transformer",
 }
 
 # model_index.json entries hpcvideo knows, per family (besides the "_"-prefixed metadata): used unless in REFUSED.

@@ -101,7 +101,11 @@ def read_model_info(path) -> dict:
     (["transformer"], or Wan2.2 A14B's ["transformer", "transformer_2"]) and ``boundary_timestep``
     (None, or where the experts switch: :mod:`hpcvideo.models.experts`). Raises
     :class:`hpcvideo.models.support.UnsupportedModelError` (a ValueError) naming what the folder sets
-    that hpcvideo does not use.
+    that hpcvideo does not use. Also ``expand_timesteps`` (model_index.json: the pipeline passes one
+    timestep per token, Wan2.2 TI2V), ``condition_channels`` (image-to-video: the 4 mask + z_dim
+    image-latent input channels after the latents; 0 for text-to-video), ``image_dim`` (the CLIP feature
+    size of Wan2.1-I2V's image encoder, or None), ``pos_embed_seq_len`` (first-last-frame checkpoints) and
+    ``vae_encodes`` (False for a VAE that can only decode).
     """
     path = Path(path)
     _check_folder(path, ("transformer", "vae"))
@@ -123,10 +127,12 @@ def read_model_info(path) -> dict:
     vae_patch = vcfg.get("patch_size") or 1
     in_channels = int(tcfg.get("in_channels", 16))
     out_channels = int(tcfg.get("out_channels") or in_channels)
-    if in_channels != z_dim or out_channels != z_dim:
+    image_to_video = in_channels == 2 * z_dim + 4 and out_channels == z_dim  # WanImageToVideoPipeline layout
+    if (in_channels != z_dim or out_channels != z_dim) and not image_to_video:
         raise ValueError(
-            f"{str(path)!r}: transformer in/out channels ({in_channels}/{out_channels}) differ from the VAE "
-            f"z_dim ({z_dim}); only text-to-video Wan models are supported (not image-to-video)"
+            f"{str(path)!r}: transformer in/out channels ({in_channels}/{out_channels}) fit neither a text-to-video "
+            f"model (both the VAE z_dim {z_dim}) nor an image-to-video one (in {2 * z_dim + 4} = latents + 4 mask + "
+            f"{z_dim} condition channels, out {z_dim})"
         )
     heads = int(tcfg.get("num_attention_heads", 40))
     head_dim = int(tcfg.get("attention_head_dim", 128))
@@ -143,6 +149,12 @@ def read_model_info(path) -> dict:
         "ffn_dim": int(tcfg.get("ffn_dim", 13824)),
         "rope_max_seq_len": int(tcfg.get("rope_max_seq_len", 1024)),
         "model_id": _model_id(path),
+        "expand_timesteps": bool(_model_index(path).get("expand_timesteps") or False),
+        "condition_channels": in_channels - z_dim if image_to_video else 0,
+        "image_dim": tcfg.get("image_dim"),
+        "pos_embed_seq_len": tcfg.get("pos_embed_seq_len"),  # set by first-last-frame (FLF2V) checkpoints
+        # the encoder changes its width inside residual blocks: without any (the tiny Wan2.1) it cannot encode
+        "vae_encodes": int(vcfg.get("num_res_blocks", 2)) >= 1 or len(set(vcfg.get("dim_mult", [1, 2, 4, 4]))) == 1,
         **_read_experts(path, tcfg),
     }
 
@@ -155,8 +167,7 @@ def _read_experts(path: Path, tcfg: dict) -> dict:
     from ..config.schema import ConfigError  # a user error: refused by check/plan/generate with exit 2
     from .support import is_set
 
-    index_file = path / "model_index.json"
-    index = _read_json(index_file) if index_file.is_file() else {}
+    index = _model_index(path)
     second, ratio = is_set(index.get("transformer_2")), index.get("boundary_ratio")
     if not second and ratio is None:
         return {"experts": ["transformer"], "boundary_timestep": None}
@@ -176,6 +187,12 @@ def _read_experts(path: Path, tcfg: dict) -> dict:
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     num_train = _read_json(scheduler_file).get("num_train_timesteps", 1000) if scheduler_file.is_file() else 1000
     return {"experts": ["transformer", "transformer_2"], "boundary_timestep": ratio * num_train}
+
+
+def _model_index(path: Path) -> dict:
+    """model_index.json of a folder ({} when absent)."""
+    index = path / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
 
 
 def load_wan(

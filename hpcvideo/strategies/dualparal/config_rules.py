@@ -88,5 +88,7 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
         split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
     except ValueError as error:
         problems.append(f"{error} ({world_size} ranks)")
-    return problems
+    from ...config.condition_rules import model_problems as condition_problems  # condition.image vs the model
+
+    return problems + condition_problems(cfg, info)
 

@@ -143,8 +143,9 @@ class DualParalPipeline(DualParalReference):
         if work.finishes:  # one block leaves per tick, oldest first, so tail only moves forward
             assert self.tail is None or self.tail[0] < block.index, (self.tail[0], block.index)
             del self.blocks[work.block_index]
-            self.tail = (block.index, block.latents)
-            self._finished.append((block.index, block.latents))
+            latents = self._output(block.index, block.latents)
+            self.tail = (block.index, latents)
+            self._finished.append((block.index, latents))
 
     def drain(self) -> list[tuple[int, torch.Tensor]]:
         """Finish every tick issued so far: wait for this rank's sends and (rank 0) the outstanding
@@ -248,7 +249,7 @@ class DualParalPipeline(DualParalReference):
         for k, (work, branch) in enumerate(items):
             num_context = self._window_frames(work) - self.block_latent_frames
             window_shape = (1, channels, self._window_frames(work), height, width)
-            timestep = self.timesteps[work.step_index].expand(1)
+            timestep, step_key = self._timestep(work, tokens_per_frame)
             prompt_embeds = (
                 self.prompt_embeds[self.prompt_index_for_block(work.block_index)] if branch == "cond"
                 else self.negative_prompt_embeds
@@ -258,16 +259,14 @@ class DualParalPipeline(DualParalReference):
             expert = self.step_experts[work.step_index]  # the expert of this block's timestep
             model = self.transformers[expert]
             inputs = self.conditions[expert].block_inputs(
-                window_shape, timestep, prompt_embeds, prompt_key=prompt_key, step_key=work.step_index,
-                extra_key_frames=extra,
+                window_shape, timestep, prompt_embeds, prompt_key=prompt_key, step_key=step_key,
+                extra_key_frames=extra, image_embeds=self.image_embeds,
             )
             if first:
                 self._settle(work.block_index)  # its own latents and its context: after last tick's steps
                 if work.context_from is not None:
                     self._settle(work.context_from)
-                block = self.blocks[work.block_index]
-                context = self._context(work)
-                window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
+                window = self._window(work)
                 hidden_states = wan_forward.patchify(model, window.to(self.dtype))
             else:
                 hidden_states, request = incoming.popleft()

@@ -61,10 +61,12 @@ def in_flight(tick: int, *, num_blocks: int, num_inference_steps: int) -> range:
 def tick_plan(
     tick: int, *, num_blocks: int, num_inference_steps: int, context_latent_frames: int, feature_cache: bool,
     step_experts: Sequence[int] | None = None,
+    initial_context: bool = False,
 ) -> list[BlockWork]:
     """The work of ``tick``, newest block first. ``step_experts``: the expert of each step index
     (:meth:`hpcvideo.models.experts.Experts.index` of its timestep; None: one expert); the feature cache
-    links only blocks of the same expert. Raises ValueError for a tick outside the run."""
+    links only blocks of the same expert. ``initial_context``: block 0 has a context too, the last
+    frames of a video it continues (``context_from`` -1). Raises ValueError for a tick outside the run."""
     if not 0 <= tick < num_ticks(num_blocks, num_inference_steps):
         raise ValueError(f"tick={tick} outside the run's 0..{num_ticks(num_blocks, num_inference_steps) - 1}")
     blocks = in_flight(tick, num_blocks=num_blocks, num_inference_steps=num_inference_steps)
@@ -80,7 +82,7 @@ def tick_plan(
             BlockWork(
                 block_index=j,
                 step_index=step_index,
-                context_from=j - 1 if (j > 0 and context_latent_frames > 0) else None,
+                context_from=j - 1 if ((j > 0 or initial_context) and context_latent_frames > 0) else None,
                 record=cache and (j - 1) in blocks and same_expert(j, j - 1),
                 append=cache and (j + 1) in blocks and same_expert(j, j + 1),
                 enters=step_index == 0,

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ...models.experts import Experts
+from ...conditioning import NO_CONDITION, FrameCondition, frame_levels, token_timesteps
 from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
 from . import forward as wan_forward
 from .attention import CachePlan, FeatureCache, apply_feature_cache, remove_feature_cache
@@ -52,6 +53,14 @@ class DualParalReference:
         device: where latents live and the transformer runs.
         transformer_2, experts, guidance_scale_2: a two-expert model (Wan2.2 A14B): the low-noise expert,
             the switch (:class:`hpcvideo.models.experts.Experts`) and its guidance scale (None: ``guidance_scale``).
+        expand_timesteps: the model takes one timestep per token (Wan2.2 TI2V): each window frame gets
+            its own level (:mod:`hpcvideo.conditioning`); else one timestep per forward.
+        condition: video latent frames fixed to clean latents (an image at frame 0), or none.
+        condition_channels: an image-to-video model's extra input channels
+            (:class:`hpcvideo.models.wan_i2v.ConditionChannels`, on the rank that assembles inputs), or None.
+        image_embeds: an image-to-video model's CLIP features (1, tokens, image_dim) on every rank, or None.
+        initial_context: block 0 continues an earlier video (every rank); ``init_context``: its context
+            (:class:`hpcvideo.continuation.InitContext`) on the rank that holds the queue.
     """
 
     def __init__(
@@ -72,6 +81,12 @@ class DualParalReference:
         transformer_2=None,
         experts: Experts | None = None,
         guidance_scale_2: float | None = None,
+        expand_timesteps: bool = False,
+        condition: FrameCondition = NO_CONDITION,
+        condition_channels=None,
+        image_embeds: torch.Tensor | None = None,
+        initial_context: bool = False,
+        init_context=None,
     ) -> None:
         self.transformer = transformer
         self.transformers = [transformer] + ([transformer_2] if transformer_2 is not None else [])
@@ -96,6 +111,12 @@ class DualParalReference:
         self.noise_fn = noise_fn
         self.device = torch.device(device)
         self.dtype = transformer.dtype
+        self.expand_timesteps = expand_timesteps
+        self.condition = condition
+        self.condition_channels = condition_channels
+        self.image_embeds = image_embeds
+        self.initial_context = initial_context and context_latent_frames > 0
+        self.init_context = init_context
         self.tick = 0
         self.blocks: dict[int, BlockState] = {}
         self.tail: tuple[int, torch.Tensor] | None = None  # last block that left: its context for the next
@@ -130,6 +151,8 @@ class DualParalReference:
     def _context(self, work: BlockWork) -> torch.Tensor | None:
         if work.context_from is None:
             return None
+        if work.context_from == -1:  # the video this one continues
+            return self.init_context.at(work.step_index)
         c = self.context_latent_frames
         source = self.blocks.get(work.context_from)
         if source is not None:
@@ -138,15 +161,51 @@ class DualParalReference:
             return self.tail[1][:, :, -c:]
         raise RuntimeError(f"context block {work.context_from} of block {work.block_index} is gone (tick {self.tick})")
 
-    def _predict(self, work: BlockWork) -> torch.Tensor:
-        """noise_pred (1, C, n, h, w) of one block at this tick (CFG combined)."""
+    def _window(self, work: BlockWork) -> torch.Tensor:
+        """The block's forward input (1, C_in, ctx + n, h, w) float32: context ++ own latents, fixed frames
+        replaced by their clean latents (image-to-video: the condition channels appended)."""
         block = self.blocks[work.block_index]
         context = self._context(work)
         window = block.latents if context is None else torch.cat([context, block.latents], dim=2)
-        num_context = 0 if context is None else context.shape[2]
+        if self.condition:
+            window = self.condition.apply(window, self._window_start(work))
+        if self.condition_channels is not None:  # image-to-video: latents ++ mask ++ image latents (channels)
+            window = torch.cat([window, self.condition_channels.window(self._window_start(work), window.shape[2])], dim=1)
+        return window
+
+    def _window_start(self, work: BlockWork) -> int:
+        """Video latent frame of the window's first frame."""
+        context = self.context_latent_frames if work.context_from is not None else 0
+        return work.block_index * self.block_latent_frames - context
+
+    def _timestep(self, work: BlockWork, tokens_per_frame: int):
+        """(timestep, key): the forward's timestep, (1,) or per token (1, S) for an ``expand_timesteps``
+        model, and a key identifying it for :class:`.forward.ConditionCache`."""
+        t = self.timesteps[work.step_index]
+        if not self.expand_timesteps:
+            return t.expand(1), work.step_index
+        num_context = self.context_latent_frames if work.context_from is not None else 0
+        after = work.step_index + 1  # the previous block's steps at the start of this tick
+        context_t = self.timesteps[after] if after < self.num_inference_steps else torch.zeros_like(t)
+        if work.context_from == -1:  # a continued video's frames: clean
+            context_t = torch.zeros_like(t)
+        steps = [context_t] * num_context + [t] * self.block_latent_frames
+        levels = frame_levels(steps, self.condition.mask(self._window_start(work), len(steps)))
+        return token_timesteps(levels, tokens_per_frame), ("tokens", tuple(levels.tolist()))
+
+    def _output(self, block_index: int, latents: torch.Tensor) -> torch.Tensor:
+        """A finished block's latents, fixed frames replaced (as the TI2V pipeline's final latents)."""
+        if not self.condition:
+            return latents
+        return self.condition.apply(latents, block_index * self.block_latent_frames)
+
+    def _predict(self, work: BlockWork) -> torch.Tensor:
+        """noise_pred (1, C, n, h, w) of one block at this tick (CFG combined)."""
+        window = self._window(work)
+        num_context = window.shape[2] - self.block_latent_frames
         latent_model_input = window.to(self.dtype)  # (1, C, ctx + n, h, w)
-        timestep = self.timesteps[work.step_index].expand(latent_model_input.shape[0])
         tokens_per_frame = (window.shape[3] // 2) * (window.shape[4] // 2)
+        timestep, _ = self._timestep(work, tokens_per_frame)
         record = None
         if work.record:
             start = num_context * tokens_per_frame
@@ -161,7 +220,8 @@ class DualParalReference:
         outputs = []
         for branch, prompt_embeds in branches:
             hidden_states, inputs = wan_forward.embed(
-                model, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra
+                model, latent_model_input, timestep, prompt_embeds, extra_key_frames=extra,
+                image_embeds=self.image_embeds,
             )
             self.cache.plan = CachePlan(
                 branch=branch, record_tokens=record, append=work.append, key_rotary_emb=inputs.key_rotary_emb
@@ -192,6 +252,7 @@ class DualParalReference:
             self.tick, num_blocks=self.num_blocks, num_inference_steps=self.num_inference_steps,
             context_latent_frames=self.context_latent_frames, feature_cache=self.feature_cache,
             step_experts=self.step_experts,
+            initial_context=self.initial_context,
         )
 
     def _enter(self, plan: list[BlockWork]) -> None:
@@ -215,8 +276,9 @@ class DualParalReference:
         for work in reversed(plan):  # oldest first
             if work.finishes:
                 block = self.blocks.pop(work.block_index)
-                self.tail = (block.index, block.latents)
-                finished.append((block.index, block.latents))
+                latents = self._output(block.index, block.latents)
+                self.tail = (block.index, latents)
+                finished.append((block.index, latents))
         self.tick += 1
         return finished
 

@@ -9,6 +9,8 @@ other stages are stateless between ticks (with a spread decode they decode their
 
 from __future__ import annotations
 
+from ...conditioning import frame_condition, image_to_video_inputs
+from ...continuation import init_context
 from ...noise import block_noise
 from ..base import BuildContext, StrategySpec
 from .config_rules import model_problems
@@ -49,6 +51,7 @@ class DualParalSpec(StrategySpec):
             )
 
         components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=True)  # every rank may decode
+        channels, image_embeds = image_to_video_inputs(cfg, info, ctx.model_path, components.vae, env)
         template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
         executor = DualParalPipeline(
             env=env, layers=layers, latent_shape=latent_shape,
@@ -58,6 +61,11 @@ class DualParalSpec(StrategySpec):
             guidance_scale=sampling.guidance_scale, num_blocks=cfg.num_blocks,
             block_latent_frames=strategy.block_latent_frames, context_latent_frames=strategy.context_latent_frames,
             feature_cache=strategy.feature_cache, noise_fn=noise_fn,
+            expand_timesteps=info.get("expand_timesteps", False),
+            condition=frame_condition(cfg, info, components.vae if env.is_main else None, env.device),
+            condition_channels=channels, image_embeds=None if image_embeds is None else image_embeds.to(ctx.dtype),
+            initial_context=cfg.condition.init_video is not None or cfg.condition.init_store is not None,
+            init_context=init_context(cfg, info, components.vae if env.is_main else None, template, env.device),
         )
         ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
         from ...parallel_decode import make_sink

@@ -97,4 +97,6 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
         if reach > info["rope_max_seq_len"]:
             problems.append(f"video.num_frames={cfg.video.num_frames} + strategy.global_frames need {reach} rotary "
                             f"positions, beyond the model's rope_max_seq_len={info['rope_max_seq_len']}")
-    return problems
+    from ...config.condition_rules import model_problems as condition_problems  # condition.image vs the model
+
+    return problems + condition_problems(cfg, info)

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from ...conditioning import NO_CONDITION, FrameCondition, frame_condition, frame_levels, token_timesteps
 from ...config import ConfigError
 from ...layout import ranks_problem
 from ...models.experts import Experts
@@ -58,12 +59,15 @@ class ClipExecutor:
     of each step's timestep (:class:`hpcvideo.models.experts.Experts`) and ``guidance_scale_2`` is the
     low-noise expert's scale (None: ``guidance_scale``); every clip takes the same step, so every rank
     uses the same expert at a tick.
+    ``expand_timesteps``: the model takes one timestep per token (Wan2.2 TI2V; fixed frames at 0);
+    ``condition``: video latent frames fixed to clean latents (:class:`hpcvideo.conditioning.FrameCondition`).
     """
 
     def __init__(self, *, family, model, template, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                  negative_prompt_embeds: torch.Tensor | None, guidance_scale: float, dtype: torch.dtype,
                  layout: ClipLayout, comm: ClipComm, scope: DualScope, models: list | None = None,
-                 experts: Experts | None = None, guidance_scale_2: float | None = None) -> None:
+                 experts: Experts | None = None, guidance_scale_2: float | None = None,
+                 expand_timesteps: bool = False, condition: FrameCondition = NO_CONDITION) -> None:
         self.family, self.model, self.template = family, model, template
         self.models = list(models) if models else [model]
         self.experts = experts or Experts()
@@ -75,6 +79,7 @@ class ClipExecutor:
         self.prompt_embeds, self.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
         self.guidance_scale, self.dtype = guidance_scale, dtype
         self.layout, self.comm = layout, comm
+        self.expand_timesteps, self.condition = expand_timesteps, condition
         self.timesteps = self.scheduler.timesteps
         self.num_ticks = len(self.timesteps)
         self.num_units = layout.world_size
@@ -106,8 +111,16 @@ class ClipExecutor:
         start = time.perf_counter()
         t = self.timesteps[self.tick]
         model = self.models[self.experts.index(t)]  # the expert of this step's timestep
-        # the diffusers loop: model -> classifier-free guidance -> scheduler.step
-        cond, uncond = self.family.noise_pred(model, self.latents, t, self.prompt_embeds,
+        # the diffusers loop: model -> classifier-free guidance -> scheduler.step (TI2V: fixed frames replaced in
+        # the model's input, their tokens at timestep 0, as WanImageToVideoPipeline with expand_timesteps)
+        latents, timestep = self.latents, t
+        if self.condition:
+            latents = self.condition.apply(latents, self.layout.start)
+        if self.expand_timesteps:
+            frames, tokens_per_frame = latents.shape[2], (latents.shape[3] // 2) * (latents.shape[4] // 2)
+            levels = frame_levels([t] * frames, self.condition.mask(self.layout.start, frames))
+            timestep = token_timesteps(levels, tokens_per_frame)
+        cond, uncond = self.family.noise_pred(model, latents, timestep, self.prompt_embeds,
                                               self.negative_prompt_embeds, self.scheduler, self.dtype)
         guidance_scale = self.experts.guidance_scale(t, self.guidance_scale, self.guidance_scale_2)
         noise_pred = cond if uncond is None else uncond + guidance_scale * (cond - uncond)
@@ -121,7 +134,8 @@ class ClipExecutor:
         if not self.done or self._handed_out:
             return []
         self._handed_out = True
-        return [(self.layout.rank, self.latents)]
+        latents = self.condition.apply(self.latents, self.layout.start) if self.condition else self.latents
+        return [(self.layout.rank, latents)]
 
     def state_dict(self) -> dict:
         return {"step": self.tick, "latents": self.latents.cpu(), "scheduler": scheduler_state(self.scheduler, self.template)}
@@ -182,7 +196,8 @@ class VideoInfinitySpec(StrategySpec):
             dtype=ctx.dtype, layout=layout,
             comm=ClipComm(layout, sync=cfg.strategy.sync_clips),  # sync_clips false: independent clips (baseline)
             scope=scope_of(cfg), models=components.models, experts=family.experts(info),
-            guidance_scale_2=cfg.sampling.guidance_scale_2,
+            guidance_scale_2=cfg.sampling.guidance_scale_2, expand_timesteps=info.get("expand_timesteps", False),
+            condition=frame_condition(cfg, info, components.vae if layout.start == 0 else None, env.device),
         )
         from ...writer import ClipSink
 

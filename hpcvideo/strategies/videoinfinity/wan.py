@@ -112,7 +112,8 @@ def _pre_hook(state: _WanState):
             raise ValueError(f"Video-Infinity Wan: latents have {hidden_states.shape[2]} frames; this rank's clip has "
                              f"{state.comm.layout.clip_frames}")
         state.latent_hw = tuple(hidden_states.shape[3:5])
-        state.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        # per-token timesteps (expand_timesteps): a fixed frame's tokens are at 0, the step's timestep is the largest
+        state.timestep = float(timestep.flatten().max()) if torch.is_tensor(timestep) else float(timestep)
 
     return hook
 
