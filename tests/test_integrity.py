@@ -210,7 +210,7 @@ def test_a_rerun_restarts_before_the_first_block_that_does_not_verify(tmp_path, 
     # the final checkpoint (tick 7) recomputes from block 4, the extension snapshot (tick 4) from block 1
     assert _submitted(spec) == [1, 2, 3]
     assert "block 2 latents: checksum mismatch" in caplog.text and "'extend' at tick 4" in caplog.text
-    zarr.open_array(path / "done" / "frames", mode="r+")[0] = 1  # block 0 too: no checkpoint precedes it
+    zarr.open_array(path / "done" / "frames", mode="r+")[0] = 7  # block 0 too: no checkpoint precedes it
     spec = FakeSpec()
     run(_cfg(path), env, progress=False, spec=spec, family=FakeFamily())
     assert _submitted(spec) == [0, 1, 2, 3] and "from scratch" in caplog.text

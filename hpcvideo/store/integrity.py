@@ -116,7 +116,7 @@ class IntegrityMixin:
 
         Returns (damage, counts): the blocks that do not verify (unreadable chunk, checksum mismatch) and
         per kind ``{"done", "verified", "unverified"}`` (unverified: markers without checksum, old stores).
-        Reads ``VERIFY_BATCH_BLOCKS`` blocks per zarr call; memory stays bounded."""
+        Reads runs of up to ``VERIFY_BATCH_BLOCKS`` consecutive blocks per zarr call; memory stays bounded."""
         damage: list[Damage] = []
         counts = {}
         wanted = None if blocks is None else {int(j) for j in blocks}
@@ -127,8 +127,7 @@ class IntegrityMixin:
                 done = np.array([j for j in done if j in wanted], dtype=np.int64)
             with_sum = self.has_checksums(kind)
             c = counts[kind] = {"done": int(len(done)), "verified": 0, "unverified": 0}
-            for start in range(0, len(done), VERIFY_BATCH_BLOCKS):
-                group = [int(j) for j in done[start:start + VERIFY_BATCH_BLOCKS]]
+            for group in _runs(done, VERIFY_BATCH_BLOCKS):
                 for j, data, error in self._read_blocks(kind, group):
                     if error is not None:
                         damage.append(Damage(kind, j, f"unreadable chunk ({error})"))
@@ -317,6 +316,17 @@ class IntegrityMixin:
             raise StoreError(f"run store {self._path}: the run ended but the {' and the '.join(parts)} are not "
                              "written (another writer cleared them, or the store was changed meanwhile); "
                              "run the same command again to write them")
+
+
+def _runs(indices, most: int) -> list[list[int]]:
+    """Sorted ``indices`` cut into runs of consecutive indices of at most ``most`` each (one zarr read each)."""
+    runs: list[list[int]] = []
+    for j in (int(i) for i in indices):
+        if runs and runs[-1][-1] == j - 1 and len(runs[-1]) < most:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return runs
 
 
 def _blocks(blocks: list[int]) -> str:
