@@ -313,6 +313,10 @@ COMMANDS = {"submit": _cmd_submit, "sbatch": _cmd_sbatch, "check": _cmd_check, "
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (`hpcvideo ...`, `python -m hpcvideo.cli ...`): exit without the teardown
+        from .runtime.exit import leave
+
+        leave(main(sys.argv[1:]))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

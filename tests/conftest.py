@@ -89,7 +89,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def mpi_runs(tmp_path_factory, tiny_model_dir, forker):
+def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, forker):
     """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED`
     finished on K ranks, every run of a world size done by one ``mpiexec -n K python tests/mpi/generate_many.py ...``
     launch per session (a killed run: after its own kill launch, which comes first): a dict

@@ -13,16 +13,12 @@ the intent, and say why in the commit.
 
 import hashlib
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 pytestmark = [pytest.mark.e2e, pytest.mark.mpi]
 
 # (preset, ranks, extra CLI args) -> (sha256 of latents, sha256 of frames, latents shape, frames shape)
@@ -46,17 +42,25 @@ GOLDEN = {
 }
 
 
-def _generate(path, preset, ranks, args):
+# The multi-rank runs are the session's shared launches (tests/conftest.py mpi_runs: one `mpiexec -n K` per world
+# size runs `hpcvideo generate` for each of tests.helpers.MPI_RUNS[K], these among them, with OMP_NUM_THREADS=1).
+SHARED_RUNS = {("demo-cpu", 2, ("--frames", "61")): "demo-cpu-61-frames", ("tiny-vi-wan", 4, ()): "tiny-vi-wan",
+               ("tiny-vi-unet3d", 4, ()): "tiny-vi-unet3d"}
+
+
+def _generate(path, preset, ranks, args, forker, mpi_runs):
+    """The store of ``hpcvideo generate PRESET ARGS`` on ``ranks`` ranks: one rank in a fork of the pre-imported
+    worker (a process of its own, OMP_NUM_THREADS=1), several from the session's launch of that world size."""
+    if ranks > 1:
+        run = mpi_runs(ranks)[SHARED_RUNS[(preset, ranks, args)]]
+        assert run["returncode"] == 0, f"exit {run['returncode']}\n{run['stdout']}\n{run['stderr']}"
+        return run["path"]
     env = dict(os.environ)
     env.pop("HPCVIDEO_FAULT", None)
     env.setdefault("OMP_NUM_THREADS", "1")
-    cli = [sys.executable, "-m", "hpcvideo.cli", "generate", preset, "--no-progress", "--output", str(path), *args]
-    if ranks > 1:
-        if MPIEXEC is None:
-            pytest.skip("no mpiexec (pip install mpich)")
-        cli = [MPIEXEC, "-n", str(ranks), *cli]
-    result = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    result = forker.run("generate", preset, "--no-progress", "--output", path, *args, env=env, check=False)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return path
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -64,9 +68,8 @@ def _sha256(array: np.ndarray) -> str:
 
 
 @pytest.mark.parametrize("preset, ranks, args", list(GOLDEN), ids=[f"{p}-{r}ranks" for p, r, _ in GOLDEN])
-def test_latents_and_frames_equal_the_recorded_hashes(tmp_path, preset, ranks, args):
-    path = tmp_path / "run.zarr"
-    _generate(path, preset, ranks, args)
+def test_latents_and_frames_equal_the_recorded_hashes(tmp_path, preset, ranks, args, forker, mpi_runs):
+    path = _generate(tmp_path / "run.zarr", preset, ranks, args, forker, mpi_runs)
     store = RunStore.open(path)
     assert store.status_dict()["complete"] and store.done("latents").all() and store.done("frames").all()
     latents = store.read_latents(0, store.num_latent_frames)

@@ -11,6 +11,7 @@ Runs that end the job (faults) do not belong here: they have a launch of their o
 import contextlib
 import io
 import json
+import os
 import sys
 
 from mpi4py import MPI
@@ -36,5 +37,15 @@ def main(report_path: str, argvs: list[list[str]]) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """End this rank without the interpreter's teardown of torch, diffusers and transformers (about 1 s of CPU per
+    rank, measured): output flushed, MPI finalized (mpiexec expects it of every rank), then ``os._exit``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], [json.loads(a) for a in sys.argv[2:]]))
+    leave(main(sys.argv[1], [json.loads(a) for a in sys.argv[2:]]))
