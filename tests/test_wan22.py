@@ -299,3 +299,14 @@ def test_a14b_preset_plans_both_experts_on_its_gpus(tmp_path, monkeypatch):
     assert 7.5 * 2**30 < plan["ranks"][1]["weights_bytes"] < 7.6 * 2**30
     one = cli("plan", "wan2.2-t2v-a14b", "--set", f"model.path={folder}", "--ranks", 1, check=False)
     assert one.returncode == 2 and "would fit: 2 ranks" in one.stderr, one.stderr
+
+
+@pytest.mark.e2e
+def test_a_folder_of_another_model_class_is_a_user_error_not_a_traceback(tmp_path, tiny_model_dir):
+    """A transformer of another class (or channels that fit no Wan pipeline) is exit 2 naming it, from generate too."""
+    folder = variant(tmp_path, tiny_model_dir, "flux", transformer={"_class_name": "FluxTransformer2DModel"})
+    output = tmp_path / "run.zarr"
+    result = cli("generate", "tiny-test", "--set", f"model.path={folder}", "--output", output, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "'FluxTransformer2DModel'" in result.stderr and "Traceback" not in result.stderr
+    assert not output.exists()

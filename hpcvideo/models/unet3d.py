@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..config.schema import ConfigError
+
 TINY_UNET3D_VERSION = "v1"
 _COMPLETE = ".hpcvideo-complete"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -127,7 +129,7 @@ def read_unet3d_info(path) -> dict:
     check_supported(path, "unet3d")  # entries hpcvideo does not use: refused by name
     ucfg, vcfg = _read_json(path / "unet" / "config.json"), _read_json(path / "vae" / "config.json")
     if ucfg.get("_class_name", "UNet3DConditionModel") != "UNet3DConditionModel":
-        raise ValueError(f"{str(path)!r}: unet/config.json has _class_name {ucfg['_class_name']!r}; expected UNet3DConditionModel")
+        raise ConfigError(f"{str(path)!r}: unet/config.json has _class_name {ucfg['_class_name']!r}; expected UNet3DConditionModel")
     index = path / "model_index.json"
     name = _read_json(index).get("_name_or_path") if index.is_file() else None
     return {

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config.schema import ConfigError
 from .support import check_supported
 
 if TYPE_CHECKING:
@@ -113,12 +114,12 @@ def read_model_info(path) -> dict:
     tcfg = _read_json(path / "transformer" / "config.json")
     vcfg = _read_json(path / "vae" / "config.json")
     if tcfg.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r}: transformer/config.json has _class_name {tcfg['_class_name']!r}; "
             "expected 'WanTransformer3DModel'"
         )
     if vcfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r}: vae/config.json has _class_name {vcfg['_class_name']!r}; expected 'AutoencoderKLWan'"
         )
     # Defaults are those of the diffusers classes (a config.json may omit a default value).
@@ -129,7 +130,7 @@ def read_model_info(path) -> dict:
     out_channels = int(tcfg.get("out_channels") or in_channels)
     image_to_video = in_channels == 2 * z_dim + 4 and out_channels == z_dim  # WanImageToVideoPipeline layout
     if (in_channels != z_dim or out_channels != z_dim) and not image_to_video:
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r}: transformer in/out channels ({in_channels}/{out_channels}) fit neither a text-to-video "
             f"model (both the VAE z_dim {z_dim}) nor an image-to-video one (in {2 * z_dim + 4} = latents + 4 mask + "
             f"{z_dim} condition channels, out {z_dim})"
@@ -164,7 +165,7 @@ def _read_experts(path: Path, tcfg: dict) -> dict:
     expert) of a Wan folder: Wan2.2 A14B names ``transformer_2`` and ``boundary_ratio`` in
     model_index.json (:mod:`hpcvideo.models.experts`). Raises ConfigError (a ValueError) for a half-named
     pair or a second expert of another shape."""
-    from ..config.schema import ConfigError  # a user error: refused by check/plan/generate with exit 2
+
     from .support import is_set
 
     index = _model_index(path)
