@@ -56,6 +56,10 @@ CUDA_CONTEXT_GB = 0.5  # CUDA context + allocator slack per GPU, GiB (added to t
 
 @dataclass(kw_only=True)
 class RankPlan:
+    """One rank's figures (bytes; per tick = per step of the queue/clips). Memory is counted per phase,
+    as the runner goes through them (:meth:`phases`): a term is added to another only where both are
+    held at once. A new term is a new field plus its line in :meth:`phases`."""
+
     rank: int
     layers: tuple[int, int]
     weights_bytes: int
@@ -68,11 +72,45 @@ class RankPlan:
     sent_bytes_total: int  # whole run
     flops_per_tick: float
     seconds_per_tick: float | None = None
+    text_encoder_activations_bytes: int = 0  # one prompt through the encoder (rank 0)
+    embeddings_bytes: int = 0  # the prompt schedule's embeddings every rank holds during the run
+    text_encoder_on: str = "device"  # "device" (model.text_encoder_device=rank) | "host" (=cpu)
+    device_is_host: bool = False  # runtime.device cpu: the rank's device and the host are one memory
+    clip: tuple[int, int] | None = None  # Video-Infinity: latent frames [start, stop) of this rank's clip
+    sent_bytes_per_tick_by_kind: dict = field(default_factory=dict)  # Video-Infinity: halo, global, sum
+
+    def phases(self) -> dict[str, dict[str, dict[str, int]]]:
+        """``{phase: {"device": {term: bytes}, "host": {term: bytes}}}`` in run order (hpcvideo.runner):
+        ``encode`` (rank 0 loads the text encoder and encodes the prompts one at a time; nothing of the
+        run is loaded yet, and the encoder is freed before it is) and ``run`` (the loaded stage or model,
+        the VAE, one forward's activations, the caches and the queue or clip state). "host": terms in
+        host memory while the device is a GPU (the encoder with model.text_encoder_device=cpu)."""
+        encode = {"text_encoder": self.text_encoder_bytes, "text_encoder_activations": self.text_encoder_activations_bytes}
+        run = {"weights": self.weights_bytes, "vae": self.vae_bytes, "activations": self.activations_bytes,
+               "caches": self.caches_bytes, "queue": self.queue_bytes, "embeddings": self.embeddings_bytes}
+        out = {}
+        if self.text_encoder_bytes:
+            on_host = self.text_encoder_on == "host"
+            out["encode"] = {"device": {} if on_host else encode, "host": encode if on_host else {}}
+        out["run"] = {"device": run, "host": {}}
+        return out
+
+    def _peak(self, where: tuple[str, ...]) -> tuple[int, str]:
+        return max((sum(sum(phase[w].values()) for w in where), name) for name, phase in self.phases().items())
 
     @property
     def peak_bytes(self) -> int:
-        steady = self.weights_bytes + self.vae_bytes + self.activations_bytes + self.caches_bytes + self.queue_bytes
-        return max(steady, self.weights_bytes + self.vae_bytes + self.text_encoder_bytes)
+        """The rank's device memory at its fullest phase (with runtime.device cpu: all of the rank's memory)."""
+        return self._peak(("device", "host") if self.device_is_host else ("device",))[0]
+
+    @property
+    def peak_phase(self) -> str:
+        return self._peak(("device", "host") if self.device_is_host else ("device",))[1]
+
+    @property
+    def host_peak_bytes(self) -> int:
+        """What the plan puts in host memory at once besides the device's share (0 when the device is the host)."""
+        return 0 if self.device_is_host else self._peak(("host",))[0]
 
 
 @dataclass(kw_only=True)
@@ -86,10 +124,15 @@ class Plan:
     ranks: list[RankPlan] = field(default_factory=list)
     throughput_tflops: float | None = None
 
+    strategy: str = "dualparal"
+    text_encoder_device: str = "rank"
+
     def as_dict(self) -> dict:
+        """Every field, and per rank its ``phases``, ``peak_bytes``, ``peak_phase`` and ``host_peak_bytes``."""
         d = asdict(self)
         for r, rank in zip(d["ranks"], self.ranks):
-            r["peak_bytes"] = rank.peak_bytes
+            r.update(phases=rank.phases(), peak_bytes=rank.peak_bytes, peak_phase=rank.peak_phase,
+                     host_peak_bytes=rank.host_peak_bytes)
         return d
 
 
@@ -107,9 +150,10 @@ def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> d
     return out
 
 
-def model_bytes(model_path: Path, dtype: str) -> dict:
+def model_bytes(model_path: Path, dtype: str, sequence_length: int = 512) -> dict:
     """Exact parameter bytes from the model's JSON configs (meta device: nothing is read or allocated):
-    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes}``."""
+    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes, "text_encoder_activations": bytes}``
+    (the activation peak of one prompt of ``sequence_length`` tokens, :mod:`hpcvideo.dryrun`)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
@@ -120,21 +164,30 @@ def model_bytes(model_path: Path, dtype: str) -> dict:
     keep = tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
     out = {"transformer": _param_bytes(transformer, b, keep), "vae": sum(p.numel() * 4 for p in vae.parameters())}
     text_config = model_path / "text_encoder" / "config.json"
-    out["text_encoder"] = 0
+    out["text_encoder"] = out["text_encoder_activations"] = 0
     if text_config.is_file():
         from transformers import AutoConfig, UMT5EncoderModel
 
-        with init_empty_weights(include_buffers=False):
+        from .dryrun import encoder_activation_bytes
+
+        with init_empty_weights(include_buffers=True):
             encoder = UMT5EncoderModel(AutoConfig.from_pretrained(model_path / "text_encoder"))
         encoder.tie_weights()  # embed_tokens is shared's tensor once loaded: count it once
         out["text_encoder"] = sum(p.numel() * b for p in encoder.parameters())
+        from .models.family import DTYPES
+
+        out["text_encoder_activations"] = encoder_activation_bytes(encoder.to(DTYPES[dtype]).eval(), sequence_length)
     return out
 
 
+PLANNED = {"dualparal": ("wan",), "videoinfinity": ("wan", "unet3d")}  # strategy -> model families plan covers
+
+
 def _check_supported(cfg: RunConfig) -> None:
-    if cfg.strategy.name != "dualparal" or cfg.model.family != "wan":
+    if cfg.model.family not in PLANNED.get(cfg.strategy.name, ()):
+        covered = "; ".join(f"strategy {k} with model.family {' or '.join(v)}" for k, v in PLANNED.items())
         raise ConfigError([f"strategy.name={cfg.strategy.name!r} (model.family={cfg.model.family!r}): hpcvideo plan "
-                           "covers strategy dualparal with the wan family only, for now"])
+                           f"covers {covered}"])
 
 
 def check_plan(cfg: RunConfig, num_ranks: int | None = None) -> RunConfig:
@@ -171,8 +224,13 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     _check_supported(cfg)
     ranks = num_ranks or cfg.cluster.nodes * cfg.cluster.gpus_per_node
     model_path = model_folder(cfg)
+    if cfg.strategy.name == "videoinfinity":
+        from .plan_videoinfinity import make_videoinfinity_plan
+
+        return make_videoinfinity_plan(cfg, num_ranks=ranks, model_path=model_path, throughput_tflops=throughput_tflops)
     info = read_model_info(model_path)
-    sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(model_path, cfg.model.dtype)
+    sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(
+        model_path, cfg.model.dtype, cfg.sampling.max_sequence_length)
     try:
         layers = split_layers(info["num_layers"], ranks, cfg.runtime.stage_layers if num_ranks is None else None)
     except ValueError as error:
@@ -208,7 +266,9 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
         total_hidden += sum(g * ((c if wk.context_from is not None else 0) + n) * p * D * b for wk in work)
         total_feedback += len(work) * C * n * h * w * b
     plan = Plan(model_id=info["model_id"], num_ranks=ranks, num_blocks=B, num_ticks=ticks, blocks_in_flight=K,
-                tokens_per_block_forward=S, throughput_tflops=throughput_tflops)
+                tokens_per_block_forward=S, throughput_tflops=throughput_tflops,
+                text_encoder_device=cfg.model.text_encoder_device)
+    embeddings = (len(s.prompts) + (1 if g == 2 else 0)) * s.max_sequence_length * info["text_dim"] * b
     for r, rng in enumerate(layers):
         own = len(rng)
         flops = 0.0
@@ -222,6 +282,10 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
             weights_bytes=shared + sum(block_bytes[i] for i in rng),
             vae_bytes=sizes["vae"] if r == 0 else 0,
             text_encoder_bytes=sizes["text_encoder"] if r == 0 else 0,
+            text_encoder_activations_bytes=sizes.get("text_encoder_activations", 0) if r == 0 else 0,
+            text_encoder_on="host" if cfg.model.text_encoder_device == "cpu" else "device",
+            device_is_host=cfg.runtime.device == "cpu",
+            embeddings_bytes=embeddings,
             activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0),
             caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
             queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),
@@ -256,17 +320,28 @@ def check_fits(plan: Plan, cfg: RunConfig) -> None:
         return
     worst = max(plan.ranks, key=lambda r: r.peak_bytes)
     suggestions = []
-    num_layers = sum(r.layers[1] - r.layers[0] for r in plan.ranks)
-    for ranks in range(plan.num_ranks + 1, num_layers + 1):
+    if plan.strategy == "videoinfinity":  # more ranks, shorter clips (when the clip length is derived)
+        from .layout import videoinfinity_rank_counts
+
+        candidates = [n for n in videoinfinity_rank_counts(cfg.num_latent_frames, cfg.strategy.clip_latent_frames)
+                      if n > plan.num_ranks][:8]
+    else:
+        candidates = range(plan.num_ranks + 1, sum(r.layers[1] - r.layers[0] for r in plan.ranks) + 1)
+    for ranks in candidates:
         if fits(make_plan(cfg, num_ranks=ranks), gpu_gb):
             per_node = cfg.cluster.gpus_per_node
             suggestions.append(f"{ranks} ranks (cluster.nodes={math.ceil(ranks / per_node)} x cluster.gpus_per_node="
                                f"{per_node} gives {math.ceil(ranks / per_node) * per_node}; with stage_layers null)")
             break
-    n = cfg.strategy.block_latent_frames
+    if worst.peak_phase == "encode":
+        suggestions.append("model.text_encoder_device=cpu (the text encoder in host memory)")
     if not suggestions and cfg.model.dtype == "float32":
         suggestions.append("model.dtype=bfloat16")
-    suggestions.append(f"a smaller strategy.block_latent_frames than {n} or a lower resolution (activations and caches)")
+    if plan.strategy == "videoinfinity":
+        suggestions.append("a lower resolution (activations)")
+    else:
+        n = cfg.strategy.block_latent_frames
+        suggestions.append(f"a smaller strategy.block_latent_frames than {n} or a lower resolution (activations and caches)")
     raise ConfigError([
         f"cluster.gpu_mem_gb={gpu_gb} is too small for this layout: rank {worst.rank} needs "
         f"{worst.peak_bytes / GIB:.2f} GiB + {CUDA_CONTEXT_GB} GiB CUDA context "
@@ -279,18 +354,32 @@ def format_plan(plan: Plan, gpu_mem_gb: float | None = None) -> str:
     def gib(x: float) -> str:  # MiB, so that tiny models show figures too
         return f"{x / 2**20:10.2f}"
 
+    vi = plan.strategy == "videoinfinity"
+    if vi:
+        head = (f"{plan.model_id}: Video-Infinity, {plan.num_ranks} rank(s) = clips, {plan.num_ticks} steps, "
+                f"{plan.tokens_per_block_forward} latent pixels per clip")
+    else:
+        head = (f"{plan.model_id}: {plan.num_ranks} rank(s), {plan.num_blocks} blocks, {plan.num_ticks} ticks, "
+                f"{plan.blocks_in_flight} blocks in flight, {plan.tokens_per_block_forward} tokens per block forward")
     lines = [
-        f"{plan.model_id}: {plan.num_ranks} rank(s), {plan.num_blocks} blocks, {plan.num_ticks} ticks, "
-        f"{plan.blocks_in_flight} blocks in flight, {plan.tokens_per_block_forward} tokens per block forward",
-        "rank  layers     weights       vae  text_enc activations     caches     queue      peak  (MiB)  sent MiB/tick  s/tick",
+        head,
+        f"rank  {'clip   ' if vi else 'layers '}    weights       vae  text_enc activations     caches     queue      peak"
+        "  (MiB)  sent MiB/tick  s/tick  peak in  host MiB",
     ]
     for r in plan.ranks:
         sec = f"{r.seconds_per_tick:7.3f}" if r.seconds_per_tick is not None else "      -"
+        span = r.clip if vi else r.layers
         lines.append(
-            f"{r.rank:4d}  {r.layers[0]:3d}-{r.layers[1]:<3d} {gib(r.weights_bytes)}{gib(r.vae_bytes)}{gib(r.text_encoder_bytes)}"
+            f"{r.rank:4d}  {span[0]:3d}-{span[1]:<3d} {gib(r.weights_bytes)}{gib(r.vae_bytes)}{gib(r.text_encoder_bytes)}"
             f"{gib(r.activations_bytes)} {gib(r.caches_bytes)}{gib(r.queue_bytes)}{gib(r.peak_bytes)}"
-            f"        {r.sent_bytes_per_tick / 2**20:9.2f} {sec}"
+            f"        {r.sent_bytes_per_tick / 2**20:9.2f} {sec}  {r.peak_phase:7s}{gib(r.host_peak_bytes)}"
         )
+    if vi and plan.ranks:
+        kinds = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in plan.ranks[0].sent_bytes_per_tick_by_kind.items())
+        lines.append(f"rank 0 sends per step (MiB): {kinds}")
+    if any(r.text_encoder_bytes for r in plan.ranks):
+        where = "host (model.text_encoder_device=cpu)" if plan.text_encoder_device == "cpu" else "rank 0's device"
+        lines.append(f"text encoder on {where}; phases: encode (text encoder alone, freed), then run")
     if plan.throughput_tflops:
         lines.append(f"time per tick at {plan.throughput_tflops:.3g} TFLOP/s per GPU: "
                      f"{max(r.seconds_per_tick or 0 for r in plan.ranks):.3f} s (slowest stage)")

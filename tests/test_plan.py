@@ -87,7 +87,9 @@ def test_bytes_sent_per_rank_equal_the_pipelines_counters(two_rank_run):
 
 
 def test_a_layout_that_does_not_fit_is_refused_naming_what_fits(tiny_model_dir):
-    cfg = load_config("tiny-cpu", ["cluster.gpu_mem_gb=0.5026"], check_paths=False)  # 0.5 GiB CUDA context + 2.7 MiB: rank 0 needs 2.8 MiB alone, 2.6 MiB with 2 ranks
+    # 0.5 GiB CUDA context + 2.7 MiB: rank 0 needs 2.8 MiB alone, 2.6 MiB with 2 ranks (prompts of 16 tokens: the
+    # text encoder's phase stays below the run's)
+    cfg = load_config("tiny-cpu", ["cluster.gpu_mem_gb=0.5026", "sampling.max_sequence_length=16"], check_paths=False)
     one = make_plan(cfg, num_ranks=1)
     assert "does NOT fit" in format_plan(one, 0.5026)
     with pytest.raises(ConfigError) as error:
@@ -106,7 +108,8 @@ def test_submit_refuses_before_creating_or_submitting_anything(tmp_path, tiny_mo
         raise AssertionError("a layout that does not fit reached the submission")
 
     monkeypatch.setattr(slurm, "make_executor", no_executor)
-    cfg = load_config("tiny-cpu", ["cluster.gpu_mem_gb=0.5026", "cluster.gpus_per_node=1"], output=tmp_path / "x.zarr")
+    cfg = load_config("tiny-cpu", ["cluster.gpu_mem_gb=0.5026", "cluster.gpus_per_node=1", "sampling.max_sequence_length=16"],
+                      output=tmp_path / "x.zarr")
     with pytest.raises(ConfigError, match="would fit"):
         submit(cfg)
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.slurm").exists()
@@ -118,3 +121,83 @@ def test_plan_cli_prints_every_rank_and_time_per_tick(tiny_model_dir):
     assert lines[0].startswith("tiny-wan-v2-seed0: 3 rank(s), 4 blocks, 7 ticks")
     assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
     assert "time per tick at 0.001 TFLOP/s" in result.stdout
+
+
+# --------------------------------------------------------------- phases, the text encoder's device, --json
+
+
+@pytest.fixture(scope="module")
+def wan13_folder(tmp_path_factory):
+    """Wan2.1-T2V-1.3B's JSON configs (no weights): what `hpcvideo plan` reads of the real checkpoint."""
+    from hpcvideo.models.arch import write_config_folder
+
+    return write_config_folder(tmp_path_factory.mktemp("wan13") / "Wan2.1-T2V-1.3B-Diffusers")
+
+
+def test_phases_are_not_added_and_the_encoder_on_the_cpu_levels_rank_0(wan13_folder):
+    """The 1.3B preset on 4 GPUs: the umT5 encoder (10.6 GiB bf16) is freed before the run loads, so rank 0's
+    peak is the larger of its two phases, not their sum; on the host it leaves rank 0's GPU within 1.3x of
+    the other stages."""
+    from hpcvideo.plan import model_bytes
+
+    sizes = model_bytes(wan13_folder, "bfloat16", 512)
+    plans = {device: make_plan(load_config("wan2.1-t2v-1.3b", [f"model.path={wan13_folder}",
+                                                               f"model.text_encoder_device={device}"], check_paths=False),
+                               model_bytes_cache=sizes) for device in ("rank", "cpu")}
+    on_gpu, on_host = plans["rank"].ranks[0], plans["cpu"].ranks[0]
+    encode = on_gpu.text_encoder_bytes + on_gpu.text_encoder_activations_bytes
+    run = sum(on_gpu.phases()["run"]["device"].values())
+    assert on_gpu.text_encoder_bytes > 10 * 2**30 and on_gpu.text_encoder_activations_bytes > 0
+    assert on_gpu.peak_bytes == max(encode, run) == encode and on_gpu.peak_phase == "encode"
+    assert on_host.peak_bytes == run and on_host.host_peak_bytes == encode and on_host.peak_phase == "run"
+    others = max(r.peak_bytes for r in plans["cpu"].ranks[1:])
+    assert on_host.peak_bytes <= 1.3 * others < on_gpu.peak_bytes
+
+
+def test_text_encoder_device_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.text_encoder_device='gpu'.*allowed.*'rank'.*'cpu'"):
+        load_config("tiny-test", ["model.text_encoder_device=gpu"], check_paths=False)
+
+
+def test_the_runner_encodes_where_the_option_says_and_frees_the_encoder():
+    """hpcvideo.runner's encoding step: the text encoder loads on the CPU with model.text_encoder_device=cpu
+    (on the rank's device otherwise) and nothing holds it once the embeddings are made."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from hpcvideo.runner import _encode_prompts
+
+    class Family:
+        def load(self, path, *, device, dtype, text):
+            self.device, encoder = device, torch.nn.Linear(2, 2)
+            self.alive = weakref.ref(encoder)
+            return SimpleNamespace(text_encoder=encoder)
+
+        def encode_prompts(self, components, cfg, *, dtype):
+            return [components.text_encoder.weight.detach().clone()], None
+
+    env = SimpleNamespace(is_main=True, world_size=1, device="meta")  # a device no encoder could load on here
+    for option, expected in (("cpu", "cpu"), ("rank", "meta")):
+        family = Family()
+        cfg = load_config("tiny-test", [f"model.text_encoder_device={option}"], check_paths=False)
+        gc.disable()  # the runner's own collection must free it
+        try:
+            embeds, negative = _encode_prompts(cfg, env, family, None, torch.float32)
+            assert family.device == expected and family.alive() is None
+        finally:
+            gc.enable()
+        assert embeds[0].device.type == "meta" and negative is None
+
+
+def test_plan_json_gives_every_ranks_phases_and_peaks(tiny_model_dir):
+    import json
+
+    result = cli("plan", "tiny-test", "--ranks", "2", "--json", "--set", "model.text_encoder_device=cpu")
+    plan = json.loads(result.stdout)
+    assert [r["rank"] for r in plan["ranks"]] == [0, 1] and plan["text_encoder_device"] == "cpu"
+    for rank in plan["ranks"]:
+        phases = rank["phases"]
+        assert rank["peak_bytes"] == max(sum(p["device"].values()) + sum(p["host"].values()) for p in phases.values())
+        assert phases["run"]["device"]["weights"] == rank["weights_bytes"]
+    assert set(plan["ranks"][0]["phases"]) == {"encode", "run"} and set(plan["ranks"][1]["phases"]) == {"run"}
