@@ -201,3 +201,57 @@ def test_plan_json_gives_every_ranks_phases_and_peaks(tiny_model_dir):
         assert rank["peak_bytes"] == max(sum(p["device"].values()) + sum(p["host"].values()) for p in phases.values())
         assert phases["run"]["device"]["weights"] == rank["weights_bytes"]
     assert set(plan["ranks"][0]["phases"]) == {"encode", "run"} and set(plan["ranks"][1]["phases"]) == {"run"}
+
+
+# ----------------------------------------------------------------------------------------- Video-Infinity
+
+
+@pytest.mark.parametrize("preset", ["tiny-vi-wan", "tiny-vi-unet3d"])
+def test_videoinfinity_weight_bytes_are_those_of_the_loaded_model(preset, tiny_model_dir, tiny_unet3d_dir):
+    from hpcvideo.models.family import family_of
+
+    cfg = load_config(preset, check_paths=False)
+    plan = make_plan(cfg, num_ranks=2)
+    family = family_of(cfg)
+    parts = family.load(family.path(cfg), device="cpu", dtype=torch.float32, denoiser=True, vae=True, text=True)
+    assert [r.weights_bytes for r in plan.ranks] == [tensor_bytes(parts.model)] * 2
+    vae = tensor_bytes(parts.vae)
+    assert [r.vae_bytes for r in plan.ranks] == ([vae, 0] if preset == "tiny-vi-wan" else [vae, vae])  # causal / per frame
+    assert plan.ranks[0].text_encoder_bytes == sum(p.numel() * p.element_size() for p in parts.text_encoder.parameters())
+    assert [r.clip for r in plan.ranks] == [(0, plan.ranks[0].clip[1]), (plan.ranks[0].clip[1], 2 * plan.ranks[0].clip[1])]
+    assert all(r.activations_bytes > 0 and r.queue_bytes > 0 for r in plan.ranks)
+    if preset == "tiny-vi-unet3d":  # GroupNorm statistics travel too
+        assert all(r.sent_bytes_per_tick_by_kind["sum"] > 0 for r in plan.ranks)
+
+
+@pytest.mark.e2e
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks, name, args", [(4, "tiny-vi-wan", []), (2, "tiny-vi-wan-25-frames", ["--frames", "25"])])
+def test_videoinfinity_bytes_sent_per_rank_equal_the_runs_counters(mpi_runs, ranks, name, args):
+    """The session's Video-Infinity runs (tests/conftest.py; test_videoinfinity_run.py checks their results)."""
+    run = mpi_runs(ranks)[name]
+    assert run["returncode"] == 0, run["stderr"]
+    measured = {r["rank"]: r["bytes_sent"] for r in RunStore.open(run["path"]).attrs["rank_stats"]}
+    num_frames = int(args[1]) if args else None
+    plan = make_plan(load_config("tiny-vi-wan", num_frames=num_frames, check_paths=False), num_ranks=ranks)
+    assert [r.sent_bytes_total for r in plan.ranks] == [measured[r] for r in range(ranks)]
+    assert all(r.sent_bytes_per_tick_by_kind["halo"] > 0 for r in plan.ranks)
+
+
+@pytest.mark.mpi
+def test_videoinfinity_unet3d_dry_run_receives_what_the_real_exchange_did(mpi_world, tiny_unet3d_dir):
+    """The "vi_forward" scenario's rank 0 counters (tests/mpi/videoinfinity_forward.py: one UNet3D forward of
+    a CFG batch on 2 ranks) against the meta-device dry run the plan makes of the same forward."""
+    from diffusers import UNet3DConditionModel
+
+    from hpcvideo.dryrun import meta_model, videoinfinity_forward
+    from hpcvideo.strategies.videoinfinity.clips import ClipLayout
+    from tests.mpi.videoinfinity_forward import DUAL, EXACT, NUM_FRAMES
+
+    recorded = torch.load(mpi_world(2)["vi_forward"])["bytes_received_rank0"]
+    unet = meta_model(UNet3DConditionModel, tiny_unet3d_dir / "unet", dtype=torch.float32)
+    for name, scope in (("unet3d-exact", EXACT), ("unet3d-dual-early", DUAL)):
+        dry = videoinfinity_forward(unet, "unet3d", layout=ClipLayout(rank=0, world_size=2, clip_frames=NUM_FRAMES // 2),
+                                    scope=scope, latents_shape=(2, 4, NUM_FRAMES // 2, 8, 8), text_shape=(2, 77, 32),
+                                    dtype=torch.float32)
+        assert dry["bytes_received"] == recorded[name] > 0, name
