@@ -255,3 +255,21 @@ def test_videoinfinity_unet3d_dry_run_receives_what_the_real_exchange_did(mpi_wo
                                     scope=scope, latents_shape=(2, 4, NUM_FRAMES // 2, 8, 8), text_shape=(2, 77, 32),
                                     dtype=torch.float32)
         assert dry["bytes_received"] == recorded[name] > 0, name
+
+
+def test_gpu_check_says_no_gpu_and_exits_0_on_a_cpu_machine(monkeypatch, capsys):
+    """bench/gpu_check.py on this machine (in this process: torch is imported already)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: bench/gpu_check.py would measure it (minutes)")
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert module.main() == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"gpu": None, "status": "no GPU"} and "no GPU" in err

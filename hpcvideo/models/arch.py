@@ -77,3 +77,40 @@ def write_config_folder(path, arch: str = "wan2.1-t2v-1.3b", *, text_encoder: di
         (path / name).write_text(json.dumps(content, indent=2) + "\n")
     (path / "tokenizer").mkdir(exist_ok=True)
     return path
+
+
+def build_random_folder(path, arch: str = "wan2.1-t2v-1.3b", *, seed: int = 0, text_encoder: dict | None = None,
+                        max_shard_size: str = "5GB", device="cpu") -> Path:
+    """A complete diffusers folder of ``arch`` with random weights, saved as the real checkpoint is
+    (float32 safetensors; Wan2.1-1.3B's transformer in two shards of at most ``max_shard_size`` with an
+    index file), so the loading code reads it as it reads the real one. The text encoder is the
+    architecture's with the keys of ``text_encoder`` replaced (default: 2 layers, 8 heads, d_ff 1024, the
+    real d_model, which the transformer's text_dim needs) and the word-level tokenizer of
+    :mod:`hpcvideo.models.tiny` (its vocabulary size). Deterministic for a ``seed``. Returns the folder.
+
+    Memory: the float32 model is built whole in this process (Wan2.1-1.3B: 5.7 GB); ``device="cuda"`` builds it there.
+    """
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tiny import _build_tokenizer
+
+    spec = ARCHS[arch]
+    tokenizer = _build_tokenizer()
+    small = {"num_layers": 2, "num_decoder_layers": 2, "num_heads": 8, "d_ff": 1024, **(text_encoder or {}),
+             "vocab_size": len(tokenizer)}
+    text_config = {k: v for k, v in {**spec["text_encoder"], **small}.items() if not k.startswith("_")
+                   and k not in ("architectures", "model_type", "torch_dtype")}
+    with torch.device(device):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel.from_config(spec["transformer"])
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan.from_config(spec["vae"])
+        torch.manual_seed(seed)
+        encoder = UMT5EncoderModel(UMT5Config(**text_config))
+    scheduler = UniPCMultistepScheduler.from_config(spec["scheduler"])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+    path = Path(path)
+    pipe.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
