@@ -16,6 +16,11 @@ What it does:
    Video-Infinity on 2 ranks against its single-process reference (one rank whose clip is the video);
 4. ``memory``: each rank's peak RSS (the run's ``rank_stats``) minus the RSS of a process that imported
    the same libraries, against ``hpcvideo plan``'s peak for the same run and rank (goal: within 10%).
+   On the CPU the device is the host, so the plan's peak is its largest phase of everything (``load``:
+   the weights plus the pages of the rank's tensors in the mapped safetensors files).
+
+The heavy steps (building the folder, the tensor-read check) run in child processes: a child's peak RSS
+starts at its parent's, so this process stays small until the runs are done.
 
 Not run by the tests (minutes, GBs). Figures on the shared 2-core machine come with its load average.
 """
@@ -55,10 +60,17 @@ def generate(folder: Path, args: list[str], output: Path, ranks: int) -> dict:
     result = subprocess.run(cmd, env=environ(), capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
-    from hpcvideo.store import RunStore
+    return {"wall_s": round(time.perf_counter() - start, 1)}
 
-    store = RunStore.open(output)
-    return {"wall_s": round(time.perf_counter() - start, 1), "rank_stats": store.attrs["rank_stats"]}
+
+def child(step: str, folder: Path) -> dict:
+    """A step in a process of its own: a child's peak RSS starts at its parent's (fork and exec keep the
+    high-water mark), so this process stays small until every run is done."""
+    out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--step", step], env=environ(),
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"step {step} failed:\n{out.stdout}\n{out.stderr}")
+    return json.loads(out.stdout)
 
 
 def arrays(path: Path):
@@ -139,37 +151,50 @@ def planned(folder: Path, args: list[str], ranks: int) -> list[dict]:
     sets = [rest[i + 1] for i, a in enumerate(rest) if a == "--set"] + [COMMON[i + 1] for i, a in enumerate(COMMON) if a == "--set"]
     cfg = load_config(preset, sets + [f"model.path={folder}"], num_frames=frames, check_paths=False)
     return [{"rank": r.rank, "peak_mib": round(r.peak_bytes / 2**20, 1), "peak_phase": r.peak_phase,
-             "terms_mib": {p: {k: round(v / 2**20, 1) for k, v in t["device"].items()} for p, t in r.phases().items()}}
+             "terms_mib": {p: {k: round(v / 2**20, 1) for w in ("device", "host") for k, v in t[w].items()}
+                           for p, t in r.phases().items()}}
             for r in make_plan(cfg, num_ranks=ranks).ranks]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default=None, help="where the random 1.3B folder is (built there if missing)")
+    parser.add_argument("--step", choices=("build", "reads"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    import numpy as np
+    if args.step == "build":
+        from hpcvideo.models.arch import build_random_folder
 
-    from hpcvideo.models.arch import build_random_folder
+        build_random_folder(args.folder)
+        print(json.dumps({"built": args.folder}))
+        return 0
+    if args.step == "reads":
+        print(json.dumps(reads_only_its_tensors(Path(args.folder))))
+        return 0
 
     report = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}}
     work = Path(tempfile.mkdtemp(prefix="bench-real-arch-"))
     folder = Path(args.folder) if args.folder else work / "Wan2.1-T2V-1.3B-random"
     start = time.perf_counter()
     if not (folder / "model_index.json").is_file():
-        build_random_folder(folder)
+        child("build", folder)
     shards = sorted(p.name for p in (folder / "transformer").glob("*.safetensors"))
     report["folder"] = {"path": str(folder), "transformer_shards": shards, "build_s": round(time.perf_counter() - start, 1)}
-    report["reads_only_its_tensors"] = reads_only_its_tensors(folder)
+    report["reads_only_its_tensors"] = child("reads", folder)
     report["baseline_rss_mib"] = baseline = baseline_rss_mib()
     runs = {
         "dualparal_1": (DUALPARAL, 1), "dualparal_2": (DUALPARAL, 2),
         "videoinfinity_ref": (VIDEOINFINITY + ["--set", "strategy.clip_latent_frames=8"], 1),
         "videoinfinity_2": (VIDEOINFINITY, 2),
     }
-    results = {}
+    results = {name: generate(folder, run_args, work / f"{name}.zarr", ranks) for name, (run_args, ranks) in runs.items()}
+    report["machine"]["parent_rss_mib_during_runs"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    import numpy as np
+
+    from hpcvideo.store import RunStore
+
     for name, (run_args, ranks) in runs.items():
-        results[name] = generate(folder, run_args, work / f"{name}.zarr", ranks)
+        results[name]["rank_stats"] = RunStore.open(work / f"{name}.zarr").attrs["rank_stats"]
         plan = planned(folder, run_args, ranks)
         results[name]["memory"] = [
             {"rank": s["rank"], "peak_rss_mib": s["peak_rss_mib"], "above_baseline_mib": round(s["peak_rss_mib"] - baseline, 1),

@@ -77,14 +77,18 @@ class RankPlan:
     text_encoder_on: str = "device"  # "device" (model.text_encoder_device=rank) | "host" (=cpu)
     device_is_host: bool = False  # runtime.device cpu: the rank's device and the host are one memory
     clip: tuple[int, int] | None = None  # Video-Infinity: latent frames [start, stop) of this rank's clip
+    checkpoint_bytes: int = 0  # this rank's denoiser tensors as stored in the checkpoint files (mapped while read)
     sent_bytes_per_tick_by_kind: dict = field(default_factory=dict)  # Video-Infinity: halo, global, sum
 
     def phases(self) -> dict[str, dict[str, dict[str, int]]]:
         """``{phase: {"device": {term: bytes}, "host": {term: bytes}}}`` in run order (hpcvideo.runner):
         ``encode`` (rank 0 loads the text encoder and encodes the prompts one at a time; nothing of the
-        run is loaded yet, and the encoder is freed before it is) and ``run`` (the loaded stage or model,
-        the VAE, one forward's activations, the caches and the queue or clip state). "host": terms in
-        host memory while the device is a GPU (the encoder with model.text_encoder_device=cpu)."""
+        run is loaded yet, and the encoder is freed before it is), ``load`` (the denoiser's weights
+        arrive on the device while its safetensors files are memory-mapped on the host: the pages of
+        this rank's tensors stay resident until the file is closed; they count in a process's RSS, as
+        file pages the kernel may reclaim) and ``run`` (the loaded stage or model, the VAE, one
+        forward's activations, the caches and the queue or clip state). "host": terms in host memory
+        while the device is a GPU (the encoder with model.text_encoder_device=cpu; the mapped files)."""
         encode = {"text_encoder": self.text_encoder_bytes, "text_encoder_activations": self.text_encoder_activations_bytes}
         run = {"weights": self.weights_bytes, "vae": self.vae_bytes, "activations": self.activations_bytes,
                "caches": self.caches_bytes, "queue": self.queue_bytes, "embeddings": self.embeddings_bytes}
@@ -92,6 +96,8 @@ class RankPlan:
         if self.text_encoder_bytes:
             on_host = self.text_encoder_on == "host"
             out["encode"] = {"device": {} if on_host else encode, "host": encode if on_host else {}}
+        out["load"] = {"device": {"weights": self.weights_bytes, "embeddings": self.embeddings_bytes},
+                       "host": {"checkpoint_pages": self.checkpoint_bytes}}
         out["run"] = {"device": run, "host": {}}
         return out
 
@@ -134,6 +140,27 @@ class Plan:
             r.update(phases=rank.phases(), peak_bytes=rank.peak_bytes, peak_phase=rank.peak_phase,
                      host_peak_bytes=rank.host_peak_bytes)
         return d
+
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def checkpoint_tensor_bytes(folder: Path) -> dict[str, int]:
+    """``{tensor name: bytes as stored}`` of the safetensors files in ``folder`` (their JSON headers only:
+    no tensor is read); ``{}`` when the folder has none (a folder of configs only)."""
+    import json
+    import struct
+
+    out: dict[str, int] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, stop = meta["data_offsets"]
+                out[name] = stop - start
+    return out
 
 
 def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> dict[str, int]:
@@ -269,6 +296,7 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
                 tokens_per_block_forward=S, throughput_tflops=throughput_tflops,
                 text_encoder_device=cfg.model.text_encoder_device)
     embeddings = (len(s.prompts) + (1 if g == 2 else 0)) * s.max_sequence_length * info["text_dim"] * b
+    stored = checkpoint_tensor_bytes(model_path / "transformer")
     for r, rng in enumerate(layers):
         own = len(rng)
         flops = 0.0
@@ -286,6 +314,8 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
             text_encoder_on="host" if cfg.model.text_encoder_device == "cpu" else "device",
             device_is_host=cfg.runtime.device == "cpu",
             embeddings_bytes=embeddings,
+            checkpoint_bytes=sum(v for k, v in stored.items()
+                                 if k.split(".")[0] != "blocks" or int(k.split(".")[1]) in rng),
             activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0),
             caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
             queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),
@@ -379,7 +409,8 @@ def format_plan(plan: Plan, gpu_mem_gb: float | None = None) -> str:
         lines.append(f"rank 0 sends per step (MiB): {kinds}")
     if any(r.text_encoder_bytes for r in plan.ranks):
         where = "host (model.text_encoder_device=cpu)" if plan.text_encoder_device == "cpu" else "rank 0's device"
-        lines.append(f"text encoder on {where}; phases: encode (text encoder alone, freed), then run")
+        lines.append(f"text encoder on {where}; phases: encode (text encoder alone, freed), load (weights + mapped "
+                     "checkpoint pages), run")
     if plan.throughput_tflops:
         lines.append(f"time per tick at {plan.throughput_tflops:.3g} TFLOP/s per GPU: "
                      f"{max(r.seconds_per_tick or 0 for r in plan.ranks):.3f} s (slowest stage)")

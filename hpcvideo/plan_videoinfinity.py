@@ -7,7 +7,8 @@ element of ``model.dtype``), from the models built on the meta device from their
     weights      every parameter and buffer of the denoiser (each rank holds the whole model);
                  the VAE (float32) on rank 0 (Wan: causal, rank 0 decodes every clip) or on every rank
                  (UNet3D: per-frame, each rank decodes its clip); the text encoder on rank 0 while the
-                 prompts are encoded (then freed), with one prompt's activations
+                 prompts are encoded (then freed), with one prompt's activations; while the denoiser
+                 loads, its safetensors files' pages on the host (``load`` phase, hpcvideo.plan.RankPlan)
     activations  the live-tensor peak of one forward of the clip (Wan: batch 1, the cond and uncond
                  branches one after the other, as WanPipeline; UNet3D: batch g, as TextToVideoSDPipeline),
                  attention counted as a fused kernel; + the step's float32 predictions, 3 C F h w 4
@@ -80,7 +81,7 @@ def make_videoinfinity_plan(cfg, *, num_ranks: int, model_path: Path, throughput
     from .dryrun import replay, videoinfinity_forward
     from .layout import resolve_config
     from .models.family import DTYPES, family_of
-    from .plan import DTYPE_BYTES, Plan, RankPlan
+    from .plan import DTYPE_BYTES, Plan, RankPlan, checkpoint_tensor_bytes
     from .strategies.videoinfinity.clips import ClipLayout
     from .strategies.videoinfinity.executor import scope_of
 
@@ -102,6 +103,7 @@ def make_videoinfinity_plan(cfg, *, num_ranks: int, model_path: Path, throughput
         text_dim = denoiser.config.cross_attention_dim
     encoder_bytes, encoder_activations = text_encoder_figures(encoder, text_len)
     weights, vae_bytes = _module_bytes(denoiser), _module_bytes(vae)
+    stored = sum(checkpoint_tensor_bytes(Path(model_path) / ("transformer" if family.name == "wan" else "unet")).values())
     clip_tensor = C * F * h * w * 4
     embeddings = (len(s.prompts) + (1 if g == 2 else 0)) * text_len * text_dim * b
     plan = Plan(model_id=info["model_id"], num_ranks=num_ranks, num_blocks=num_ranks, num_ticks=s.num_inference_steps,
@@ -128,7 +130,7 @@ def make_videoinfinity_plan(cfg, *, num_ranks: int, model_path: Path, throughput
         flops = forwards * dry["flops"]
         plan.ranks.append(RankPlan(
             rank=r, layers=(0, info.get("num_layers", 0)), clip=(layout.start, layout.stop),
-            weights_bytes=weights,
+            weights_bytes=weights, checkpoint_bytes=stored,
             vae_bytes=vae_bytes if (r == 0 or family.vae_kind == "per_frame") else 0,
             text_encoder_bytes=encoder_bytes if r == 0 else 0,
             text_encoder_activations_bytes=encoder_activations if r == 0 else 0,

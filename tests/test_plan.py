@@ -200,7 +200,15 @@ def test_plan_json_gives_every_ranks_phases_and_peaks(tiny_model_dir):
         phases = rank["phases"]
         assert rank["peak_bytes"] == max(sum(p["device"].values()) + sum(p["host"].values()) for p in phases.values())
         assert phases["run"]["device"]["weights"] == rank["weights_bytes"]
-    assert set(plan["ranks"][0]["phases"]) == {"encode", "run"} and set(plan["ranks"][1]["phases"]) == {"run"}
+    assert list(plan["ranks"][0]["phases"]) == ["encode", "load", "run"] and list(plan["ranks"][1]["phases"]) == ["load", "run"]
+    # while a stage loads, the pages of its tensors in the safetensors file are mapped: their bytes as stored
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}
+    for rank, layers in zip(plan["ranks"], split_layers(4, 2)):
+        own = sum(v for k, v in stored.items() if not k.startswith("blocks.") or int(k.split(".")[1]) in layers)
+        assert rank["phases"]["load"]["host"]["checkpoint_pages"] == rank["checkpoint_bytes"] == own
 
 
 # ----------------------------------------------------------------------------------------- Video-Infinity
