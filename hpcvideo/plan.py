@@ -77,7 +77,8 @@ class RankPlan:
     text_encoder_on: str = "device"  # "device" (model.text_encoder_device=rank) | "host" (=cpu)
     device_is_host: bool = False  # runtime.device cpu: the rank's device and the host are one memory
     clip: tuple[int, int] | None = None  # Video-Infinity: latent frames [start, stop) of this rank's clip
-    checkpoint_bytes: int = 0  # this rank's denoiser tensors as stored in the checkpoint files (mapped while read)
+    checkpoint_bytes: int = 0  # pages of the mapped checkpoint files resident at the worst moment of the load
+    load_weights_bytes: int | None = None  # weights already loaded at that moment (None: all of them)
     sent_bytes_per_tick_by_kind: dict = field(default_factory=dict)  # Video-Infinity: halo, global, sum
 
     def phases(self) -> dict[str, dict[str, dict[str, int]]]:
@@ -96,7 +97,8 @@ class RankPlan:
         if self.text_encoder_bytes:
             on_host = self.text_encoder_on == "host"
             out["encode"] = {"device": {} if on_host else encode, "host": encode if on_host else {}}
-        out["load"] = {"device": {"weights": self.weights_bytes, "embeddings": self.embeddings_bytes},
+        loaded = self.weights_bytes if self.load_weights_bytes is None else self.load_weights_bytes
+        out["load"] = {"device": {"weights": loaded, "embeddings": self.embeddings_bytes},
                        "host": {"checkpoint_pages": self.checkpoint_bytes}}
         out["run"] = {"device": run, "host": {}}
         return out
@@ -145,22 +147,37 @@ class Plan:
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def checkpoint_tensor_bytes(folder: Path) -> dict[str, int]:
+def checkpoint_tensor_bytes(folder: Path, *, by_file: bool = False) -> dict:
     """``{tensor name: bytes as stored}`` of the safetensors files in ``folder`` (their JSON headers only:
-    no tensor is read); ``{}`` when the folder has none (a folder of configs only)."""
+    no tensor is read), or with ``by_file`` ``{file name: {tensor name: bytes}}``; empty when the folder
+    has none (a folder of configs only)."""
     import json
     import struct
 
-    out: dict[str, int] = {}
+    files: dict[str, dict[str, int]] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                start, stop = meta["data_offsets"]
-                out[name] = stop - start
-    return out
+        files[file.name] = {name: meta["data_offsets"][1] - meta["data_offsets"][0]
+                            for name, meta in header.items() if name != "__metadata__"}
+    return files if by_file else {k: v for tensors in files.values() for k, v in tensors.items()}
+
+
+def stage_load_peak(files: dict[str, dict[str, int]], wanted, weights_bytes: int) -> tuple[int, int]:
+    """(weights loaded, checkpoint pages resident) at the fullest moment of a stage load
+    (:func:`hpcvideo.models.load_wan_transformer_stage`: the shards one after the other, each mapped
+    until the next is opened, every tensor copied off it): the end of shard i, holding the pages of
+    the stage's tensors in shard i and the weights from shards <= i (in proportion to their stored bytes)."""
+    own = {f: sum(v for k, v in tensors.items() if wanted(k)) for f, tensors in files.items()}
+    total = sum(own.values())
+    best, done = (0, 0), 0
+    for f in sorted(files):
+        done += own[f]
+        candidate = (weights_bytes * done // total if total else weights_bytes, own[f])
+        if sum(candidate) > sum(best):
+            best = candidate
+    return best
 
 
 def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> dict[str, int]:
@@ -296,7 +313,7 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
                 tokens_per_block_forward=S, throughput_tflops=throughput_tflops,
                 text_encoder_device=cfg.model.text_encoder_device)
     embeddings = (len(s.prompts) + (1 if g == 2 else 0)) * s.max_sequence_length * info["text_dim"] * b
-    stored = checkpoint_tensor_bytes(model_path / "transformer")
+    stored = checkpoint_tensor_bytes(model_path / "transformer", by_file=True)
     for r, rng in enumerate(layers):
         own = len(rng)
         flops = 0.0
@@ -308,14 +325,15 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
         rank = RankPlan(
             rank=r, layers=(rng.start, rng.stop),
             weights_bytes=shared + sum(block_bytes[i] for i in rng),
+            **dict(zip(("load_weights_bytes", "checkpoint_bytes"), stage_load_peak(
+                stored, lambda k, rng=rng: k.split(".")[0] != "blocks" or int(k.split(".")[1]) in rng,
+                shared + sum(block_bytes[i] for i in rng)))),
             vae_bytes=sizes["vae"] if r == 0 else 0,
             text_encoder_bytes=sizes["text_encoder"] if r == 0 else 0,
             text_encoder_activations_bytes=sizes.get("text_encoder_activations", 0) if r == 0 else 0,
             text_encoder_on="host" if cfg.model.text_encoder_device == "cpu" else "device",
             device_is_host=cfg.runtime.device == "cpu",
             embeddings_bytes=embeddings,
-            checkpoint_bytes=sum(v for k, v in stored.items()
-                                 if k.split(".")[0] != "blocks" or int(k.split(".")[1]) in rng),
             activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0),
             caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
             queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),

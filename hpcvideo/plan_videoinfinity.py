@@ -8,7 +8,8 @@ element of ``model.dtype``), from the models built on the meta device from their
                  the VAE (float32) on rank 0 (Wan: causal, rank 0 decodes every clip) or on every rank
                  (UNet3D: per-frame, each rank decodes its clip); the text encoder on rank 0 while the
                  prompts are encoded (then freed), with one prompt's activations; while the denoiser
-                 loads, its safetensors files' pages on the host (``load`` phase, hpcvideo.plan.RankPlan)
+                 loads, its safetensors files' pages on the host (``load`` phase, hpcvideo.plan.RankPlan:
+                 diffusers' from_pretrained holds them all until it returns)
     activations  the live-tensor peak of one forward of the clip (Wan: batch 1, the cond and uncond
                  branches one after the other, as WanPipeline; UNet3D: batch g, as TextToVideoSDPipeline),
                  attention counted as a fused kernel; + the step's float32 predictions, 3 C F h w 4
