@@ -381,7 +381,7 @@ def check_fits(plan: Plan, cfg: RunConfig) -> None:
             suggestions.append(f"{ranks} ranks (cluster.nodes={math.ceil(ranks / per_node)} x cluster.gpus_per_node="
                                f"{per_node} gives {math.ceil(ranks / per_node) * per_node}; with stage_layers null)")
             break
-    if worst.peak_phase == "encode":
+    if worst.peak_phase == "encode" and not worst.device_is_host:
         suggestions.append("model.text_encoder_device=cpu (the text encoder in host memory)")
     if not suggestions and cfg.model.dtype == "float32":
         suggestions.append("model.dtype=bfloat16")
