@@ -133,9 +133,11 @@ def _model_problems(cfg: RunConfig, world_size: int, *, check_memory: bool) -> l
     problems = model_problems(cfg, model_info(cfg), world_size)
     if not check_memory or cfg.cluster.gpu_mem_gb is None:
         return problems
-    if cfg.strategy.name != "dualparal":
-        log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan covers strategy dualparal only",
-                    cfg.cluster.gpu_mem_gb)
+    from .plan import PLANNED
+
+    if cfg.model.family not in PLANNED.get(cfg.strategy.name, ()):
+        log.warning("cluster.gpu_mem_gb=%s not checked: the memory plan does not cover strategy %s with model.family %s",
+                    cfg.cluster.gpu_mem_gb, cfg.strategy.name, cfg.model.family)
     elif not problems:
         from .plan import check_fits, make_plan
 

@@ -58,6 +58,10 @@ CUDA_CONTEXT_GB = 0.5  # CUDA context + allocator slack per GPU, GiB (added to t
 
 @dataclass(kw_only=True)
 class RankPlan:
+    """One rank's figures (bytes; per tick = per step of the queue/clips). Memory is counted per phase,
+    as the runner goes through them (:meth:`phases`): a term is added to another only where both are
+    held at once. A new term is a new field plus its line in :meth:`phases`."""
+
     rank: int
     layers: tuple[int, int]
     weights_bytes: int
@@ -70,11 +74,53 @@ class RankPlan:
     sent_bytes_total: int  # whole run
     flops_per_tick: float
     seconds_per_tick: float | None = None
+    text_encoder_activations_bytes: int = 0  # one prompt through the encoder (rank 0)
+    embeddings_bytes: int = 0  # the prompt schedule's embeddings every rank holds during the run
+    text_encoder_on: str = "device"  # "device" (model.text_encoder_device=rank) | "host" (=cpu)
+    device_is_host: bool = False  # runtime.device cpu: the rank's device and the host are one memory
+    clip: tuple[int, int] | None = None  # Video-Infinity: latent frames [start, stop) of this rank's clip
+    checkpoint_bytes: int = 0  # pages of the mapped checkpoint files resident at the worst moment of the load
+    load_weights_bytes: int | None = None  # weights already loaded at that moment (None: all of them)
+    sent_bytes_per_tick_by_kind: dict = field(default_factory=dict)  # Video-Infinity: halo, global, sum
+
+    def phases(self) -> dict[str, dict[str, dict[str, int]]]:
+        """``{phase: {"device": {term: bytes}, "host": {term: bytes}}}`` in run order (hpcvideo.runner):
+        ``encode`` (rank 0 loads the text encoder and encodes the prompts one at a time; nothing of the
+        run is loaded yet, and the encoder is freed before it is), ``load`` (the denoiser's weights
+        arrive on the device while its safetensors files are memory-mapped on the host: the pages of
+        this rank's tensors stay resident until the file is closed; they count in a process's RSS, as
+        file pages the kernel may reclaim) and ``run`` (the loaded stage or model, the VAE, one
+        forward's activations, the caches and the queue or clip state). "host": terms in host memory
+        while the device is a GPU (the encoder with model.text_encoder_device=cpu; the mapped files)."""
+        encode = {"text_encoder": self.text_encoder_bytes, "text_encoder_activations": self.text_encoder_activations_bytes}
+        run = {"weights": self.weights_bytes, "vae": self.vae_bytes, "activations": self.activations_bytes,
+               "caches": self.caches_bytes, "queue": self.queue_bytes, "embeddings": self.embeddings_bytes}
+        out = {}
+        if self.text_encoder_bytes:
+            on_host = self.text_encoder_on == "host"
+            out["encode"] = {"device": {} if on_host else encode, "host": encode if on_host else {}}
+        loaded = self.weights_bytes if self.load_weights_bytes is None else self.load_weights_bytes
+        out["load"] = {"device": {"weights": loaded, "embeddings": self.embeddings_bytes},
+                       "host": {"checkpoint_pages": self.checkpoint_bytes}}
+        out["run"] = {"device": run, "host": {}}
+        return out
+
+    def _peak(self, where: tuple[str, ...]) -> tuple[int, str]:
+        return max((sum(sum(phase[w].values()) for w in where), name) for name, phase in self.phases().items())
 
     @property
     def peak_bytes(self) -> int:
-        steady = self.weights_bytes + self.vae_bytes + self.activations_bytes + self.caches_bytes + self.queue_bytes
-        return max(steady, self.weights_bytes + self.vae_bytes + self.text_encoder_bytes)
+        """The rank's device memory at its fullest phase (with runtime.device cpu: all of the rank's memory)."""
+        return self._peak(("device", "host") if self.device_is_host else ("device",))[0]
+
+    @property
+    def peak_phase(self) -> str:
+        return self._peak(("device", "host") if self.device_is_host else ("device",))[1]
+
+    @property
+    def host_peak_bytes(self) -> int:
+        """What the plan puts in host memory at once besides the device's share (0 when the device is the host)."""
+        return 0 if self.device_is_host else self._peak(("host",))[0]
 
 
 @dataclass(kw_only=True)
@@ -88,11 +134,52 @@ class Plan:
     ranks: list[RankPlan] = field(default_factory=list)
     throughput_tflops: float | None = None
 
+    strategy: str = "dualparal"
+    text_encoder_device: str = "rank"
+
     def as_dict(self) -> dict:
+        """Every field, and per rank its ``phases``, ``peak_bytes``, ``peak_phase`` and ``host_peak_bytes``."""
         d = asdict(self)
         for r, rank in zip(d["ranks"], self.ranks):
-            r["peak_bytes"] = rank.peak_bytes
+            r.update(phases=rank.phases(), peak_bytes=rank.peak_bytes, peak_phase=rank.peak_phase,
+                     host_peak_bytes=rank.host_peak_bytes)
         return d
+
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def checkpoint_tensor_bytes(folder: Path, *, by_file: bool = False) -> dict:
+    """``{tensor name: bytes as stored}`` of the safetensors files in ``folder`` (their JSON headers only:
+    no tensor is read), or with ``by_file`` ``{file name: {tensor name: bytes}}``; empty when the folder
+    has none (a folder of configs only)."""
+    import json
+    import struct
+
+    files: dict[str, dict[str, int]] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        files[file.name] = {name: meta["data_offsets"][1] - meta["data_offsets"][0]
+                            for name, meta in header.items() if name != "__metadata__"}
+    return files if by_file else {k: v for tensors in files.values() for k, v in tensors.items()}
+
+
+def stage_load_peak(files: dict[str, dict[str, int]], wanted, weights_bytes: int) -> tuple[int, int]:
+    """(weights loaded, checkpoint pages resident) at the fullest moment of a stage load
+    (:func:`hpcvideo.models.load_wan_transformer_stage`: the shards one after the other, each mapped
+    until the next is opened, every tensor copied off it): the end of shard i, holding the pages of
+    the stage's tensors in shard i and the weights from shards <= i (in proportion to their stored bytes)."""
+    own = {f: sum(v for k, v in tensors.items() if wanted(k)) for f, tensors in files.items()}
+    total = sum(own.values())
+    best, done = (0, 0), 0
+    for f in sorted(files):
+        done += own[f]
+        candidate = (weights_bytes * done // total if total else weights_bytes, own[f])
+        if sum(candidate) > sum(best):
+            best = candidate
+    return best
 
 
 def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> dict[str, int]:
@@ -109,10 +196,11 @@ def _param_bytes(module, dtype_bytes: int, keep_fp32: tuple[str, ...] = ()) -> d
     return out
 
 
-def model_bytes(model_path: Path, dtype: str) -> dict:
+def model_bytes(model_path: Path, dtype: str, sequence_length: int = 512) -> dict:
     """Exact parameter bytes from the model's JSON configs (meta device: nothing is read or allocated):
-    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes}``, and ``"transformer_2"``
-    (the same per child) for a two-expert model (Wan2.2 A14B)."""
+    ``{"transformer": {child: bytes}, "vae": bytes, "text_encoder": bytes, "text_encoder_activations": bytes}``
+    (the activation peak of one prompt of ``sequence_length`` tokens, :mod:`hpcvideo.dryrun`), and
+    ``"transformer_2"`` (the same per child) for a two-expert model (Wan2.2 A14B)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
@@ -130,21 +218,30 @@ def model_bytes(model_path: Path, dtype: str) -> dict:
                 second = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(model_path / "transformer_2"))
             out["transformer_2"] = _param_bytes(second, b, keep)
     text_config = model_path / "text_encoder" / "config.json"
-    out["text_encoder"] = 0
+    out["text_encoder"] = out["text_encoder_activations"] = 0
     if text_config.is_file():
         from transformers import AutoConfig, UMT5EncoderModel
 
-        with init_empty_weights(include_buffers=False):
+        from .dryrun import encoder_activation_bytes
+
+        with init_empty_weights(include_buffers=True):
             encoder = UMT5EncoderModel(AutoConfig.from_pretrained(model_path / "text_encoder"))
         encoder.tie_weights()  # embed_tokens is shared's tensor once loaded: count it once
         out["text_encoder"] = sum(p.numel() * b for p in encoder.parameters())
+        from .models.family import DTYPES
+
+        out["text_encoder_activations"] = encoder_activation_bytes(encoder.to(DTYPES[dtype]).eval(), sequence_length)
     return out
 
 
+PLANNED = {"dualparal": ("wan",), "videoinfinity": ("wan", "unet3d")}  # strategy -> model families plan covers
+
+
 def _check_supported(cfg: RunConfig) -> None:
-    if cfg.strategy.name != "dualparal" or cfg.model.family != "wan":
+    if cfg.model.family not in PLANNED.get(cfg.strategy.name, ()):
+        covered = "; ".join(f"strategy {k} with model.family {' or '.join(v)}" for k, v in PLANNED.items())
         raise ConfigError([f"strategy.name={cfg.strategy.name!r} (model.family={cfg.model.family!r}): hpcvideo plan "
-                           "covers strategy dualparal with the wan family only, for now"])
+                           f"covers {covered}"])
 
 
 def check_plan(cfg: RunConfig, num_ranks: int | None = None) -> RunConfig:
@@ -181,8 +278,13 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     _check_supported(cfg)
     ranks = num_ranks or cfg.cluster.nodes * cfg.cluster.gpus_per_node
     model_path = model_folder(cfg)
+    if cfg.strategy.name == "videoinfinity":
+        from .plan_videoinfinity import make_videoinfinity_plan
+
+        return make_videoinfinity_plan(cfg, num_ranks=ranks, model_path=model_path, throughput_tflops=throughput_tflops)
     info = read_model_info(model_path)
-    sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(model_path, cfg.model.dtype)
+    sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(
+        model_path, cfg.model.dtype, cfg.sampling.max_sequence_length)
     try:
         layers = split_layers(info["num_layers"], ranks, cfg.runtime.stage_layers if num_ranks is None else None)
     except ValueError as error:
@@ -223,7 +325,10 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     # (S, 6, D) + (S, D) condition embeddings the stage keeps for the last 4 windows (forward.ConditionCache)
     token_time = S * 6 * D * 4 + 4 * S * 7 * D * b if info.get("expand_timesteps") else 0
     plan = Plan(model_id=info["model_id"], num_ranks=ranks, num_blocks=B, num_ticks=ticks, blocks_in_flight=K,
-                tokens_per_block_forward=S, throughput_tflops=throughput_tflops)
+                tokens_per_block_forward=S, throughput_tflops=throughput_tflops,
+                text_encoder_device=cfg.model.text_encoder_device)
+    embeddings = (len(s.prompts) + (1 if g == 2 else 0)) * s.max_sequence_length * info["text_dim"] * b
+    stored = checkpoint_tensor_bytes(model_path / "transformer", by_file=True)
     for r, rng in enumerate(layers):
         own = len(rng)
         flops = 0.0
@@ -235,8 +340,15 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
         rank = RankPlan(
             rank=r, layers=(rng.start, rng.stop),
             weights_bytes=shared + sum(block_bytes[i] for i in rng),
+            **dict(zip(("load_weights_bytes", "checkpoint_bytes"), stage_load_peak(
+                stored, lambda k, rng=rng: k.split(".")[0] != "blocks" or int(k.split(".")[1]) in rng,
+                shared + sum(block_bytes[i] for i in rng)))),
             vae_bytes=sizes["vae"] if r == 0 else 0,
             text_encoder_bytes=sizes["text_encoder"] if r == 0 else 0,
+            text_encoder_activations_bytes=sizes.get("text_encoder_activations", 0) if r == 0 else 0,
+            text_encoder_on="host" if cfg.model.text_encoder_device == "cpu" else "device",
+            device_is_host=cfg.runtime.device == "cpu",
+            embeddings_bytes=embeddings,
             activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0) + token_time,
             caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
             queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),
@@ -271,17 +383,28 @@ def check_fits(plan: Plan, cfg: RunConfig) -> None:
         return
     worst = max(plan.ranks, key=lambda r: r.peak_bytes)
     suggestions = []
-    num_layers = sum(r.layers[1] - r.layers[0] for r in plan.ranks)
-    for ranks in range(plan.num_ranks + 1, num_layers + 1):
+    if plan.strategy == "videoinfinity":  # more ranks, shorter clips (when the clip length is derived)
+        from .layout import videoinfinity_rank_counts
+
+        candidates = [n for n in videoinfinity_rank_counts(cfg.num_latent_frames, cfg.strategy.clip_latent_frames)
+                      if n > plan.num_ranks][:8]
+    else:
+        candidates = range(plan.num_ranks + 1, sum(r.layers[1] - r.layers[0] for r in plan.ranks) + 1)
+    for ranks in candidates:
         if fits(make_plan(cfg, num_ranks=ranks), gpu_gb):
             per_node = cfg.cluster.gpus_per_node
             suggestions.append(f"{ranks} ranks (cluster.nodes={math.ceil(ranks / per_node)} x cluster.gpus_per_node="
                                f"{per_node} gives {math.ceil(ranks / per_node) * per_node}; with stage_layers null)")
             break
-    n = cfg.strategy.block_latent_frames
+    if worst.peak_phase == "encode" and not worst.device_is_host:
+        suggestions.append("model.text_encoder_device=cpu (the text encoder in host memory)")
     if not suggestions and cfg.model.dtype == "float32":
         suggestions.append("model.dtype=bfloat16")
-    suggestions.append(f"a smaller strategy.block_latent_frames than {n} or a lower resolution (activations and caches)")
+    if plan.strategy == "videoinfinity":
+        suggestions.append("a lower resolution (activations)")
+    else:
+        n = cfg.strategy.block_latent_frames
+        suggestions.append(f"a smaller strategy.block_latent_frames than {n} or a lower resolution (activations and caches)")
     raise ConfigError([
         f"cluster.gpu_mem_gb={gpu_gb} is too small for this layout: rank {worst.rank} needs "
         f"{worst.peak_bytes / GIB:.2f} GiB + {CUDA_CONTEXT_GB} GiB CUDA context "
@@ -294,18 +417,33 @@ def format_plan(plan: Plan, gpu_mem_gb: float | None = None) -> str:
     def gib(x: float) -> str:  # MiB, so that tiny models show figures too
         return f"{x / 2**20:10.2f}"
 
+    vi = plan.strategy == "videoinfinity"
+    if vi:
+        head = (f"{plan.model_id}: Video-Infinity, {plan.num_ranks} rank(s) = clips, {plan.num_ticks} steps, "
+                f"{plan.tokens_per_block_forward} latent pixels per clip")
+    else:
+        head = (f"{plan.model_id}: {plan.num_ranks} rank(s), {plan.num_blocks} blocks, {plan.num_ticks} ticks, "
+                f"{plan.blocks_in_flight} blocks in flight, {plan.tokens_per_block_forward} tokens per block forward")
     lines = [
-        f"{plan.model_id}: {plan.num_ranks} rank(s), {plan.num_blocks} blocks, {plan.num_ticks} ticks, "
-        f"{plan.blocks_in_flight} blocks in flight, {plan.tokens_per_block_forward} tokens per block forward",
-        "rank  layers     weights       vae  text_enc activations     caches     queue      peak  (MiB)  sent MiB/tick  s/tick",
+        head,
+        f"rank  {'clip   ' if vi else 'layers '}    weights       vae  text_enc activations     caches     queue      peak"
+        "  (MiB)  sent MiB/tick  s/tick  peak in  host MiB",
     ]
     for r in plan.ranks:
         sec = f"{r.seconds_per_tick:7.3f}" if r.seconds_per_tick is not None else "      -"
+        span = r.clip if vi else r.layers
         lines.append(
-            f"{r.rank:4d}  {r.layers[0]:3d}-{r.layers[1]:<3d} {gib(r.weights_bytes)}{gib(r.vae_bytes)}{gib(r.text_encoder_bytes)}"
+            f"{r.rank:4d}  {span[0]:3d}-{span[1]:<3d} {gib(r.weights_bytes)}{gib(r.vae_bytes)}{gib(r.text_encoder_bytes)}"
             f"{gib(r.activations_bytes)} {gib(r.caches_bytes)}{gib(r.queue_bytes)}{gib(r.peak_bytes)}"
-            f"        {r.sent_bytes_per_tick / 2**20:9.2f} {sec}"
+            f"        {r.sent_bytes_per_tick / 2**20:9.2f} {sec}  {r.peak_phase:7s}{gib(r.host_peak_bytes)}"
         )
+    if vi and plan.ranks:
+        kinds = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in plan.ranks[0].sent_bytes_per_tick_by_kind.items())
+        lines.append(f"rank 0 sends per step (MiB): {kinds}")
+    if any(r.text_encoder_bytes for r in plan.ranks):
+        where = "host (model.text_encoder_device=cpu)" if plan.text_encoder_device == "cpu" else "rank 0's device"
+        lines.append(f"text encoder on {where}; phases: encode (text encoder alone, freed), load (weights + mapped "
+                     "checkpoint pages), run")
     if plan.throughput_tflops:
         lines.append(f"time per tick at {plan.throughput_tflops:.3g} TFLOP/s per GPU: "
                      f"{max(r.seconds_per_tick or 0 for r in plan.ranks):.3f} s (slowest stage)")

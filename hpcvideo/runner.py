@@ -271,14 +271,26 @@ def _prepare(cfg: RunConfig, env, spec, family) -> _Setup:
     return _Setup(model_path=Path(model_path), info=info, plan=plan, store=store, lock=lock)
 
 
+def _free_memory(device) -> None:
+    """Return what the dropped text encoder held: cyclic garbage, and the CUDA allocator's cached blocks."""
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _encode_prompts(cfg: RunConfig, env, family, model_path: Path, dtype):
-    """Rank 0 loads the text encoder and encodes the prompt schedule; every rank gets the embeddings
-    on its device: ([(1, L, D) per prompt], (1, L, D) or None)."""
+    """Rank 0 loads the text encoder (on ``model.text_encoder_device``: its device or the CPU) and encodes
+    the prompt schedule, then frees it; every rank gets the embeddings on its device:
+    ([(1, L, D) per prompt], (1, L, D) or None)."""
     embeddings = None
     if env.is_main:
-        components = family.load(model_path, device=env.device, dtype=dtype, text=True)
+        device = "cpu" if cfg.model.text_encoder_device == "cpu" else env.device
+        components = family.load(model_path, device=device, dtype=dtype, text=True)
         embeddings = family.encode_prompts(components, cfg, dtype=dtype)
-        del components  # not needed past this point
+        del components  # not needed past this point: freed before any weights of the run load
+        _free_memory(device)
     if env.world_size > 1:
         embeddings = bcast_object(env, embeddings)
     prompt_embeds = [e.to(env.device) for e in embeddings[0]]

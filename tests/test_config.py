@@ -608,7 +608,8 @@ def test_identity_dict():
     assert "num_frames" not in ident["video"] and "height" in ident["video"]
     assert "store" not in ident and "runtime" not in ident and "cluster" not in ident
     assert d["video"]["num_frames"] == 29 and "store" in d  # the input is untouched
-    assert IDENTITY_IGNORED == ("video.num_frames", "store", "runtime", "cluster")
+    assert IDENTITY_IGNORED == ("video.num_frames", "store", "runtime", "cluster", "model.text_encoder_device")
+    assert "text_encoder_device" not in ident["model"] and "dtype" in ident["model"]  # where it runs, not what
     # resuming/extending: these may change; anything else is a different run
     longer = load_config("tiny-test", num_frames=45, output="elsewhere.zarr", check_paths=False).to_dict()
     assert config_diff(d, longer, ignore=IDENTITY_IGNORED) == []

@@ -53,6 +53,7 @@ RUN: dict[str, str | None] = {
     "hpcvideo generate tiny-vi-unet3d --output runs/vu.zarr --ranks 2": "runs/vu.zarr: 16/16 frames, complete=True",
     "hpcvideo check tiny-vi-wan --output runs/vi.zarr --ranks 4": None,
     "hpcvideo plan tiny-cpu --ranks 2": "tiny-wan-v2-seed0: 2 rank(s), 18 blocks, 25 ticks",
+    "hpcvideo plan tiny-vi-wan --ranks 4 --set model.text_encoder_device=cpu": "Video-Infinity, 4 rank(s) = clips",
     "hpcvideo status runs/tiny-cpu.zarr --seams": "seams      block boundaries: 17 over 501 frames",
     "HPCVIDEO_RUN=runs/tiny-cpu.zarr jupyter execute notebooks/inspect_run.ipynb": None,
 }
@@ -95,6 +96,8 @@ NOT_RUN: dict[str, str] = {
     "python bench/bench_videoinfinity.py": "benchmark: 5-8 minutes",
     "python bench/bench_integrity.py": "benchmark: minutes (tests/test_integrity.py tests each mechanism)",
     "python bench/report.py --quick": "benchmark report: about 30 minutes",
+    "python bench/bench_real_arch.py": "benchmark: minutes and about 9 GB (the 1.3B architecture on CPU)",
+    "python bench/gpu_check.py": "needs a GPU to measure; its no-GPU exit is tested in tests/test_plan.py",
 }
 
 TIMEOUT_S = 600  # per command; the slowest (tiny-cpu) takes about 50 s on 2 cores

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 MISSING = "<missing>"
-IDENTITY_IGNORED = ("video.num_frames", "store", "runtime", "cluster")
+IDENTITY_IGNORED = ("video.num_frames", "store", "runtime", "cluster", "model.text_encoder_device")
 """Keys that may differ between a run store and the command that resumes or extends it."""
 
 

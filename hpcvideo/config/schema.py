@@ -32,6 +32,7 @@ STRATEGIES = ("dualparal", "videoinfinity")  # each has its rules in strategies/
 UNET3D_SCHEDULERS = ("ddim", "dpmsolver")  # the names models.family.UNet3DFamily.make_scheduler takes
 NOISE_MODES = ("coordinated", "independent")  # initial noise: hpcvideo.noise.block_noise
 DEVICES = ("auto", "cpu", "cuda")  # hpcvideo.runtime.env.init_rank_env
+TEXT_ENCODER_DEVICES = ("rank", "cpu")  # model.text_encoder_device (hpcvideo.runner, hpcvideo.plan)
 CLUSTER_MPI = ("pmi2", "pmix")  # srun --mpi=...: pmi2 for MPICH-based MPI (the mpich wheel), pmix for Open MPI
 # sbatch options derived from the cluster section (or set by the launcher): not allowed in cluster.sbatch_options
 SBATCH_OPTIONS_SET = (
@@ -91,6 +92,9 @@ class ModelConfig:
     # unet3d only: frames-per-second condition of a VideoCrafter2 conversion (its unet weights carry an
     # fps_embedding; VideoCrafter2 / Video-Infinity use 24); null = no fps condition (ModelScope/Zeroscope)
     fps_condition: float | None = None
+    # where rank 0 runs the text encoder: "rank" (the rank's device, runtime.device) | "cpu" (host memory;
+    # Wan's --t5_cpu: the GPU never holds the encoder). Freed after the prompts are encoded either way
+    text_encoder_device: str = "rank"
 
 
 @dataclass(kw_only=True)

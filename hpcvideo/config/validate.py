@@ -21,6 +21,7 @@ from .schema import (
     CLUSTER_MPI,
     DEMO_WEIGHTS_DIR,
     DEVICES,
+    TEXT_ENCODER_DEVICES,
     DTYPES,
     MODEL_FAMILIES,
     NOISE_MODES,
@@ -76,6 +77,7 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     m, v, s, st = cfg.model, cfg.video, cfg.sampling, cfg.strategy
     one_of("model.family", m.family, MODEL_FAMILIES)
     one_of("model.dtype", m.dtype, DTYPES)
+    one_of("model.text_encoder_device", m.text_encoder_device, TEXT_ENCODER_DEVICES)
     if ok("model.path") and not m.path:
         fail("model.path", "model.path='' is empty; allowed: 'tiny' or a diffusers-format model folder")
     if ok("model.fps_condition", "model.family") and m.fps_condition is not None:

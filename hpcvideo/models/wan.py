@@ -196,6 +196,17 @@ def _model_index(path: Path) -> dict:
     return _read_json(index) if index.is_file() else {}
 
 
+def _release_checkpoint_pages(model, dtype: torch.dtype) -> None:
+    """Copy the float32-kept parameters of a model loaded in another ``dtype``: from_pretrained leaves them
+    on the memory-mapped safetensors file, and while one tensor holds the mapping every page read from
+    that file stays resident (on CPU runs: the whole checkpoint, for the whole run)."""
+    if dtype == torch.float32:
+        return  # every tensor is the file's own (no second copy is made)
+    for param in model.parameters():
+        if param.dtype == torch.float32 and param.device.type == "cpu":
+            param.data = param.data.clone()
+
+
 def load_wan(
     path,
     *,
@@ -223,13 +234,16 @@ def load_wan(
         transformer = WanTransformer3DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
+        _release_checkpoint_pages(transformer, dtype)
         transformer = transformer.to(device).eval()
     if "transformer_2" in parts:
         from diffusers import WanTransformer3DModel
 
         transformer_2 = WanTransformer3DModel.from_pretrained(
             path, subfolder="transformer_2", torch_dtype=dtype, local_files_only=True
-        ).to(device).eval()
+        )
+        _release_checkpoint_pages(transformer_2, dtype)
+        transformer_2 = transformer_2.to(device).eval()
     if "vae" in parts:
         from diffusers import AutoencoderKLWan
 
@@ -404,7 +418,9 @@ def load_wan_transformer_stage(path, layers: range, *, device="cpu", dtype: torc
                 tensor = handle.get_tensor(key)
                 if tensor.is_floating_point():
                     fp32 = any(module in key.split(".") for module in keep_fp32)
-                    tensor = tensor.to(torch.float32 if fp32 else dtype)
+                    # a copy even when the dtype is the file's: a tensor left on the memory-mapped file would
+                    # keep every page read from that shard resident for the whole run (measured: 5.4 GB on 1.3B)
+                    tensor = tensor.to(torch.float32 if fp32 else dtype, copy=True)
                 set_module_tensor_to_device(model, key, device, value=tensor, dtype=tensor.dtype)
                 loaded.add(key)
     for index in range(num_layers):
