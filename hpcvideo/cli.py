@@ -107,7 +107,7 @@ def _cmd_generate(args) -> int:
     if code is not None:
         return code
     from .generate import generate
-    from .runtime.preempt import EXIT_REQUEUE, Preempted, StopRequest
+    from .runtime.preempt import EXIT_REQUEUE, Preempted, StopRequest, mark_stopped
 
     # USR2 before the time limit: stop at a tick, exit 75 (slurm/*.sbatch requeue)
     request = StopRequest().install() if os.environ.get("SLURM_JOB_ID") else None
@@ -115,6 +115,7 @@ def _cmd_generate(args) -> int:
         status = generate(cfg, progress=not args.no_progress and sys.stderr.isatty(), stop=request, faults=faults)
     except Preempted as stop:
         print(f"hpcvideo generate: {stop} (exit {EXIT_REQUEUE})", file=sys.stderr)
+        mark_stopped()  # for slurm/*.sbatch: srun's exit code may hide the 75
         return EXIT_REQUEUE
     finally:
         if request is not None:

@@ -6,11 +6,11 @@ id; the file system shared), and hpcvideo runs across it, 2 nodes x 2 ranks:
   node (= SLURM_LOCALID, also with MPICH's MPIR_CVAR_NOLOCAL=1), MPI (UCX over TCP) and gloo connections
   between the nodes' addresses, the rendezvous address on node1's network, each node its own /dev/shm;
   then Video-Infinity in the same allocation, equal to its single-process reference;
-* DualParal through ``sbatch slurm/generate.sbatch``, bit-identical to the 1-rank run;
-* DualParal through ``hpcvideo submit``: node2 lost (all its processes killed, slurmd included) -> node1's
-  ranks exit non-zero within 60 s naming the lost ranks and node; the resubmitted job resumes, is stopped
-  by USR2 (SLURM's warning before a time limit) and requeued, removes the stale MPICH segments on each
-  node, and ends bit-identical to an uninterrupted run.
+* DualParal, one store through both ways of submitting: ``hpcvideo submit``, node2 lost (all its
+  processes killed, slurmd included) -> node1's ranks exit non-zero within 60 s naming the lost ranks and
+  node; then ``sbatch slurm/generate.sbatch`` resumes it, is stopped by USR2 (SLURM's warning before a
+  time limit) and requeued, removes the stale MPICH segments on each node, and ends bit-identical to an
+  uninterrupted 1-rank run.
 
 Marked ``multinode`` (and ``slurm``): skipped with the reason where the lab cannot start (no SLURM, not
 root, no namespaces), a failure instead where SLURM must be there (``HPCVIDEO_REQUIRE_SLURM=1``, .ci/run).
@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from hpcvideo.runtime.env import RankEnv, _resolve_device, node_local_rank
+from hpcvideo.runtime.shm import mpich_world_id
 from hpcvideo.store import RunStore
 from tests.helpers import ROOT, cli, cli_subprocess, store_arrays
 
@@ -105,6 +106,40 @@ def test_heartbeats_name_the_silent_ranks_of_another_node():
 def test_a_heartbeat_timeout_that_is_not_positive_is_refused():
     result = cli("check", "tiny-test", "--set", "runtime.heartbeat_timeout_s=0", check=False)
     assert result.returncode == 2 and "runtime.heartbeat_timeout_s" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("script", ["template", "generated"])
+def test_sbatch_scripts_requeue_when_a_rank_stopped_though_srun_exits_143(tmp_path, script):
+    """srun --kill-on-bad-exit terminates the other ranks once the first exits 75, and then exits 143: the
+    scripts requeue because a stopped rank created $HPCVIDEO_STOPPED_FILE (stand-ins for srun, scontrol and
+    hpcvideo; the stand-in srun does what a stopped rank does: hpcvideo.runtime.preempt.mark_stopped)."""
+    from hpcvideo.config import load_config
+    from hpcvideo.launch.sbatch import render_sbatch
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "srun": f'for a in "$@"; do [ "$a" = generate ] && exec {sys.executable} -c '
+                '"from hpcvideo.runtime.preempt import mark_stopped; mark_stopped(); raise SystemExit(143)"; done\nexit 0\n',
+        "scontrol": f'echo "$@" > {tmp_path}/scontrol.args\n',
+        "hpcvideo": "exit 0\n",
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    path = ROOT / "slurm" / "generate.sbatch"
+    if script == "generated":
+        path = tmp_path / "job.sbatch"
+        path.write_text(render_sbatch(load_config("tiny-test", [], output=tmp_path / "run.zarr", check_paths=False),
+                                   config="tiny-test", overrides=[]))
+    environ = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_NTASKS": "4", "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(path), "tiny-test"], env=environ, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 143, result.stderr
+    assert "requeueing job 77" in result.stderr and (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
+    assert not list(tmp_path.glob("hpcvideo-stopped-*"))  # removed before the requeue
 
 
 # ---------------------------------------------------------------- the two-node lab
@@ -216,24 +251,6 @@ def test_two_nodes_own_network_local_ranks_and_videoinfinity(nodes_lab, tmp_path
     assert "node node1: rank 0 pid" in output and "node node2: rank 2 pid" in output
 
 
-@pytest.mark.multinode
-@pytest.mark.slurm
-@pytest.mark.e2e
-def test_generate_sbatch_dualparal_on_two_nodes_is_bit_identical_to_one_rank(nodes_lab, tmp_path, tiny_test_arrays):
-    """``sbatch slurm/generate.sbatch tiny-test`` with 2 nodes x 2 tasks (4 pipeline stages, 2 per node)."""
-    environ, _ = nodes_lab
-    path = tmp_path / "run.zarr"
-    job_id = sbatch(environ, tmp_path, "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                    "--mem=1G", ROOT / "slurm/generate.sbatch", "tiny-test", "--output", path)
-    state = wait_done(environ, job_id)
-    output = (tmp_path / f"hpcvideo-{job_id}.out").read_text()
-    assert state == "COMPLETED", output
-    assert "4 ranks, gloo via tcp://10.233.0.1:" in output
-    assert "node node1: rank 0 pid" in output and "rank 1 pid" in output and "node node2: rank 2 pid" in output
-    latents, frames = store_arrays(path)
-    assert np.array_equal(latents, tiny_test_arrays[0]) and np.array_equal(frames, tiny_test_arrays[1])
-
-
 def _checkpoint(path) -> int:
     try:
         return RunStore.open(path).status_dict()["last_checkpoint_tick"] or 0
@@ -241,35 +258,32 @@ def _checkpoint(path) -> int:
         return 0
 
 
-def _node_pids(lab: Path, node: int) -> set[int]:
-    prefix = (lab / "netns").read_text().split()[node]  # head, n1, n2
-    out = subprocess.run(["ip", "netns", "pids", prefix], capture_output=True, text=True, timeout=30).stdout
-    return {int(pid) for pid in out.split()}
-
-
 @pytest.mark.multinode
 @pytest.mark.slurm
 @pytest.mark.e2e
-def test_a_lost_node_is_named_and_the_run_resumes_through_a_requeue_bit_identically(nodes_lab, tmp_path, tiny_model_dir):
+def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identically(nodes_lab, tmp_path, tiny_model_dir):
+    """DualParal 2 nodes x 2 ranks (4 stages, 2 per node) through both ways of submitting, one store:
+    ``hpcvideo submit`` -> node2 lost (every process of it killed, slurmd included) -> node1's ranks exit
+    non-zero within 60 s naming the lost ranks and node; ``sbatch slurm/generate.sbatch`` resumes the
+    store, is stopped by USR2 (SLURM's warning before a time limit) and requeued by the script, removes the
+    stopped allocation's MPICH segments on each node, resumes again and ends bit-identical to one rank."""
     environ, lab = nodes_lab
     path = tmp_path / "run.zarr"
     reference = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output",
                                   str(tmp_path / "reference.zarr"), "--frames", str(FRAMES), "--no-progress"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        settings = [f"--set={s}" for s in NODE_SETTINGS]
-
-        def submit() -> str:
-            result = cli_subprocess("submit", "tiny-test", "--output", path, "--frames", FRAMES, *settings, env=environ)
-            return result.stdout.strip().splitlines()[-1].split()[1].rstrip(":")
-
-        first = submit()
+        submitted = cli_subprocess("submit", "tiny-test", "--output", path, "--frames", FRAMES,
+                                   *[f"--set={s}" for s in NODE_SETTINGS], env=environ)
+        first = submitted.stdout.strip().splitlines()[-1].split()[1].rstrip(":")  # "job ID: store PATH  logs FOLDER"
         wait_for(lambda: _checkpoint(path) >= 3, "the first job's checkpoints", poll_s=0.05)
         killed = sh(environ, "bash", LAB_SCRIPT / "nodes.sh", "kill-node", "2", lab)
         lost_at = time.monotonic()
         assert killed.stdout.startswith("killed node2:")
-        rank0_log = Path(f"{path}.logs") / "rank0.log"
-        wait_for(lambda: "stopping because rank 2" in rank0_log.read_text(), "node1's ranks to name the lost node",
+        def node1_logs() -> str:  # whichever of node1's ranks notices first names node2's ranks (the other: that rank's exit)
+            return "".join((Path(f"{path}.logs") / f"rank{r}.log").read_text() for r in (0, 1))
+
+        wait_for(lambda: "on node2 sent no heartbeat" in node1_logs(), "node1's ranks to name the lost node",
                  timeout_s=60, poll_s=0.2)
         # both ranks of node1 exit within 60 s of the loss, non-zero (srun: "node1: tasks 0-1: Exited with exit code 1")
         table = next(line for line in _submitit_err(path, first).splitlines() if "node node1: rank 0 pid" in line)
@@ -277,42 +291,64 @@ def test_a_lost_node_is_named_and_the_run_resumes_through_a_requeue_bit_identica
         wait_for(lambda: not any(_running(pid) for pid in node1_pids), "node1's ranks to exit",
                  timeout_s=60 - (time.monotonic() - lost_at), poll_s=0.2)
         assert time.monotonic() - lost_at < 60
+
         def node1_exits():  # rank 1 exits 1 itself, or is killed by srun (--kill-on-bad-exit) after rank 0 exited 1
             found = re.findall(r"node1: tasks? ([-0-9,]+): (\w+.*)", _submitit_err(path, first))
             return found if {t for tasks, _ in found for t in tasks.replace("-", ",").split(",")} >= {"0", "1"} else None
 
         exits = wait_for(node1_exits, "srun's report of node1's tasks", timeout_s=30)
         assert all(re.match(r"Exited with exit code [1-9]|Killed", what) for _, what in exits), exits
-        assert any(tasks.startswith("0") and what.startswith("Exited with exit code 1") for tasks, what in exits), exits
-        named = rank0_log.read_text()
-        assert "rank 2 (pid" in named and "rank 3 (pid" in named and "on node2 sent no heartbeat for 10 s" in named
+        assert any(what.startswith("Exited with exit code 1") for _, what in exits), exits
+        named = next(line for line in node1_logs().splitlines() if "on node2 sent no heartbeat" in line)
+        assert re.fullmatch(r"rank [01]: stopping because rank 2 \(pid \d+\) and rank 3 \(pid \d+\) on node2 sent no "
+                            r"heartbeat for 10 s: node2 was lost or its processes were killed", named), named
         sh(environ, "bash", LAB_SCRIPT / "nodes.sh", "start-node", "2", lab, timeout=120)  # the node comes back
         assert wait_done(environ, first, timeout_s=180) in ("FAILED", "CANCELLED")
         crashed = RunStore.open(path).status_dict()
         assert not crashed["complete"] and crashed["last_checkpoint_tick"] >= 3
 
-        job_id = submit()  # resumes from the store; then SLURM's warning signal: stop at a tick, requeue, resume
+        job_id = sbatch(environ, tmp_path, "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                        "--mem=1G", ROOT / "slurm/generate.sbatch", "tiny-test", "--output", path, "--frames", FRAMES,
+                        "--set", "runtime.heartbeat_timeout_s=10")
+        job_out = tmp_path / f"hpcvideo-{job_id}.out"
         resumed_at = crashed["last_checkpoint_tick"]
-        wait_for(lambda: _checkpoint(path) >= resumed_at + 2, "the resubmitted job's checkpoints", poll_s=0.05)
-        sh(environ, "scancel", "--signal=USR2", job_id)
-        wait_for(lambda: "Requeued job" in _submitit_out(path, job_id), "submitit to requeue the job")
+        wait_for(lambda: _checkpoint(path) >= resumed_at + 2, "the sbatch job's checkpoints", poll_s=0.05)
+        sh(environ, "scancel", "--signal=USR2", job_id)  # to the job's steps: the ranks
+        wait_for(lambda: f"requeueing job {job_id}" in job_out.read_text(), "the script to requeue the job")
         wait_for(lambda: job_state(environ, job_id) == "PENDING", "the job to be pending again")
+        # what a killed allocation leaves on each node (the ranks of the stopped one all left cleanly here):
+        # MPICH's segments of step 1 (the generate step), named after "JOBID.1" and the node's index
+        stale = {node: f"mpich_shm_{mpich_world_id(f'{job_id}.1'):x}_{node - 1}" for node in (1, 2)}
+        for node, name in stale.items():
+            _in_node(lab, node, "touch", f"/dev/shm/{name}")
         sh(environ, "scontrol", "update", f"JobId={job_id}", "StartTime=now")  # requeued jobs wait 120 s otherwise
-        assert wait_done(environ, job_id) == "COMPLETED", _submitit_err(path, job_id)
+        assert wait_done(environ, job_id) == "COMPLETED", job_out.read_text()
         output, _ = reference.communicate(timeout=300)
         assert reference.returncode == 0, output
         latents, frames = store_arrays(path)
         expected = store_arrays(tmp_path / "reference.zarr")
         assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
-        resumes = [line for line in _submitit_err(path, job_id).splitlines() if "resuming" in line]
-        assert len(resumes) == 2, resumes  # the resubmission, and the requeued allocation
-        cleaned = _submitit_err(path, job_id)  # the requeued allocation removed the stopped one's segments, per node
-        assert f"stale MPICH segment(s) of job {job_id} on node1" in cleaned
-        assert f"stale MPICH segment(s) of job {job_id} on node2" in cleaned
+        log = job_out.read_text()
+        assert log.count("4 ranks, gloo via tcp://10.233.0.1:") == 2 and "node node2: rank 2 pid" in log
+        assert len([line for line in log.splitlines() if "resuming" in line]) == 2, log  # before and after the requeue
+        # the requeued allocation removed the stale segments on each node, before its MPI step; none is left
+        assert f"removed 1 stale MPICH segment(s) of job {job_id} on node1: {stale[1]}" in log
+        assert f"removed 1 stale MPICH segment(s) of job {job_id} on node2: {stale[2]}" in log
+        for node in (1, 2):
+            left = _in_node(lab, node, "ls", "/dev/shm").split()
+            assert not [name for name in left if f"{mpich_world_id(f'{job_id}.1'):x}" in name], left
     finally:
         if reference.poll() is None:
             reference.kill()
             reference.wait()
+
+
+def _in_node(lab: Path, node: int, *command: str) -> str:
+    """``command`` in node ``node``'s mount namespace (its own /dev/shm), entered through its running slurmd."""
+    pids = [line.split() for line in (lab / "pids").read_text().splitlines()]
+    pid = [fields[1] for fields in pids if fields[0] == "slurmd" and fields[2].endswith(f"-n{node}")][-1]
+    return subprocess.run(["nsenter", "-t", pid, "-m", *command], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
 
 
 def _running(pid: int) -> bool:
@@ -327,5 +363,3 @@ def _submitit_err(path, job_id) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(Path(f"{path}.slurm").glob(f"{job_id}_*_log.err")))
 
 
-def _submitit_out(path, job_id) -> str:
-    return Path(f"{path}.slurm/{job_id}_0_log.out").read_text(errors="replace")
