@@ -51,10 +51,13 @@ start_daemon() {  # NAME NETNS HOSTNAME COMMAND...: a daemon in its namespaces; 
 
 down() {
   [ -f "$LAB/netns" ] || { echo "nodes.sh: no $LAB/netns (no namespace made there)"; return 0; }
-  local ns pid
+  local ns pid pids
   while read -r ns; do  # every process still in a lab namespace is one the lab started (or a job step of it)
     [ -e "/run/netns/$ns" ] || continue
-    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    pids="$(ip netns pids "$ns" 2>/dev/null)"
+    [ -z "$pids" ] && continue
+    for pid in $pids; do kill -9 "$pid" 2>/dev/null || true; done
+    echo "killed $(echo $pids | wc -w) process(es) in $ns"
   done < "$LAB/netns"
   for _ in $(seq 1 50); do
     local left=""
