@@ -67,7 +67,7 @@ def test_local_rank_and_device_come_from_the_ranks_on_the_same_node(monkeypatch)
 def test_heartbeats_name_the_silent_ranks_of_another_node():
     """A store stand-in: ranks 2 and 3 (node b) stop counting; rank 0 names them after the timeout, and
     only them; its own node's rank 1 is never read (the /proc watch covers it)."""
-    from hpcvideo.runtime.heartbeat import Heartbeat, StoreUnreachable, describe_lost
+    from hpcvideo.runtime.nodewatch import NodeWatch, StoreUnreachable, describe_lost
 
     class Store:
         def __init__(self):
@@ -81,7 +81,7 @@ def test_heartbeats_name_the_silent_ranks_of_another_node():
     env = RankEnv(rank=0, local_rank=0, world_size=4, local_world_size=2, node="a", device=None, backend="gloo",
                   comm=None, peers=(("a", 10), ("a", 11), ("b", 12), ("b", 13)))
     store = Store()
-    beat = Heartbeat(env=env, timeout_s=5.0, store=store)
+    beat = NodeWatch(env=env, timeout_s=5.0, store=store)
     assert beat.remote_ranks() == [2, 3]
     assert beat.lost(now=0.0) == []
     store.add("hpcvideo/alive/2", 1)
@@ -321,7 +321,10 @@ def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identical
         stale = {node: f"mpich_shm_{mpich_world_id(f'{job_id}.1'):x}_{node - 1}" for node in (1, 2)}
         for node, name in stale.items():
             _in_node(lab, node, "touch", f"/dev/shm/{name}")
-        sh(environ, "scontrol", "update", f"JobId={job_id}", "StartTime=now")  # requeued jobs wait 120 s otherwise
+        # requeued jobs wait 120 s otherwise; not in the second of the requeue: slurmd compares the new credential's
+        # time with the revocation of the old one in whole seconds ("Job credential revoked", job FAILED; seen once)
+        time.sleep(2.0)
+        sh(environ, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
         assert wait_done(environ, job_id) == "COMPLETED", job_out.read_text()
         output, _ = reference.communicate(timeout=300)
         assert reference.returncode == 0, output

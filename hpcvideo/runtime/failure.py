@@ -22,7 +22,7 @@ Three ways a rank can go, and what the others see:
   (:func:`stop_failure_monitor` is a barrier, so no rank leaves early) makes it print ``rank Q:
   stopping because rank R (pid p on node) is no longer running`` and exit 1. Peers on other nodes
   cannot be watched in ``/proc``: when the job spans several nodes the monitor also exchanges
-  heartbeats with them through the rendezvous store (:mod:`hpcvideo.runtime.heartbeat`) and names the
+  heartbeats with them through the rendezvous store (:mod:`hpcvideo.runtime.nodewatch`) and names the
   ranks of a node that went silent for ``runtime.heartbeat_timeout_s`` (``rank Q: stopping because
   rank 2 (pid p) and rank 3 (pid p) on node2 sent no heartbeat for 30 s ...``), then exits 1. Their
   torch.distributed calls may also raise first (gloo: "Connection closed by peer"); inside
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .env import RankEnv
-from .heartbeat import Heartbeat, StoreUnreachable, describe_lost, open_heartbeat
+from .nodewatch import NodeWatch, StoreUnreachable, describe_lost, open_node_watch
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,15 @@ class FailureMonitor:
     env: RankEnv
     poll_s: float = 0.2
     watch_peers: bool = True
-    heartbeat: Heartbeat | None = None  # ranks on other nodes (a job on several nodes); None: one node
+    node_watch: NodeWatch | None = None  # ranks on other nodes (a job on several nodes); None: one node
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def _check_heartbeats(self) -> None:
         """Beat, then end this process if ranks of another node went silent or rank 0's store is gone."""
         try:
-            self.heartbeat.beat()
-            lost = self.heartbeat.lost()
+            self.node_watch.beat()
+            lost = self.node_watch.lost()
         except StoreUnreachable as error:
             if self._stop.is_set():
                 return
@@ -96,7 +96,7 @@ class FailureMonitor:
                     "or rank 0 was killed")
             os._exit(1)
         if lost and not self._stop.is_set():
-            _stderr(f"rank {self.env.rank}: stopping because {describe_lost(self.env, lost, self.heartbeat.timeout_s)}")
+            _stderr(f"rank {self.env.rank}: stopping because {describe_lost(self.env, lost, self.node_watch.timeout_s)}")
             os._exit(1)
 
     def _run(self) -> None:
@@ -104,10 +104,10 @@ class FailureMonitor:
 
         comm = self.env.comm
         status = MPI.Status()
-        beat_every = max(self.poll_s, min(1.0, self.heartbeat.timeout_s / 4)) if self.heartbeat else 0.0
+        beat_every = max(self.poll_s, min(1.0, self.node_watch.timeout_s / 4)) if self.node_watch else 0.0
         next_beat = 0.0
         while not self._stop.is_set():
-            if self.heartbeat is not None and time.monotonic() >= next_beat:
+            if self.node_watch is not None and time.monotonic() >= next_beat:
                 self._check_heartbeats()
                 next_beat = time.monotonic() + beat_every
             # the peers' processes first, before an MPI call that may end this process once a peer died
@@ -141,7 +141,7 @@ def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2, watch_peers: boo
     monitor = FailureMonitor(env=env, poll_s=poll_s, watch_peers=watch_peers)
     if env.comm is None or env.world_size == 1:
         return monitor
-    monitor.heartbeat = open_heartbeat(env, timeout_s=heartbeat_timeout_s)
+    monitor.node_watch = open_node_watch(env, timeout_s=heartbeat_timeout_s)
     from mpi4py import MPI
 
     if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -166,7 +166,7 @@ def stop_failure_monitor(monitor: FailureMonitor) -> None:
 
         gather_object(env, None)
         bcast_object(env, None)
-        if monitor.heartbeat is not None:  # rank 0 serves the heartbeat store: it stops last
+        if monitor.node_watch is not None:  # rank 0 serves the heartbeat store: it stops last
             if env.rank != 0:
                 monitor.stop()
             gather_object(env, None)

@@ -44,11 +44,11 @@ class StoreUnreachable(RuntimeError):
 
 
 @dataclass(kw_only=True)
-class Heartbeat:
+class NodeWatch:
     """One rank's heartbeat: :meth:`beat` counts this rank alive, :meth:`lost` names the silent remote ranks.
 
     ``timeout_s``: seconds without a change of a remote rank's counter before it is lost (> 0).
-    Built with :func:`open_heartbeat`; used from one thread only (the failure monitor's).
+    Built with :func:`open_node_watch`; used from one thread only (the failure monitor's).
     """
 
     env: RankEnv
@@ -87,8 +87,8 @@ class Heartbeat:
             raise StoreUnreachable(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
 
 
-def open_heartbeat(env: RankEnv, *, timeout_s: float) -> Heartbeat | None:
-    """A :class:`Heartbeat` with its own client of the rendezvous store, or None when the job runs on one
+def open_node_watch(env: RankEnv, *, timeout_s: float) -> NodeWatch | None:
+    """A :class:`NodeWatch` with its own client of the rendezvous store, or None when the job runs on one
     node (the ``/proc`` watch covers it) or has no process group. Raises ValueError for ``timeout_s <= 0``."""
     if timeout_s <= 0:
         raise ValueError(f"runtime.heartbeat_timeout_s={timeout_s!r} is not allowed; allowed: a number of seconds > 0")
@@ -98,7 +98,7 @@ def open_heartbeat(env: RankEnv, *, timeout_s: float) -> Heartbeat | None:
 
     store = dist.TCPStore(env.master_addr, env.master_port, is_master=False,
                           timeout=timedelta(seconds=max(1.0, min(10.0, timeout_s / 2))), wait_for_workers=False)
-    return Heartbeat(env=env, timeout_s=timeout_s, store=store)
+    return NodeWatch(env=env, timeout_s=timeout_s, store=store)
 
 
 def describe_lost(env: RankEnv, ranks: list[int], timeout_s: float) -> str:
