@@ -135,7 +135,7 @@ def _cmd_generate(args) -> int:
     if code is not None:
         return code
     from .generate import generate
-    from .runtime.preempt import Preempted
+    from .runtime.preempt import EXIT_REQUEUE, Preempted, mark_stopped
     from .runtime.signals import clean_stop_for_cli, stopped_line
 
     # SIGINT / SIGTERM (and SLURM's USR2 before the time limit): every rank stops at a tick with a checkpoint
@@ -145,6 +145,8 @@ def _cmd_generate(args) -> int:
     except Preempted as stop:
         line, code = stopped_line(stop)
         print(f"hpcvideo generate: {line}", file=sys.stderr)
+        if code == EXIT_REQUEUE:
+            mark_stopped()  # for slurm/*.sbatch: srun's exit code may hide the 75
         return code
     finally:
         if request is not None:

@@ -46,7 +46,7 @@ def generate(cfg: RunConfig, *, progress: bool = True, stop: StopRequest | None 
     cfg = resolve_config(cfg, env.world_size)  # Video-Infinity: a null clip length derived from the ranks
     if env.world_size > 1:  # logs per rank: RUN.zarr.logs/rank<R>.log (rank 0 also on the terminal)
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
-    monitor = start_failure_monitor(env)
+    monitor = start_failure_monitor(env, heartbeat_timeout_s=cfg.runtime.heartbeat_timeout_s)
     try:
         return run(cfg, env, progress=progress, stop=stop, faults=faults)
     finally:

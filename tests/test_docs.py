@@ -90,6 +90,10 @@ NOT_RUN: dict[str, str] = {
     "sbatch run.sbatch": CLUSTER,
     "bash slurm/lab/up.sh": "starts SLURM daemons: needs root and Debian's slurm packages (tests/test_cluster.py runs it)",
     "bash slurm/lab/down.sh": "stops the SLURM daemons up.sh started (tests/test_cluster.py runs it)",
+    "bash slurm/lab/up.sh --nodes 2 /tmp/hpcvideo-nodes":
+        "starts SLURM daemons in network namespaces: needs root (tests/test_multinode.py runs it)",
+    ". /tmp/hpcvideo-nodes/env.sh && sinfo -N": "needs the lab of the line before (tests/test_multinode.py runs sinfo)",
+    "bash slurm/lab/down.sh /tmp/hpcvideo-nodes": "stops that lab (tests/test_multinode.py runs it)",
     # bench/README.md
     "python bench/bench_generate.py": "benchmark: minutes",
     "python bench/bench_pipeline.py --quick": "benchmark: 2-3 minutes",

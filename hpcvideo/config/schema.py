@@ -174,6 +174,9 @@ class RuntimeConfig:
     # aborted: covers a hung, not a dead, peer (a dead one is noticed at once). Must exceed the
     # longest pause of one rank between messages (rank 0: checkpoint + decode flush).
     timeout_s: float = 600.0
+    # seconds without a heartbeat from the ranks of another node before they count as lost (the job then
+    # ends, naming them); only for jobs on several nodes. Must exceed the longest stall of a rank's process.
+    heartbeat_timeout_s: float = 30.0
 
 
 @dataclass(kw_only=True)

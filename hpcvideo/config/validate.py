@@ -128,6 +128,7 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     one_of("runtime.device", cfg.runtime.device, DEVICES)
     at_least("runtime.num_threads", cfg.runtime.num_threads, 0)
     positive("runtime.timeout_s", cfg.runtime.timeout_s)
+    positive("runtime.heartbeat_timeout_s", cfg.runtime.heartbeat_timeout_s)
 
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
         at_least(f"cluster.{key}", getattr(cfg.cluster, key), 1)

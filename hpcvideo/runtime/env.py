@@ -14,7 +14,11 @@ default). Worked example, 2 nodes x 4 GPUs, ``srun -N 2 --ntasks-per-node 4 --mp
     gpu-b      7       3       cuda:3       8              4
 
 ``rank``/``world_size`` come from MPI COMM_WORLD, ``local_rank``/``local_world_size`` from the
-shared-memory split of COMM_WORLD (the ranks of one node). The device is
+hostnames of all ranks (:func:`node_local_rank`: the ranks that share this rank's hostname, in rank
+order; what srun gives as ``SLURM_LOCALID``). Not from MPI's shared-memory split
+(``COMM_TYPE_SHARED``): with ``MPIR_CVAR_NOLOCAL=1`` (MPICH: no shared memory, every message over
+the network) that split has one rank per process, so every rank of a node was local rank 0 and
+bound ``cuda:0`` (measured with the mpich wheel 5.0.2, 2 nodes x 2 ranks). The device is
 ``cuda:<local_rank % torch.cuda.device_count()>``, so 8 ranks on a node that shows 4 GPUs share
 them two by two (correct, but slow); on a CPU machine every rank uses ``cpu``.
 
@@ -284,10 +288,8 @@ def init_rank_env(*, device: str = "auto", timeout_s: float = 60.0, announce: bo
         comm = MPI.COMM_WORLD
         rank, world_size = comm.Get_rank(), comm.Get_size()
         check_world_size(world_size)
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the ranks of this node, ordered by rank
-        local_rank, local_world_size = local.Get_rank(), local.Get_size()
-        local.Free()
         peers = tuple(comm.allgather((node, os.getpid())))
+        local_rank, local_world_size = node_local_rank(peers, rank)
     import torch
 
     torch_device = _resolve_device(device, local_rank)
@@ -326,6 +328,19 @@ def init_rank_env(*, device: str = "auto", timeout_s: float = 60.0, announce: bo
         master_port=master_port,
         peers=peers,
     )
+
+
+def node_local_rank(peers: tuple[tuple[str, int], ...], rank: int) -> tuple[int, int]:
+    """(local_rank, local_world_size) of ``rank``: its index among the ranks on its node, and their count.
+
+    ``peers``: (hostname, pid) of every rank, indexed by rank (``RankEnv.peers``). The ranks of a node
+    are those with the same hostname, in rank order, so the result is srun's ``SLURM_LOCALID`` (block or
+    cyclic distribution alike) and hydra's ``MPI_LOCALRANKID``, whatever MPI's shared-memory notion of
+    a node is. Raises IndexError for a rank outside ``peers``.
+    """
+    node = peers[rank][0]
+    same = [peer for peer, (host, _) in enumerate(peers) if host == node]
+    return same.index(rank), len(same)
 
 
 def rank_table(peers: tuple[tuple[str, int], ...]) -> str:

@@ -21,9 +21,13 @@ Three ways a rank can go, and what the others see:
   node's peers (``/proc``, every ``poll_s``): a peer gone before the run's clean end
   (:func:`stop_failure_monitor` is a barrier, so no rank leaves early) makes it print ``rank Q:
   stopping because rank R (pid p on node) is no longer running`` and exit 1. Peers on other nodes
-  cannot be watched: torch.distributed calls on them raise (gloo: "Connection closed by peer") or
-  time out after ``timeout_s``; inside :func:`abort_on_failure` this becomes the first case, and
-  the message names the peers of this node that are no longer running (:func:`gone_peers`).
+  cannot be watched in ``/proc``: when the job spans several nodes the monitor also exchanges
+  heartbeats with them through the rendezvous store (:mod:`hpcvideo.runtime.nodewatch`) and names the
+  ranks of a node that went silent for ``runtime.heartbeat_timeout_s`` (``rank Q: stopping because
+  rank 2 (pid p) and rank 3 (pid p) on node2 sent no heartbeat for 30 s ...``), then exits 1. Their
+  torch.distributed calls may also raise first (gloo: "Connection closed by peer"); inside
+  :func:`abort_on_failure` this becomes the first case, and the message names the peers of this node
+  that are no longer running (:func:`gone_peers`).
 * **It exits non-zero** (``sys.exit(3)``): inside :func:`abort_on_failure` a ``SystemExit`` with
   a non-zero code is a failure like any exception. Outside it, mpi4py still finalises MPI at exit
   and hydra does *not* end the job (measured: the other rank went on for its full 20 s), so peers
@@ -53,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .env import RankEnv
+from .nodewatch import NodeWatch, StoreUnreachable, describe_lost, open_node_watch
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +78,38 @@ class FailureMonitor:
     env: RankEnv
     poll_s: float = 0.2
     watch_peers: bool = True
+    node_watch: NodeWatch | None = None  # ranks on other nodes (a job on several nodes); None: one node
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+
+    def _check_heartbeats(self) -> None:
+        """Beat, then end this process if ranks of another node went silent or rank 0's store is gone."""
+        try:
+            self.node_watch.beat()
+            lost = self.node_watch.lost()
+        except StoreUnreachable as error:
+            if self._stop.is_set():
+                return
+            node, pid = self.env.peers[0]
+            _stderr(f"rank {self.env.rank}: stopping because the rendezvous store of rank 0 (pid {pid} on {node}, "
+                    f"tcp://{self.env.master_addr}:{self.env.master_port}) does not answer ({error}): {node} was lost "
+                    "or rank 0 was killed")
+            os._exit(1)
+        if lost and not self._stop.is_set():
+            _stderr(f"rank {self.env.rank}: stopping because {describe_lost(self.env, lost, self.node_watch.timeout_s)}")
+            os._exit(1)
 
     def _run(self) -> None:
         from mpi4py import MPI
 
         comm = self.env.comm
         status = MPI.Status()
+        beat_every = max(self.poll_s, min(1.0, self.node_watch.timeout_s / 4)) if self.node_watch else 0.0
+        next_beat = 0.0
         while not self._stop.is_set():
+            if self.node_watch is not None and time.monotonic() >= next_beat:
+                self._check_heartbeats()
+                next_beat = time.monotonic() + beat_every
             # the peers' processes first, before an MPI call that may end this process once a peer died
             gone = gone_peers(self.env) if self.watch_peers else []
             if gone and not self._stop.is_set():
@@ -104,12 +132,16 @@ class FailureMonitor:
             self._thread.join()
 
 
-def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2, watch_peers: bool = True) -> FailureMonitor:
-    """Start watching for failure notices of other ranks and for this node's peers' processes (a
-    no-op monitor when world_size == 1). Every rank must end it with :func:`stop_failure_monitor`."""
+def start_failure_monitor(env: RankEnv, *, poll_s: float = 0.2, watch_peers: bool = True,
+                          heartbeat_timeout_s: float = 30.0) -> FailureMonitor:
+    """Start watching for failure notices of other ranks, for this node's peers' processes and, when the
+    job spans several nodes, for heartbeats of the other nodes' ranks (silent for ``heartbeat_timeout_s``
+    seconds: lost). A no-op monitor when world_size == 1. Every rank must end it with
+    :func:`stop_failure_monitor`. Raises ValueError for ``heartbeat_timeout_s <= 0``."""
     monitor = FailureMonitor(env=env, poll_s=poll_s, watch_peers=watch_peers)
     if env.comm is None or env.world_size == 1:
         return monitor
+    monitor.node_watch = open_node_watch(env, timeout_s=heartbeat_timeout_s)
     from mpi4py import MPI
 
     if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -134,6 +166,10 @@ def stop_failure_monitor(monitor: FailureMonitor) -> None:
 
         gather_object(env, None)
         bcast_object(env, None)
+        if monitor.node_watch is not None:  # rank 0 serves the heartbeat store: it stops last
+            if env.rank != 0:
+                monitor.stop()
+            gather_object(env, None)
     monitor.stop()
 
 

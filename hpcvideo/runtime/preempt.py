@@ -40,6 +40,28 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 EXIT_REQUEUE = 75  # sysexits EX_TEMPFAIL: "stopped at a checkpoint, run me again"; slurm/*.sbatch requeue on it
+STOPPED_FILE_VAR = "HPCVIDEO_STOPPED_FILE"  # set by slurm/*.sbatch: a file a stopped rank creates (see mark_stopped)
+
+
+def mark_stopped(environ=None) -> None:
+    """Create the file named by ``HPCVIDEO_STOPPED_FILE`` (if set): "this rank stopped at a checkpoint".
+
+    The sbatch scripts requeue when srun exits with :data:`EXIT_REQUEUE` *or* this file exists: with
+    ``srun --kill-on-bad-exit=1`` the first rank to exit 75 makes srun terminate the others while they
+    are still leaving, and srun then exits with their signal's code (143), not 75 (measured on the
+    two-node lab: the job was not requeued). The scripts name a file on the batch node, where rank 0
+    runs; any rank may create it. Errors creating it are ignored (the exit code still says 75).
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    path = environ.get(STOPPED_FILE_VAR)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError:
+            pass
 
 
 class Preempted(SystemExit):

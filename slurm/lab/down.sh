@@ -2,6 +2,10 @@
 # Stop the single-node SLURM started by up.sh: the daemons whose PIDs up.sh recorded, nothing else.
 set -uo pipefail
 LAB="${1:-/tmp/hpcvideo-slurm-lab}"
+if [ -f "$LAB/netns" ]; then  # the multi-node lab (up.sh --nodes N): its clients, daemons and namespaces
+  timeout 10 "$LAB/bin/scancel" --user="$(id -un)" >/dev/null 2>&1 || true
+  exec bash "$(dirname "$0")/nodes.sh" down "$LAB"
+fi
 [ -f "$LAB/pids" ] || { echo "down.sh: no $LAB/pids (nothing started there)"; exit 0; }
 if [ -f "$LAB/slurm.conf" ]; then  # cancel what is still queued or running, so no job step outlives slurmd
   SLURM_CONF="$LAB/slurm.conf" timeout 10 scancel --user="$(id -un)" >/dev/null 2>&1 || true

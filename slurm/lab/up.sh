@@ -2,6 +2,7 @@
 # Bring up a single-node SLURM on this machine, for the cluster tests (tests/test_cluster.py) and CI.
 #
 #   bash slurm/lab/up.sh [LAB_DIR]      # default /tmp/hpcvideo-slurm-lab; prints LAB_DIR on success
+#   bash slurm/lab/up.sh --nodes 2 LAB_DIR   # N simulated nodes in network namespaces instead (nodes.sh)
 #   . LAB_DIR/env.sh                    # SLURM_CONF + the sacct stand-in on PATH, for sbatch/squeue/submitit
 #   bash slurm/lab/down.sh [LAB_DIR]    # stops the daemons by the PIDs recorded here
 #
@@ -20,6 +21,9 @@
 # * KillWait=1: submitit's tasks ignore the SIGTERM of a requeue (they have checkpointed by then), so a
 #   requeued job stays COMPLETING until the SIGKILL, KillWait seconds later (SLURM's default: 30).
 set -euo pipefail
+if [ "${1:-}" = "--nodes" ]; then
+  exec bash "$(dirname "$0")/nodes.sh" up "${2:?up.sh --nodes N LAB_DIR}" "${3:?up.sh --nodes N LAB_DIR}"
+fi
 LAB="${1:-/tmp/hpcvideo-slurm-lab}"
 for exe in slurmctld slurmd sbatch squeue scontrol sinfo; do
   command -v "$exe" >/dev/null || { echo "up.sh: $exe not found (apt-get install slurmctld slurmd slurm-client)" >&2; exit 3; }
