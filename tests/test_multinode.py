@@ -13,7 +13,8 @@ id; the file system shared), and hpcvideo runs across it, 2 nodes x 2 ranks:
   uninterrupted 1-rank run.
 
 Marked ``multinode`` (and ``slurm``): skipped with the reason where the lab cannot start (no SLURM, not
-root, no namespaces), a failure instead where SLURM must be there (``HPCVIDEO_REQUIRE_SLURM=1``, .ci/run).
+root), a failure instead where SLURM must be there (``HPCVIDEO_REQUIRE_SLURM=1``, .ci/run); a machine that
+allows no new namespaces (a container without CAP_SYS_ADMIN) always skips, saying so.
 One lab per session; `down.sh` removes its namespaces, links and daemons at the end (checked).
 """
 
