@@ -89,6 +89,7 @@ NOT_RUN: dict[str, str] = {
     "python bench/bench_generate.py": "benchmark: minutes",
     "python bench/bench_pipeline.py --quick": "benchmark: 2-3 minutes",
     "python bench/bench_videoinfinity.py": "benchmark: 5-8 minutes",
+    "python bench/bench_ranks.py --ranks 1,2,4": "benchmark: several minutes of whole runs",
     "python bench/report.py --quick": "benchmark report: about 30 minutes",
 }
 
