@@ -315,7 +315,16 @@ class SpreadBlockSink:
 
     def close(self) -> None:
         """Stop rank 0's writer thread after its queue is written (idempotent; never collective: a
-        message another rank still owes is not waited for, a resume decodes it again)."""
+        message another rank still owes is not waited for, its receive is cancelled; a resume decodes
+        that block again)."""
+        pending = [request for _, _, request in self._frames_in]
+        if self._latents_in is not None:
+            pending.append(self._latents_in[2])
+        self._frames_in.clear()
+        self._latents_in = None
+        for request in pending:
+            request.Cancel()
+            request.Wait()  # returns at once: the receive is cancelled (or had completed)
         if self._thread is None or not self._thread.is_alive():
             return
         try:
