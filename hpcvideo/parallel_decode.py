@@ -16,7 +16,7 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
   block index as a last element, and at the end of the run a message of index -1 to every other rank (MPI
   ``Isend`` on a duplicate of the world communicator: host memory, small; gloo's ``is_completed`` does not
   report a finished receive before ``wait``, MPI's ``Test`` does);
-* every rank decodes the blocks it owns in order, in its own thread, between its ticks (the runner calls
+* every rank decodes the blocks it owns in order, in its main thread, between its ticks (the runner calls
   :meth:`SpreadBlockSink.poll` after each tick; a block whose latents have not arrived yet waits for a later
   tick) and at the end of the run (:meth:`SpreadBlockSink.finish`); the other ranks send the uint8 frames
   (4n, H, W, 3) back to rank 0, which writes them and their done marker (one frames writer: adjacent blocks
