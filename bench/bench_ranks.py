@@ -10,7 +10,12 @@ average before and after, and from the store's attrs the phase timings of rank 0
 ``rank_stats`` (tick_s: its pipeline stage; wait_s: blocked on pipeline messages; decode_s/decode_blocks:
 its share of the VAE decode; send_s; write_s: rank 0's store writes; sink_wait_s: blocked on the sink);
 then per N the median wall and the speed-up over 1 rank (median 1-rank wall / median N-rank wall).
-``OMP_NUM_THREADS`` is passed through as set (unset: torch's default thread count on every rank).
+``OMP_NUM_THREADS`` is passed through as set (unset: each rank takes its share of the node's cores).
+
+Measure on an idle machine: with Linux's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``
+= 1, recorded in the JSON) the ranks of one job share one session's CPU share, so while other sessions keep
+the cores busy N ranks get no more CPU than 1 rank (measured on a 2-core machine at load 5-9: every rank's
+phases ran about 2x slower than the 1-rank run's, and 2 ranks were slower than 1).
 """
 
 from __future__ import annotations
@@ -70,7 +75,11 @@ def main(argv=None) -> int:
     medians = {n: statistics.median(r["wall_s"] for r in runs if r["ranks"] == n) for n in counts}
     summary = {str(n): {"median_wall_s": round(medians[n], 3),
                         "speedup_vs_1": round(medians[1] / medians[n], 3) if 1 in medians else None} for n in counts}
-    print(json.dumps({"preset": args.preset, "frames": args.frames, "overrides": args.overrides,
+    try:
+        autogroup = open("/proc/sys/kernel/sched_autogroup_enabled").read().strip()
+    except OSError:
+        autogroup = None
+    print(json.dumps({"preset": args.preset, "sched_autogroup_enabled": autogroup, "frames": args.frames, "overrides": args.overrides,
                       "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
                       "summary": summary, "runs": runs}, indent=1))
     return 0

@@ -8,8 +8,21 @@ is ``d[b]`` and the differences *within* units are every other ``d[t]``:
 * per boundary k: ``ratio[k] = d[b_k] / mean(within differences of the two units that meet at b_k)``;
 * overall: ``mean(d at all seams) / mean(all within differences)``.
 
-A ratio near 1 means the seam moves the picture no more than the video's own motion; a ratio of 5
-means a visible jump. Frames are read ``batch_frames`` at a time (only the leading run of blocks
+A ratio near 1 means the seam moves the picture no more than the video's average frame step; a ratio
+of 5 means a visible jump. That average is not what a seamless video scores, though: a Wan VAE decodes
+each latent frame to 4 pixel frames, and the steps between two latent frames (pixel frames 4k + 1) move
+more than the steps inside one (the demo model decodes each latent frame on its own: its own latent-frame
+steps move about 2.75x the steps inside one, so a video with no seam at all scores about 2 on ``overall``).
+So the metric also compares the seams with the video's *other latent-frame boundaries*:
+
+* ``latent_mean``: the mean difference at the pixel frames where a latent frame starts (every
+  ``vae_temporal_stride``-th frame from 1; every frame for a per-frame VAE) that are no unit boundary;
+* ``normalised`` = mean seam difference / ``latent_mean`` over the seams where the prompt stays the same:
+  about 1 = a seam moves the picture like any other latent step of the model's own decoder, the honest
+  "seam invisible"; ``normalised_prompt_switch`` the same over the seams where the prompt schedule
+  switches (the prompt changes the content there by design), ``normalised_all`` over every seam;
+  ``prompt_switches``: those boundaries (a boundary b whose unit starts a new prompt: a ``from_frame`` of
+  ``sampling.prompts`` in (previous boundary, b]). Frames are read ``batch_frames`` at a time (only the leading run of blocks
 whose frames are done, so a live store works): memory is one batch of frames plus a few numbers per
 unit, whatever the length.
 
@@ -89,6 +102,8 @@ def seam_metric(store_or_path, *, boundaries: Sequence[int] | None = None, batch
         ratio           [seam_diff / within_diff] per boundary (None where the denominator is 0)
         seam_mean, within_mean, overall (= seam_mean / within_mean; None if undefined)
         worst_boundary, worst_ratio     the boundary with the largest ratio (None if none)
+        latent_step, latent_mean, prompt_switches, normalised, normalised_prompt_switch, normalised_all
+                        the seams against the other latent-frame boundaries (module docstring)
         frame_diff      [d[1], ..., d[F-1]] only if return_frame_diff (F floats)
 
     Raises ValueError for boundaries that are not positive integers.
@@ -106,6 +121,8 @@ def seam_metric(store_or_path, *, boundaries: Sequence[int] | None = None, batch
     within_sum = np.zeros(len(bounds) + 1)
     within_count = np.zeros(len(bounds) + 1)
     seam = np.full(len(bounds), np.nan)
+    stride = max(int(getattr(store, "vae_temporal_stride", 1) or 1), 1)
+    latent_sum = latent_count = 0.0  # latent-frame boundaries that are no seam
     curve = [] if return_frame_diff else None
     for t0, d in frame_differences(store, batch_frames=batch_frames, stop=num_frames):
         t = np.arange(t0, t0 + len(d))
@@ -114,6 +131,9 @@ def seam_metric(store_or_path, *, boundaries: Sequence[int] | None = None, batch
         seam[np.searchsorted(bounds, t[is_seam])] = d[is_seam]
         np.add.at(within_sum, unit[~is_seam], d[~is_seam])
         np.add.at(within_count, unit[~is_seam], 1)
+        is_latent = ((t - 1) % stride == 0) & ~is_seam
+        latent_sum += float(d[is_latent].sum())
+        latent_count += int(is_latent.sum())
         if curve is not None:
             curve.extend(d.tolist())
     local = [(within_sum[k] + within_sum[k + 1]) / max(within_count[k] + within_count[k + 1], 1)
@@ -131,6 +151,32 @@ def seam_metric(store_or_path, *, boundaries: Sequence[int] | None = None, batch
         "overall": None if seam_mean is None or within_mean is None else _ratio(seam_mean, within_mean),
         "worst_boundary": worst[1], "worst_ratio": worst[0],
     }
+    switches = prompt_switches(store, bounds)
+    latent_mean = latent_sum / latent_count if latent_count else None
+    switch = np.isin(bounds, switches)
+
+    def normalised(mask) -> float | None:
+        if latent_mean is None or not mask.any():
+            return None
+        return _ratio(float(np.mean(seam[mask])), latent_mean)
+
+    out.update({"latent_step": stride, "latent_mean": latent_mean, "prompt_switches": [int(b) for b in switches],
+                "normalised": normalised(~switch), "normalised_prompt_switch": normalised(switch),
+                "normalised_all": normalised(np.ones(len(bounds), dtype=bool))})
     if curve is not None:
         out["frame_diff"] = curve
+    return out
+
+
+def prompt_switches(store_or_path, boundaries: Sequence[int]) -> list[int]:
+    """The ``boundaries`` (ascending pixel frames where a unit starts) at which the stored config's prompt
+    schedule switches: some ``sampling.prompts[i].from_frame`` lies in (previous boundary, boundary]."""
+    store = _open(store_or_path)
+    sampling = store.config.get("sampling", {}) if isinstance(store.config, dict) else {}
+    starts = sorted(int(p["from_frame"]) for p in (sampling.get("prompts") or []) if isinstance(p, dict))
+    out, previous = [], 0
+    for b in sorted(int(x) for x in boundaries):
+        if any(previous < f <= b for f in starts):
+            out.append(b)
+        previous = b
     return out

@@ -12,10 +12,11 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
 
 * rank 0 (the queue owner) writes every block's latents and done marker as before (its writer thread);
   block j is decoded by rank ``j % world_size`` (:func:`owner`; block 0, the video's first, always on rank 0);
-  rank 0 sends the latents (1, C, n, h, w) float32 of a block it does not decode to its owner (MPI
+  rank 0 sends the latents (1, C, n, h, w) float32 of a block it does not decode to its owner, with the
+  block index as a last element, and at the end of the run a message of index -1 to every other rank (MPI
   ``Isend`` on a duplicate of the world communicator: host memory, small; gloo's ``is_completed`` does not
   report a finished receive before ``wait``, MPI's ``Test`` does);
-* every rank decodes the blocks it owns in order, in its own thread, between its ticks (the runner calls
+* every rank decodes the blocks it owns in order, in its main thread, between its ticks (the runner calls
   :meth:`SpreadBlockSink.poll` after each tick; a block whose latents have not arrived yet waits for a later
   tick) and at the end of the run (:meth:`SpreadBlockSink.finish`); the other ranks send the uint8 frames
   (4n, H, W, 3) back to rank 0, which writes them and their done marker (one frames writer: adjacent blocks
@@ -53,7 +54,8 @@ from .faults import NO_FAULTS, FaultPlan
 log = logging.getLogger("hpcvideo")
 
 STATE_KIND = "spread"
-TAG_SPACE = 1 << 15  # MPI guarantees tags up to 32767
+TAG_SPACE = 1 << 14  # frames messages: tag = block index % TAG_SPACE (MPI guarantees tags up to 32767)
+LATENTS_TAG = TAG_SPACE  # latents messages carry their block index in the message
 POLL_S = 0.002  # waits test and sleep: MPICH's blocking waits would spin a core
 
 
@@ -108,16 +110,15 @@ class SpreadBlockSink:
     """The runner's DualParal sink on every rank, decoding about 1/N of the blocks here (module docstring).
 
     ``store``: the run store on rank 0 (None elsewhere); ``decoder``: an :class:`IndependentDecoder`;
-    ``env``: :class:`hpcvideo.runtime.RankEnv`; ``executor``: this rank's pipeline (its ``num_units`` and
-    ``stale_from`` say which blocks this run decodes); ``latent_shape``: (C, h, w) of a latent frame;
+    ``env``: :class:`hpcvideo.runtime.RankEnv`; ``latent_shape``: (C, h, w) of a latent frame;
     ``frame_shape``: (H, W) of the frames;
     ``block_latent_frames``: n; ``max_pending``: the bound of rank 0's write queue (memory independent of
     the video's length)."""
 
-    def __init__(self, store, decoder: IndependentDecoder, env, executor, *, latent_shape: tuple[int, int, int],
+    def __init__(self, store, decoder: IndependentDecoder, env, *, latent_shape: tuple[int, int, int],
                  frame_shape: tuple[int, int], block_latent_frames: int, temporal_factor: int = 4,
                  max_pending: int = 4, faults: FaultPlan = NO_FAULTS) -> None:
-        self.store, self.decoder, self.env, self.executor = store, decoder, env, executor
+        self.store, self.decoder, self.env = store, decoder, env
         self.rank, self.world_size = env.rank, env.world_size
         self.faults = faults
         self.latent_shape, self.block_latent_frames = tuple(latent_shape), block_latent_frames
@@ -129,8 +130,10 @@ class SpreadBlockSink:
         self.comm = env.comm.Dup() if self.world_size > 1 else None  # collective: every rank builds its sink
         self._sends: deque = deque()  # (request, buffer) not known complete
         self._frames_in: deque = deque()  # rank 0: (block, owner, buffer, request), in submit order
-        self._latents_in: tuple | None = None  # other ranks: (block, buffer, request) of the next owned block
-        self._next_owned: int | None = None
+        self._latents_in: tuple | None = None  # other ranks: (buffer, request) of the next latents message
+        self._ended = False  # other ranks: rank 0 said that no block follows
+        c, h, w = self.latent_shape
+        self._message_size = c * block_latent_frames * h * w + 1
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread = None
@@ -192,7 +195,7 @@ class SpreadBlockSink:
     def _isend(self, array: np.ndarray, dst: int, tag: int) -> None:
         start = time.perf_counter()
         array = np.ascontiguousarray(array)
-        self._sends.append((self.comm.Isend(array, dest=dst, tag=tag % TAG_SPACE), array))
+        self._sends.append((self.comm.Isend(array, dest=dst, tag=tag), array))
         while self._sends and self._sends[0][0].Test():
             self._sends.popleft()
         self.send_s += time.perf_counter() - start
@@ -214,7 +217,8 @@ class SpreadBlockSink:
         if dst == self.rank:
             self._put(("frames", block_index, self._decode(block_index, latents)))
         else:
-            self._isend(latents.numpy(), dst, block_index)
+            message = np.append(latents.numpy().ravel(), np.float32(block_index)).astype(np.float32)
+            self._isend(message, dst, LATENTS_TAG)
             buffer = np.empty((self.frames_per_block, *self.frame_shape, 3), dtype=np.uint8)
             self._frames_in.append((block_index, buffer, self.comm.Irecv(buffer, source=dst, tag=block_index % TAG_SPACE)))
         self.poll()
@@ -228,35 +232,32 @@ class SpreadBlockSink:
                 block_index, buffer, _ = self._frames_in.popleft()
                 self._put(("frames", block_index, buffer))
             return
-        while True:
-            pending = self._post_next()
-            if pending is None or not pending[2].Test():
+        while not self._ended:
+            if not self._post_next()[1].Test():
                 return
-            self._decode_received(wait=False)
+            self._decode_received(at_end=False)
 
     def _post_next(self):
-        """Other ranks: the receive of the next block this rank owns (posted once), or None after the last."""
-        if self._latents_in is not None:
-            return self._latents_in
-        if self._next_owned is None:
-            first = self.executor.stale_from  # blocks before it were decoded by an earlier attempt
-            self._next_owned = first + (self.rank - first) % self.world_size
-        j = self._next_owned
-        if j >= self.executor.num_units:
-            return None
-        c, h, w = self.latent_shape
-        buffer = np.empty((1, c, self.block_latent_frames, h, w), dtype=np.float32)
-        self._latents_in = (j, buffer, self.comm.Irecv(buffer, source=0, tag=j % TAG_SPACE))
-        self._next_owned = j + self.world_size
+        """Other ranks: (buffer, request) of the next latents message from rank 0 (posted once). A message is
+        the block's latents, flattened, and its index as a last element (exact in float32 below 2**24
+        blocks); index -1 ends the run."""
+        if self._latents_in is None:
+            c, h, w = self.latent_shape
+            buffer = np.empty(c * self.block_latent_frames * h * w + 1, dtype=np.float32)
+            self._latents_in = (buffer, self.comm.Irecv(buffer, source=0, tag=LATENTS_TAG))
         return self._latents_in
 
-    def _decode_received(self, *, wait: bool) -> None:
-        j, buffer, request = self._latents_in
-        if wait:
-            self._wait(request)
-            self.decode_blocks_at_end += 1
+    def _decode_received(self, *, at_end: bool) -> None:
+        buffer, _ = self._latents_in
         self._latents_in = None
-        self._isend(self._decode(j, torch.from_numpy(buffer)), 0, j)
+        j = int(buffer[-1])
+        if j < 0:
+            self._ended = True
+            return
+        self.decode_blocks_at_end += at_end
+        c, h, w = self.latent_shape
+        latents = torch.from_numpy(buffer[:-1].reshape(1, c, self.block_latent_frames, h, w))
+        self._isend(self._decode(j, latents), 0, j % TAG_SPACE)
 
     def flush(self) -> None:
         """Rank 0: every latents chunk submitted, and every frames chunk decoded here or arrived, is on disk
@@ -272,12 +273,15 @@ class SpreadBlockSink:
     def finish(self) -> None:
         """End of the run: every rank decodes the rest of its blocks; rank 0 writes every frame."""
         if self.store is None:
-            while self._post_next() is not None:
-                self._decode_received(wait=True)
+            while not self._ended:
+                self._wait(self._post_next()[1])
+                self._decode_received(at_end=True)
             for request, _ in self._sends:
                 self._wait(request)
             self._sends.clear()
         else:
+            for dst in range(1, self.world_size):  # no more blocks
+                self._isend(np.full(self._message_size, -1.0, dtype=np.float32), dst, LATENTS_TAG)
             while self._frames_in:
                 block_index, buffer, request = self._frames_in.popleft()
                 self._wait(request)
@@ -315,7 +319,16 @@ class SpreadBlockSink:
 
     def close(self) -> None:
         """Stop rank 0's writer thread after its queue is written (idempotent; never collective: a
-        message another rank still owes is not waited for, a resume decodes it again)."""
+        message another rank still owes is not waited for, its receive is cancelled; a resume decodes
+        that block again)."""
+        pending = [request for _, _, request in self._frames_in]
+        if self._latents_in is not None:
+            pending.append(self._latents_in[1])
+        self._frames_in.clear()
+        self._latents_in = None
+        for request in pending:
+            request.Cancel()
+            request.Wait()  # returns at once: the receive is cancelled (or had completed)
         if self._thread is None or not self._thread.is_alive():
             return
         try:
@@ -328,7 +341,7 @@ class SpreadBlockSink:
             self._thread.join()
 
 
-def make_sink(ctx, executor, vae):
+def make_sink(ctx, vae):
     """The DualParal sink of this rank: a :class:`SpreadBlockSink` on every rank when ``vae`` is chunk-local,
     else rank 0's streaming :class:`hpcvideo.writer.BlockSink` (None on the other ranks). ``vae``: this
     rank's VAE (every rank loads it: the answer is the same everywhere, computed from the same weights)."""
@@ -337,7 +350,7 @@ def make_sink(ctx, executor, vae):
         info = ctx.info
         scale = info["vae_scale_factor_spatial"]
         return SpreadBlockSink(
-            ctx.store, IndependentDecoder(vae, device=env.device), env, executor,
+            ctx.store, IndependentDecoder(vae, device=env.device), env,
             latent_shape=(info["latent_channels"], cfg.video.height // scale, cfg.video.width // scale),
             frame_shape=(cfg.video.height, cfg.video.width), block_latent_frames=cfg.strategy.block_latent_frames,
             temporal_factor=info["vae_temporal_stride"], faults=ctx.faults)

@@ -334,7 +334,7 @@ def run_status(store, *, seams: bool = False) -> dict[str, Any]:
 
         seam = seam_metric(store)
         status["seams"] = {k: seam[k] for k in ("kind", "overall", "num_seams", "num_frames", "worst_boundary",
-                                                "worst_ratio")}
+                                                "worst_ratio", "normalised", "normalised_prompt_switch")}
     return status
 
 
@@ -397,7 +397,9 @@ def format_status(status: dict) -> str:
         overall = "n/a" if seams["overall"] is None else f"{seams['overall']:.3g}"
         worst = "" if seams["worst_ratio"] is None else f", worst {seams['worst_ratio']:.3g} at frame {seams['worst_boundary']}"
         lines.append(f"seams      {seams['kind']} boundaries: {seams['num_seams']} over {seams['num_frames']} frames, "
-                     f"across/within {overall}{worst}")
+                     f"across/within {overall}{worst}" + (
+                         "" if seams.get("normalised") is None else
+                         f"; over the other latent-frame steps {seams['normalised']:.3g}"))
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -304,8 +305,10 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
     timings = Timings()
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
-    elif getattr(env, "local_world_size", 1) > 1 and torch.device(env.device).type == "cpu":  # ranks on a node share its cores
-        torch.set_num_threads(max(1, torch.get_num_threads() // env.local_world_size))
+    elif getattr(env, "local_world_size", 1) > 1 and torch.device(env.device).type == "cpu" and (
+            "OMP_NUM_THREADS" not in os.environ):  # ranks on a node share its cores (unless the user said)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // env.local_world_size))
     dtype = DTYPES[cfg.model.dtype]
     main, store = env.is_main, setup.store
     every_rank = spec.every_rank_writes

@@ -226,6 +226,9 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
     "tiny-test-rank-1-raised": (["tiny-test"], 3, "raise:tick:2@1", 3),  # test_pipeline.py: a failed rank
     "tiny-test-rank-2-killed": (["tiny-test"], 3, "tick:2@2", 3),
     "tiny-vi-wan-rank-1-killed": (["tiny-vi-wan", "--set", "strategy.clip_latent_frames=4"], 2, "tick:2@1", 2),  # VI
+    "demo-spread-killed-on-2": (["demo-cpu", "--frames", "61", "--set", "strategy.block_latent_frames=4", "--set",
+                                 "strategy.feature_cache=false", "--set", "store.checkpoint_every_ticks=1"], 2, "tick:14",
+                                2),  # test_parallel_decode.py: blocks 0-2 left the queue, rank 1 decodes block 1
 }
 
 

@@ -227,5 +227,25 @@ def test_demo_preset_resolves_to_the_shipped_folder(tmp_path):
 
     cfg = load_config("demo-cpu", [], output=str(tmp_path / "run.zarr"))  # check_paths: the weights are there
     assert cfg.model.path == "demo" and cfg.video.num_frames >= 1000
-    assert cfg.strategy.block_latent_frames + cfg.strategy.context_latent_frames <= (model.NUM_FRAMES - 1) // 4 + 1
+    from hpcvideo.strategies.dualparal.config_rules import attention_window, native_window
+
+    assert attention_window(cfg) <= native_window(cfg, {}) == (model.NUM_FRAMES - 1) // 4 + 1  # the trained window
     assert resolve_model_path(cfg) == WEIGHTS_DIR
+
+
+@needs_weights
+def test_an_attention_window_longer_than_the_native_one_warns(tmp_path):
+    from hpcvideo.config import load_config
+    from hpcvideo.strategies.dualparal.config_rules import window_warning
+
+    def cfg(preset, *overrides):
+        return load_config(preset, list(overrides), output=str(tmp_path / "run.zarr"))
+
+    assert window_warning(cfg("demo-cpu"), {"model_id": "weights"}) is None  # 2 + 2 + 2 = 6
+    message = window_warning(cfg("demo-cpu", "strategy.block_latent_frames=4"), {"model_id": "weights"})
+    assert "= 8 latent frames" in message and "the 6 latent frames the demo model was trained on" in message
+    wan = {"model_id": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
+    fits = cfg("tiny-test", "strategy.block_latent_frames=19", "strategy.context_latent_frames=1")
+    assert window_warning(fits, wan) is None and window_warning(fits, {"model_id": "tiny"}) is None  # 21; unknown
+    beyond = cfg("tiny-test", "strategy.block_latent_frames=20", "strategy.context_latent_frames=1")
+    assert "= 22 latent frames is longer than the 21" in window_warning(beyond, wan)

@@ -123,9 +123,9 @@ def test_any_frame_count_and_an_extension_that_needs_no_new_block(tmp_path, tiny
     assert xarray.open_zarr(scratch, consolidated=False)["frames"].shape == (25, 32, 32, 3)
 
 
-@pytest.mark.parametrize("frames, blocks", [(21, 2), (1, 1)])
+@pytest.mark.parametrize("frames, blocks", [(21, 3), (1, 1)])
 def test_demo_preset_takes_any_frame_count(tmp_path, frames, blocks):
-    """demo-cpu has blocks of 4 latent frames: 21 frames = 6 latent frames = 2 blocks, 1 frame = 1 block."""
+    """demo-cpu has blocks of 2 latent frames: 21 frames = 6 latent frames = 3 blocks, 1 frame = 1 block."""
     path = tmp_path / "demo.zarr"
     result = cli("generate", "demo-cpu", "--output", path, "--frames", frames, "--no-progress")
     assert f"{frames}/{frames} frames, complete=True" in result.stdout

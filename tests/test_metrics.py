@@ -109,3 +109,24 @@ def test_frame_differences_stop(tmp_path):
     store = make_store(tmp_path / "run.zarr", jumps=[10])
     diffs = np.concatenate([d for _, d in frame_differences(store, batch_frames=3, stop=7)])
     np.testing.assert_array_equal(diffs, [2, 2, 2, 2, 12, 2])
+
+
+def test_seams_against_the_other_latent_frame_boundaries(tmp_path):
+    # grey steps 2 per frame, 6 where a latent frame starts (t = 1, 5, 9, ...: as a Wan decode moves more
+    # there); block seams at 5, 13, 21 add jumps 0, 6, 6; the prompt switches at frame 13
+    config = {**CONFIG, "sampling": {"prompts": [{"from_frame": 0, "prompt": "a"}, {"from_frame": 13, "prompt": "b"}]}}
+    store = RunStore.create(tmp_path / "run.zarr", config=config, num_latent_frames=8, block_latent_frames=N,
+                            latent_channels=1, latent_height=1, latent_width=1, height=4, width=4, fps=16.0,
+                            model_id="synthetic")
+    t = np.arange(store.num_frames)
+    grey = 2 * t + 4 * np.where(t >= 1, (t - 1) // 4 + 1, 0) + 6 * (t >= 13) + 6 * (t >= 21)
+    for j in range(store.num_blocks):
+        a, b = store.frame_range(j)
+        store.write_block_frames(j, np.broadcast_to(grey[a:b, None, None, None], (b - a, 4, 4, 3)).astype(np.uint8))
+        store.mark_done("frames", j)
+    m = seam_metric(store)
+    assert m["seam_diff"] == [6.0, 12.0, 12.0] and m["latent_step"] == 4
+    assert m["latent_mean"] == 6.0  # frames 1, 9, 17, 25: latent steps that are no seam
+    assert m["prompt_switches"] == [13]
+    assert (m["normalised"], m["normalised_prompt_switch"]) == ((6 + 12) / 2 / 6, 12 / 6)
+    assert m["normalised_all"] == 10 / 6

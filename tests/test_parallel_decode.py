@@ -63,7 +63,7 @@ def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latent
     store.write_block_frames(0, streamed[0])
     store.mark_done("frames", 0)  # blocks 1-3: decoded elsewhere, not sent back before the checkpoint
     env = SimpleNamespace(rank=0, world_size=1)
-    sink = SpreadBlockSink(store, IndependentDecoder(demo_vae), env, executor=None, latent_shape=(C, h, w),
+    sink = SpreadBlockSink(store, IndependentDecoder(demo_vae), env, latent_shape=(C, h, w),
                            frame_shape=(8 * h, 8 * w), block_latent_frames=N)
     try:
         sink.load_state_dict({"kind": "spread", "blocks_submitted": 3})  # block 3 left the queue after it
@@ -73,7 +73,7 @@ def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latent
     assert sink.state_dict() == {"kind": "spread", "blocks_submitted": 3}
     expected = np.concatenate(streamed[:3])
     assert np.array_equal(store.read_frames(0, len(expected)), expected)
-    sink = SpreadBlockSink(store, IndependentDecoder(demo_vae), env, executor=None, latent_shape=(C, h, w),
+    sink = SpreadBlockSink(store, IndependentDecoder(demo_vae), env, latent_shape=(C, h, w),
                            frame_shape=(8 * h, 8 * w), block_latent_frames=N)
     try:
         sink.load_state_dict({"format": 1, "feat_cache": []})  # a streaming sink's state: nothing to decode
@@ -83,3 +83,21 @@ def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latent
         sink.close()
     assert store.done("frames").all()
     assert np.array_equal(store.read_frames(0, store.num_frames), np.concatenate(streamed)[: store.num_frames])
+
+
+@pytest.mark.mpi
+@pytest.mark.e2e
+def test_a_spread_decode_killed_and_resumed_on_2_ranks_equals_the_recorded_run(mpi_runs):
+    """demo-cpu (61 frames, the golden settings) killed at the start of tick 14 on 2 ranks, after a checkpoint
+    at every tick (blocks 0-2 had left the queue; block 1 is rank 1's), resumed on 2 ranks: the same bits as
+    the uninterrupted run (tests/test_golden_hashes.py)."""
+    from tests.helpers import MPI_KILLED
+    from tests.test_golden_hashes import DEMO_PINNED, GOLDEN, _sha256
+
+    assert MPI_KILLED["demo-spread-killed-on-2"][1:] == (2, "tick:14", 2)
+    run = mpi_runs(2)["demo-spread-killed-on-2"]
+    assert run["killed"]["resume_tick"] == 14 and run["returncode"] == 0, run["stderr"]
+    store = RunStore.open(run["path"])
+    assert store.status_dict()["complete"] and store.done("frames").all()
+    latents, frames = store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+    assert (_sha256(latents), _sha256(frames)) == GOLDEN[("demo-cpu", 2, DEMO_PINNED)][:2]

@@ -69,7 +69,9 @@ class Sink(Protocol):
     checkpoint); ``finish`` writes what waits for the end of the run (collective where the sink gathers);
     ``close`` releases threads (also after an error, never collective). ``decode_s``/``wait_s``/``write_s``:
     seconds decoding, blocked on the store, writing. ``state_dict``: what a checkpoint keeps (the
-    streaming decoder's carry) or None.
+    streaming decoder's carry) or None. Optional: ``poll()``, called on every rank after each tick (a sink
+    that decodes on every rank, :mod:`hpcvideo.parallel_decode`), and ``stats`` (a dict merged into the
+    rank's ``rank_stats``).
     """
 
     decode_s: float

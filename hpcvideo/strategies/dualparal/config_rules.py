@@ -79,6 +79,11 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
             f"strategy.block_latent_frames={n} + 2 x strategy.context_latent_frames={c} (or the latent height/width) "
             f"reach {longest} positions, beyond the model's rotary table of {info['rope_max_seq_len']}"
         )
+    warning = window_warning(cfg, info)
+    if warning:
+        import warnings
+
+        warnings.warn(warning, stacklevel=2)
     from .pipeline import split_layers  # the split itself (imports torch: called once the model's JSON is read)
     from ...models.experts import expert_problems  # sampling.guidance_scale_2 needs two experts
 
@@ -92,3 +97,49 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
 
     return problems + condition_problems(cfg, info)
 
+
+
+# latent frames of the clips a model was trained on (its native window), by model id (case-insensitive part)
+NATIVE_WINDOWS = (("wan2.1", 21), ("wan2.2", 21))  # Wan2.1/2.2: 81 pixel frames = 21 latent frames
+DEMO_NATIVE_WINDOW = 6  # the demo model (hpcvideo.demo.model: 21 pixel frames)
+
+
+def _is_demo(cfg: RunConfig) -> bool:
+    from pathlib import Path
+
+    from ...demo import WEIGHTS_DIR
+
+    path = str(cfg.model.path)
+    return path == "demo" or Path(path).expanduser().resolve() == Path(WEIGHTS_DIR).resolve()
+
+
+def native_window(cfg: RunConfig, info: dict) -> int | None:
+    """Latent frames the model of ``cfg`` was trained on, when known (Wan2.1/2.2 by model id, the shipped
+    demo model by its folder), else None."""
+    if _is_demo(cfg):
+        return DEMO_NATIVE_WINDOW
+    model_id = str(info.get("model_id", "")).lower()
+    return next((frames for key, frames in NATIVE_WINDOWS if key in model_id), None)
+
+
+def attention_window(cfg: RunConfig) -> int:
+    """Latent frames one block's self-attention sees: context c + block n, + the next block's first c with
+    the feature cache (its keys/values)."""
+    st = cfg.strategy
+    return st.context_latent_frames + st.block_latent_frames + (st.context_latent_frames if st.feature_cache else 0)
+
+
+def window_warning(cfg: RunConfig, info: dict) -> str | None:
+    """One line when the attention window (:func:`attention_window`) is longer than the model's known native
+    window (:func:`native_window`): the model then attends over more frames than it was trained on, which
+    measurably shows at the block seams (the demo model: bench/bench_demo.py). None otherwise."""
+    native = native_window(cfg, info)
+    window = attention_window(cfg)
+    if native is None or window <= native:
+        return None
+    st = cfg.strategy
+    parts = f"strategy.context_latent_frames={st.context_latent_frames} + strategy.block_latent_frames=" \
+            f"{st.block_latent_frames}" + (f" + {st.context_latent_frames} (strategy.feature_cache=true)" if st.feature_cache else "")
+    name = "the demo model" if _is_demo(cfg) else info.get("model_id", "the model")
+    return (f"the attention window {parts} = {window} latent frames is longer than the {native} latent frames "
+            f"{name} was trained on; seams may show: keep it <= {native}")

@@ -70,5 +70,5 @@ class DualParalSpec(StrategySpec):
         ctx.run_attrs["stage_layers"] = [len(r) for r in ctx.plan]
         from ...parallel_decode import make_sink
 
-        sink = make_sink(ctx, executor, components.vae)  # decode spread over the ranks when the VAE allows it
+        sink = make_sink(ctx, components.vae)  # decode spread over the ranks when the VAE allows it
         return executor, sink
