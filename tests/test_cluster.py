@@ -152,7 +152,8 @@ def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab
         assert progress["status"] == "running" and not progress["complete"]
         assert stops[-1] + 3 <= progress["last_checkpoint_tick"] < TICKS
         # the ranks stop at the next tick, rank 0 checkpoints, submitit requeues: the job runs again from that tick
-        wait_for(lambda: _submitit_out(path, job_id).count("Requeued job") >= requeue, "submitit to requeue the job")
+        # (counted by SLURM: submitit's own "Requeued job" line can be cut off by the requeue's SIGKILL, KillWait=1 s)
+        wait_for(lambda: _restarts(slurm_lab, job_id) >= requeue, "submitit to requeue the job")
         release(slurm_lab, job_id)
         wait_for(lambda: len(_resume_ticks(path)) >= requeue + 1, "the requeued job to resume")
         stops.append(_resume_ticks(path)[-1])
@@ -163,12 +164,15 @@ def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab
     latents, frames = store_arrays(path)
     reference = store_arrays(tmp_path / "reference.zarr")
     assert np.array_equal(latents, reference[0]) and np.array_equal(frames, reference[1])
-    assert _submitit_out(path, job_id).count("Requeued job") == 2 and len(_resume_ticks(path)) == 3
+    assert _restarts(slurm_lab, job_id) == 2 and len(_resume_ticks(path)) == 3
 
 
-def _submitit_out(path, job_id) -> str:
-    """submitit's own log lines of task 0 of ``job_id`` (appended across requeues)."""
-    return Path(f"{path}.slurm/{job_id}_0_log.out").read_text(errors="replace")
+def _restarts(environ, job_id) -> int:
+    """How many times SLURM requeued ``job_id`` (``Restarts=`` of ``scontrol show job``)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=environ, capture_output=True, text=True,
+                         timeout=30).stdout
+    field = [w for w in out.split() if w.startswith("Restarts=")]
+    return int(field[0].split("=")[1]) if field else 0
 
 
 def _resume_ticks(path) -> list[int]:
