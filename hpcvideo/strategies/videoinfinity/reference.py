@@ -7,6 +7,12 @@ query frame attends to the local window |f - k| <= local_frames of the video and
 (tested on 1, 2 and 4 ranks); in exact mode it equals the unpatched diffusers model (up to the
 float32 round-off of the GroupNorm statistics, which are summed in float64 frame by frame instead of
 by torch's kernel; Wan has no GroupNorm and is bit-identical).
+
+bf16 on the CPU: a rank runs every per-token layer on its clip's rows only, and oneDNN's bf16 matmul
+rounds differently depending on the rows per call once the reduction is wide (K >= 512; Wan2.1-1.3B's
+1536 and 8960), so there the N-rank result equals this one within bf16 round-off, not bit for bit
+(float32, and bf16 with ``torch.backends.mkldnn.enabled = False``, are exact);
+``bench/bench_real_arch.py`` measures it.
 """
 
 from __future__ import annotations
