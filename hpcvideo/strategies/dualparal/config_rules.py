@@ -43,7 +43,14 @@ def check(cfg: RunConfig, ok: Callable[..., bool], fail: Callable[[str, str], No
 def ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> str | None:
     """None if DualParal can run ``cfg`` on ``world_size`` >= 1 ranks (one pipeline stage per rank), else
     one line: ``runtime.stage_layers`` (when set) needs one count per rank summing to ``num_layers``;
-    otherwise at most ``num_layers`` ranks (the model's transformer blocks; None = unknown, not checked)."""
+    otherwise at most ``num_layers`` ranks (the model's transformer blocks; None = unknown, not checked).
+    With ``runtime.cfg_parallel`` an even ``world_size``, each half one pipeline (the rules above on world_size / 2)."""
+    from ..cfg_parallel import group_size, ranks_problem as cfg_ranks_problem
+
+    problem = cfg_ranks_problem(cfg, world_size)
+    if problem:
+        return problem
+    world_size = group_size(cfg, world_size)
     stages = cfg.runtime.stage_layers
     if stages is not None:
         total = f" summing to {num_layers}" if num_layers is not None else ""
@@ -79,8 +86,13 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
             f"strategy.block_latent_frames={n} + 2 x strategy.context_latent_frames={c} (or the latent height/width) "
             f"reach {longest} positions, beyond the model's rotary table of {info['rope_max_seq_len']}"
         )
+    from ..cfg_parallel import group_size, ranks_problem as cfg_ranks_problem
     from .pipeline import split_layers  # the split itself (imports torch: called once the model's JSON is read)
 
+    problem = cfg_ranks_problem(cfg, world_size)
+    if problem:
+        return problems + [problem]
+    world_size = group_size(cfg, world_size)  # ranks of one pipeline
     try:
         split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
     except ValueError as error:

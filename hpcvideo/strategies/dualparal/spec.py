@@ -27,7 +27,10 @@ class DualParalSpec(StrategySpec):
         return model_problems(cfg, info, world_size)
 
     def plan(self, cfg, info, world_size):
-        """The stage split: one layer range per rank."""
+        """The stage split: one layer range per rank (with ``runtime.cfg_parallel`` each half of the ranks
+        splits the blocks the same way)."""
+        if cfg.runtime.cfg_parallel:
+            return 2 * split_layers(info["num_layers"], world_size // 2, cfg.runtime.stage_layers)
         return split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
 
     def build(self, ctx: BuildContext):
@@ -47,7 +50,10 @@ class DualParalSpec(StrategySpec):
 
         components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=env.is_main)
         template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
-        executor = DualParalPipeline(
+        pipeline = DualParalPipeline
+        if cfg.runtime.cfg_parallel:  # the cond and uncond branches on two halves of the ranks
+            from .cfg_pipeline import CfgParallelPipeline as pipeline
+        executor = pipeline(
             env=env, layers=layers, latent_shape=latent_shape,
             transformer=transformer, scheduler_template=template, prompt_embeds=ctx.prompt_embeds,
             negative_prompt_embeds=ctx.negative_prompt_embeds, prompt_index_for_block=cfg.prompt_index_for_block,
