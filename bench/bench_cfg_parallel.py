@@ -1,7 +1,7 @@
 """Benchmark of CFG parallelism (``runtime.cfg_parallel``) against the plain DualParal pipeline on the same
 number of ranks; prints one JSON object.
 
-    python bench/bench_cfg_parallel.py            # 2 ranks, the wide tiny model, best of 2 (about 3-5 minutes on 2 cores)
+    python bench/bench_cfg_parallel.py            # 2 ranks, the wide tiny model, best of 2 (about 1-2 minutes on 2 cores)
     python bench/bench_cfg_parallel.py --quick    # a smaller video, 1 repeat
 
 Both layouts run the same video on 2 ranks (``mpiexec -n 2 python -m hpcvideo.cli generate tiny-test ...``, as

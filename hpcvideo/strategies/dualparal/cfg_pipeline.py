@@ -69,8 +69,25 @@ class CfgParallelPipeline(DualParalPipeline):
             return None
         noise_uncond = torch.empty(output.shape, dtype=output.dtype, device=self.device)
         request = dist.irecv(noise_uncond, src=peer, group=self.peer_group, tag=self._tag("peer"))
+        guided = _Guided(self, output, noise_uncond, request)
+        # one stage per group: rank 0 steps after the tick's forwards, so it goes on with the next item's window
+        # (rank 1 keeps busy) and combines when the step is applied; more stages: noise_pred goes on at once
+        return guided if self.num_stages == 1 else guided.result()
+
+    def _step_block(self, work, noise_pred) -> None:
+        super()._step_block(work, noise_pred.result() if isinstance(noise_pred, _Guided) else noise_pred)
+
+
+class _Guided:
+    """A block's noise_pred whose uncond half is still arriving: :meth:`result` waits and applies guidance."""
+
+    def __init__(self, pipeline: CfgParallelPipeline, noise_cond: torch.Tensor, noise_uncond: torch.Tensor, request):
+        self.pipeline, self.noise_cond, self.noise_uncond, self.request = pipeline, noise_cond, noise_uncond, request
+
+    def result(self) -> torch.Tensor:
+        stats, noise_uncond = self.pipeline.stats, self.noise_uncond
         waited = time.perf_counter()
-        request.wait()
-        self.stats["wait_s"] += time.perf_counter() - waited
-        self.stats["bytes_received"] += noise_uncond.numel() * noise_uncond.element_size()
-        return noise_uncond + self.guidance_scale * (output - noise_uncond)
+        self.request.wait()
+        stats["wait_s"] += time.perf_counter() - waited
+        stats["bytes_received"] += noise_uncond.numel() * noise_uncond.element_size()
+        return noise_uncond + self.pipeline.guidance_scale * (self.noise_cond - noise_uncond)
