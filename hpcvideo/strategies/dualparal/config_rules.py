@@ -50,7 +50,14 @@ def ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> st
     problem = cfg_ranks_problem(cfg, world_size)
     if problem:
         return problem
-    world_size = group_size(cfg, world_size)
+    problem = _pipeline_ranks_problem(cfg, group_size(cfg, world_size), num_layers)
+    if problem and cfg.runtime.cfg_parallel:
+        problem += f" (runtime.cfg_parallel=true: each half of the {world_size} ranks is one pipeline)"
+    return problem
+
+
+def _pipeline_ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> str | None:
+    """:func:`ranks_problem` for one pipeline of ``world_size`` stages."""
     stages = cfg.runtime.stage_layers
     if stages is not None:
         total = f" summing to {num_layers}" if num_layers is not None else ""
