@@ -285,8 +285,13 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     info = read_model_info(model_path)
     sizes = model_bytes_cache if model_bytes_cache is not None else model_bytes(
         model_path, cfg.model.dtype, cfg.sampling.max_sequence_length)
+    if cfg.runtime.cfg_parallel:
+        from .plan_cfg_parallel import check_ranks
+
+        check_ranks(cfg, ranks)
+    stages = ranks // 2 if cfg.runtime.cfg_parallel else ranks  # one pipeline's ranks (hpcvideo.plan_cfg_parallel)
     try:
-        layers = split_layers(info["num_layers"], ranks, cfg.runtime.stage_layers if num_ranks is None else None)
+        layers = split_layers(info["num_layers"], stages, cfg.runtime.stage_layers if num_ranks is None else None)
     except ValueError as error:
         raise ConfigError([str(error)]) from None
     b = DTYPE_BYTES[cfg.model.dtype]
@@ -297,7 +302,7 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     pt, ph, pw = info["patch_size"]
     p = (h // ph) * (w // pw)
     C, D, F = info["latent_channels"], info["hidden_dim"], info["ffn_dim"]
-    g = 2 if s.guidance_scale > 1.0 else 1
+    g = 2 if s.guidance_scale > 1.0 and not cfg.runtime.cfg_parallel else 1  # branches one pipeline runs
     B, T = cfg.num_blocks, s.num_inference_steps
     K = min(B, T)
     S = (c + n) * p
@@ -327,7 +332,7 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
     plan = Plan(model_id=info["model_id"], num_ranks=ranks, num_blocks=B, num_ticks=ticks, blocks_in_flight=K,
                 tokens_per_block_forward=S, throughput_tflops=throughput_tflops,
                 text_encoder_device=cfg.model.text_encoder_device)
-    embeddings = (len(s.prompts) + (1 if g == 2 else 0)) * s.max_sequence_length * info["text_dim"] * b
+    embeddings = (len(s.prompts) + (1 if s.guidance_scale > 1.0 else 0)) * s.max_sequence_length * info["text_dim"] * b
     stored = checkpoint_tensor_bytes(model_path / "transformer", by_file=True)
     for r, rng in enumerate(layers):
         own = len(rng)
@@ -352,12 +357,16 @@ def make_plan(cfg: RunConfig, *, num_ranks: int | None = None, throughput_tflops
             activations_bytes=g * S * (6 * D + F) * b + (per_block * C * n * h * w * 4 if r == 0 else 0) + token_time,
             caches_bytes=min(K, 2) * g * 2 * cache_tokens * D * b * own,
             queue_bytes=(queue_tensors(s.scheduler, K) * C * n * h * w * 4 if r == 0 else 0) + (K * g * S * D * b if r > 0 else 0),
-            sent_bytes_per_tick=0 if ranks == 1 else (feedback_bytes if r == ranks - 1 else hidden_bytes),
-            sent_bytes_total=0 if ranks == 1 else (total_feedback if r == ranks - 1 else total_hidden),
+            sent_bytes_per_tick=0 if stages == 1 else (feedback_bytes if r == stages - 1 else hidden_bytes),
+            sent_bytes_total=0 if stages == 1 else (total_feedback if r == stages - 1 else total_hidden),
             flops_per_tick=flops,
             seconds_per_tick=flops / (throughput_tflops * 1e12) if throughput_tflops else None,
         )
         plan.ranks.append(rank)
+    if cfg.runtime.cfg_parallel:
+        from .plan_cfg_parallel import add_uncond_group
+
+        add_uncond_group(plan, cfg, items=items, num_ticks_=ticks, latent_shape=(C, h, w), dtype_bytes=b)
     return plan
 
 
@@ -391,6 +400,8 @@ def check_fits(plan: Plan, cfg: RunConfig) -> None:
     else:
         candidates = range(plan.num_ranks + 1, sum(r.layers[1] - r.layers[0] for r in plan.ranks) + 1)
     for ranks in candidates:
+        if cfg.runtime.cfg_parallel and ranks % 2:  # two equal branch groups only
+            continue
         if fits(make_plan(cfg, num_ranks=ranks), gpu_gb):
             per_node = cfg.cluster.gpus_per_node
             suggestions.append(f"{ranks} ranks (cluster.nodes={math.ceil(ranks / per_node)} x cluster.gpus_per_node="

@@ -210,12 +210,14 @@ MPI_RUNS = {
         "tiny-test-stages-3-1": ["tiny-test", "--set", "runtime.stage_layers=[3, 1]"],  # test_pipeline.py
         "tiny-test-stages-2-1": ["tiny-test", "--set", "runtime.stage_layers=[2, 1]"],  # test_pipeline.py: refused
         "tiny-vi-wan-25-frames": ["tiny-vi-wan", "--frames", "25"],  # test_videoinfinity_run.py
-        "demo-cpu-61-frames": ["demo-cpu", "--frames", "61"]},  # test_golden_hashes.py
+        "demo-cpu-61-frames": ["demo-cpu", "--frames", "61"],  # test_golden_hashes.py
+        "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
     3: {},
     4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
         "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
         "tiny-vi-wan-independent": ["tiny-vi-wan", "--set", "strategy.sync_clips=false"],  # test_videoinfinity_run.py
-        "tiny-vi-unet3d": ["tiny-vi-unet3d"]},  # test_golden_hashes.py
+        "tiny-vi-unet3d": ["tiny-vi-unet3d"],  # test_golden_hashes.py
+        "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
 # Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker), before the
 # launch of the world size ``resume_ranks``, which resumes them with the same arguments as its other runs.

@@ -102,6 +102,7 @@ NOT_RUN: dict[str, str] = {
     "python bench/bench_ranks.py --ranks 1,2,4": "benchmark: several minutes of whole runs",
     "python bench/report.py --quick": "benchmark report: about 30 minutes",
     "python bench/bench_real_arch.py": "benchmark: minutes and about 9 GB (the 1.3B architecture on CPU)",
+    "python bench/bench_cfg_parallel.py": "benchmark: 2-3 minutes (2 ranks, alternating runs)",
     "python bench/gpu_check.py": "needs a GPU to measure; its no-GPU exit is tested in tests/test_plan.py",
 }
 

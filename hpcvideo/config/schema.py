@@ -170,6 +170,9 @@ class RuntimeConfig:
     # null = contiguous split with the remainder to the first stages. Not part of the run's identity:
     # a run may resume on another number of ranks.
     stage_layers: list[int] | None = None
+    # classifier-free guidance's cond and uncond branches on two halves of the ranks (each a full pipeline
+    # of world_size / 2 stages; stage_layers then splits one half): 2x the ranks on one video, same bits
+    cfg_parallel: bool = False
     # seconds a rank waits on a peer (torch.distributed timeout) before it gives up and the job is
     # aborted: covers a hung, not a dead, peer (a dead one is noticed at once). Must exceed the
     # longest pause of one rank between messages (rank 0: checkpoint + decode flush).

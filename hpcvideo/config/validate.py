@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .coerce import _build_section, _unknown, _wrong_type
+from ..strategies import cfg_parallel
 from .schema import (
     _SECTIONS,
     CLUSTER_MPI,
@@ -115,6 +116,7 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     one_of("strategy.noise_init", st.noise_init, NOISE_MODES)
     for name in STRATEGIES:  # each strategy checks its own keys (and, when it is the one selected, the rest)
         strategy_rules(name).check(cfg, ok, fail)
+    cfg_parallel.check(cfg, ok, fail)  # runtime.cfg_parallel: guidance on, a strategy that supports it
     if ok("video.num_frames", "strategy.block_latent_frames", "sampling.prompts") and s.prompts and not errors \
             and _units_known(cfg):
         _warn_unused_prompts(cfg)

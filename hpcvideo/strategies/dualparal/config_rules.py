@@ -43,7 +43,21 @@ def check(cfg: RunConfig, ok: Callable[..., bool], fail: Callable[[str, str], No
 def ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> str | None:
     """None if DualParal can run ``cfg`` on ``world_size`` >= 1 ranks (one pipeline stage per rank), else
     one line: ``runtime.stage_layers`` (when set) needs one count per rank summing to ``num_layers``;
-    otherwise at most ``num_layers`` ranks (the model's transformer blocks; None = unknown, not checked)."""
+    otherwise at most ``num_layers`` ranks (the model's transformer blocks; None = unknown, not checked).
+    With ``runtime.cfg_parallel`` an even ``world_size``, each half one pipeline (the rules above on world_size / 2)."""
+    from ..cfg_parallel import group_size, ranks_problem as cfg_ranks_problem
+
+    problem = cfg_ranks_problem(cfg, world_size)
+    if problem:
+        return problem
+    problem = _pipeline_ranks_problem(cfg, group_size(cfg, world_size), num_layers)
+    if problem and cfg.runtime.cfg_parallel:
+        problem += f" (runtime.cfg_parallel=true: each half of the {world_size} ranks is one pipeline)"
+    return problem
+
+
+def _pipeline_ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> str | None:
+    """:func:`ranks_problem` for one pipeline of ``world_size`` stages."""
     stages = cfg.runtime.stage_layers
     if stages is not None:
         total = f" summing to {num_layers}" if num_layers is not None else ""
@@ -84,11 +98,19 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
         import warnings
 
         warnings.warn(warning, stacklevel=2)
+    from ..cfg_parallel import group_size, ranks_problem as cfg_ranks_problem
     from .pipeline import split_layers  # the split itself (imports torch: called once the model's JSON is read)
     from ...models.experts import expert_problems  # sampling.guidance_scale_2 needs two experts
 
     problems += expert_problems(cfg, info)
 
+    problem = cfg_ranks_problem(cfg, world_size)
+    if problem:
+        return problems + [problem]
+    if cfg.runtime.cfg_parallel and info.get("condition_channels"):
+        problems.append(f"runtime.cfg_parallel=true: {info.get('model_id', cfg.model.path)} is an image-to-video "
+                        "checkpoint (condition channels), which CFG parallelism does not run yet; allowed: false")
+    world_size = group_size(cfg, world_size)  # ranks of one pipeline
     try:
         split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
     except ValueError as error:

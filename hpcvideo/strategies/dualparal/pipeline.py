@@ -68,7 +68,10 @@ class DualParalPipeline(DualParalReference):
     def __init__(self, *, env, layers: range, latent_shape: tuple[int, int, int], **kwargs) -> None:
         super().__init__(device=env.device, **kwargs)
         self.env = env
-        self.rank, self.num_stages = env.rank, env.world_size
+        self.rank, self.num_stages = env.rank, env.world_size  # this stage's index, the pipeline's stages
+        self.stage_ranks = list(range(env.world_size))  # the global rank of each stage
+        self.branches = ["cond", "uncond"] if self.do_cfg else ["cond"]  # the CFG branches this pipeline runs
+        self.holds_queue = self.rank == 0  # the stage that holds the queue state (latents, schedulers)
         self.layers = layers
         self.latent_shape = latent_shape
         self.hidden_dtype = self.transformer.patch_embedding.weight.dtype
@@ -76,11 +79,7 @@ class DualParalPipeline(DualParalReference):
         # per expert (Wan2.2 A14B: each holds its own embedders): text/time/rope per prompt, step, shape
         self.conditions = [wan_forward.ConditionCache(model) for model in self.transformers]
         self.forward_group = self.feedback_group = None
-        if self.num_stages > 1:
-            # two groups: hidden states go r -> r+1, noise predictions N-1 -> 0 (separate NCCL
-            # communicators, so the two directions never wait on each other)
-            self.forward_group = dist.new_group(list(range(self.num_stages)))
-            self.feedback_group = dist.new_group(list(range(self.num_stages)))
+        self._make_groups()
         # one message counter per stream (r-1 -> r received here, r -> r+1 sent here, N-1 -> 0):
         # both ends of a stream count its messages in the same order, so the tags match
         self._recv_seq = self._send_seq = self._feedback_seq = 0
@@ -92,6 +91,13 @@ class DualParalPipeline(DualParalReference):
         self._pending: dict[int, tuple] = {}
         self._finished: list[tuple[int, torch.Tensor]] = []
         self._sends: deque = deque()
+
+    def _make_groups(self) -> None:
+        if self.num_stages > 1:
+            # two groups: hidden states go r -> r+1, noise predictions N-1 -> 0 (separate NCCL
+            # communicators, so the two directions never wait on each other)
+            self.forward_group = dist.new_group(list(range(self.num_stages)))
+            self.feedback_group = dist.new_group(list(range(self.num_stages)))
 
     # -- messages ---------------------------------------------------------------------------
     def _tag(self, kind: str) -> int:
@@ -107,7 +113,7 @@ class DualParalPipeline(DualParalReference):
         channels, height, width = self.latent_shape
         tokens = self._window_frames(work) * (height // 2) * (width // 2)
         buffer = torch.empty((1, tokens, self.hidden_dim), dtype=self.hidden_dtype, device=self.device)
-        request = dist.irecv(buffer, src=self.rank - 1, group=self.forward_group, tag=self._tag("recv"))
+        request = dist.irecv(buffer, src=self.stage_ranks[self.rank - 1], group=self.forward_group, tag=self._tag("recv"))
         return buffer, request
 
     # -- rank 0: steps applied as their noise predictions arrive --------------------------------
@@ -209,6 +215,21 @@ class DualParalPipeline(DualParalReference):
         while self._sends and self._sends[0][0].is_completed():
             self._sends.popleft()
 
+    # -- hooks of a second parallel axis (:mod:`hpcvideo.strategies.cfg_parallel`) --------------
+    def _window_ready(self, window: torch.Tensor) -> None:
+        """Stage 0 with the queue: the window (1, C, frames, h, w) in the compute dtype, about to be patchified."""
+
+    def _guide(self, outputs: list[torch.Tensor], step_index: int) -> torch.Tensor | None:
+        """Last stage: one block's head outputs (1, C, n, h, w) at ``step_index``, one per branch of
+        ``self.branches``, -> its noise_pred: ``noise_uncond + guidance_scale * (noise_cond - noise_uncond)``
+        with CFG (diffusers' WanPipeline arithmetic; the guidance scale of the step's expert), or None when
+        another rank applies guidance."""
+        noise_pred = outputs[0]
+        if self.do_cfg:
+            noise_uncond = outputs[1]
+            noise_pred = noise_uncond + self.step_guidance[step_index] * (noise_pred - noise_uncond)
+        return noise_pred
+
     # -- one tick ---------------------------------------------------------------------------
     @torch.no_grad()
     def run_tick(self) -> list[tuple[int, torch.Tensor]]:
@@ -224,24 +245,25 @@ class DualParalPipeline(DualParalReference):
             raise RuntimeError("the queue has finished")
         tick_start = time.perf_counter()
         first, last = self.rank == 0, self.rank == self.num_stages - 1
+        owner = first and self.holds_queue
         plan = self._plan()
-        branches = ["cond", "uncond"] if self.do_cfg else ["cond"]
+        branches = self.branches
         items = [(work, branch) for work in plan for branch in branches]
         channels, height, width = self.latent_shape
         tokens_per_frame = (height // 2) * (width // 2)
 
-        if first:
+        if owner:
             self._settle_arrived()
             self._enter(plan)
         feedback = {}
-        if first and self.num_stages > 1:  # all of this tick's noise predictions, posted up front
+        if owner and self.num_stages > 1:  # all of this tick's noise predictions, posted up front
             for work in plan:
                 buffer = torch.empty((1, channels, self.block_latent_frames, height, width),
                                      dtype=self.hidden_dtype, device=self.device)
-                request = dist.irecv(buffer, src=self.num_stages - 1, group=self.feedback_group, tag=self._tag("feedback"))
+                request = dist.irecv(buffer, src=self.stage_ranks[-1], group=self.feedback_group, tag=self._tag("feedback"))
                 feedback[work.block_index] = (work, buffer, request)
         incoming = deque()
-        if not first and items:
+        if not owner and items:
             incoming.append(self._post_recv_hidden(items[0][0]))
         noise_preds = {}
         outputs = []
@@ -262,12 +284,13 @@ class DualParalPipeline(DualParalReference):
                 window_shape, timestep, prompt_embeds, prompt_key=prompt_key, step_key=step_key,
                 extra_key_frames=extra, image_embeds=self.image_embeds,
             )
-            if first:
+            if owner:
                 self._settle(work.block_index)  # its own latents and its context: after last tick's steps
                 if work.context_from is not None:
                     self._settle(work.context_from)
-                window = self._window(work)
-                hidden_states = wan_forward.patchify(model, window.to(self.dtype))
+                window = self._window(work).to(self.dtype)
+                self._window_ready(window)
+                hidden_states = wan_forward.patchify(model, window)
             else:
                 hidden_states, request = incoming.popleft()
                 if k + 1 < len(items):  # the next transfer runs while this item computes
@@ -276,6 +299,8 @@ class DualParalPipeline(DualParalReference):
                 request.wait()
                 self.stats["wait_s"] += time.perf_counter() - waited
                 self.stats["bytes_received"] += hidden_states.numel() * hidden_states.element_size()
+                if first:  # a stage 0 without the queue: it received the window
+                    hidden_states = wan_forward.patchify(self.transformer, hidden_states)
             record = None
             if work.record:
                 start = num_context * tokens_per_frame
@@ -286,23 +311,23 @@ class DualParalPipeline(DualParalReference):
             hidden_states = wan_forward.run_blocks(model, hidden_states, inputs, self.layers)
             self.cache.plan = None
             if not last:
-                self._send(hidden_states, dst=self.rank + 1, group=self.forward_group, kind="send")
+                self._send(hidden_states, dst=self.stage_ranks[self.rank + 1], group=self.forward_group, kind="send")
             else:
                 outputs.append(wan_forward.head(model, hidden_states, inputs)[:, :, num_context:])
             if branch == branches[-1]:
                 self.cache.end_block()
                 if last:
-                    noise_pred = outputs[0]
-                    if self.do_cfg:
-                        noise_uncond = outputs[1]
-                        noise_pred = noise_uncond + self.step_guidance[work.step_index] * (noise_pred - noise_uncond)
+                    noise_pred = self._guide(outputs, work.step_index)
                     outputs = []
-                    if first:
+                    if noise_pred is None:  # a pipeline without the queue: its peer applies guidance
+                        pass
+                    elif first:
                         noise_preds[work.block_index] = noise_pred
                     else:
-                        self._send(noise_pred.contiguous(), dst=0, group=self.feedback_group, kind="feedback")
+                        self._send(noise_pred.contiguous(), dst=self.stage_ranks[0], group=self.feedback_group,
+                                   kind="feedback")
         self.tick += 1
-        if first:
+        if owner:
             if self.num_stages == 1:  # one rank: the reference's order, nothing to overlap
                 for work in plan:
                     self._step_block(work, noise_preds[work.block_index])

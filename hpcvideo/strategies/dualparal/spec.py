@@ -30,7 +30,10 @@ class DualParalSpec(StrategySpec):
         return model_problems(cfg, info, world_size)
 
     def plan(self, cfg, info, world_size):
-        """The stage split: one layer range per rank."""
+        """The stage split: one layer range per rank (with ``runtime.cfg_parallel`` each half of the ranks
+        splits the blocks the same way)."""
+        if cfg.runtime.cfg_parallel:
+            return 2 * split_layers(info["num_layers"], world_size // 2, cfg.runtime.stage_layers)
         return split_layers(info["num_layers"], world_size, cfg.runtime.stage_layers)
 
     def build(self, ctx: BuildContext):
@@ -53,7 +56,10 @@ class DualParalSpec(StrategySpec):
         components = ctx.family.load(ctx.model_path, device=env.device, dtype=ctx.dtype, vae=True)  # every rank may decode
         channels, image_embeds = image_to_video_inputs(cfg, info, ctx.model_path, components.vae, env)
         template = ctx.family.make_scheduler(cfg, components.scheduler_config, env.device)
-        executor = DualParalPipeline(
+        pipeline = DualParalPipeline
+        if cfg.runtime.cfg_parallel:  # the cond and uncond branches on two halves of the ranks
+            from .cfg_pipeline import CfgParallelPipeline as pipeline
+        executor = pipeline(
             env=env, layers=layers, latent_shape=latent_shape,
             transformer=stages[0], transformer_2=stages[1] if len(stages) > 1 else None, experts=experts,
             guidance_scale_2=sampling.guidance_scale_2, scheduler_template=template, prompt_embeds=ctx.prompt_embeds,
