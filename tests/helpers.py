@@ -210,7 +210,9 @@ MPI_RUNS = {
         "tiny-test-stages-3-1": ["tiny-test", "--set", "runtime.stage_layers=[3, 1]"],  # test_pipeline.py
         "tiny-test-stages-2-1": ["tiny-test", "--set", "runtime.stage_layers=[2, 1]"],  # test_pipeline.py: refused
         "tiny-vi-wan-25-frames": ["tiny-vi-wan", "--frames", "25"],  # test_videoinfinity_run.py
-        "demo-cpu-61-frames": ["demo-cpu", "--frames", "61"],  # test_golden_hashes.py
+        # test_golden_hashes.py: the demo preset's settings before its window changed (DEMO_PINNED there)
+        "demo-cpu-61-frames": ["demo-cpu", "--frames", "61", "--set", "strategy.block_latent_frames=4", "--set",
+                               "strategy.context_latent_frames=2", "--set", "strategy.feature_cache=false"],
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
     3: {},
     4: {"tiny-test": ["tiny-test"],  # test_pipeline.py

@@ -48,7 +48,7 @@ GOLDEN = {
 
 # The multi-rank runs are the session's shared launches (tests/conftest.py mpi_runs: one `mpiexec -n K` per world
 # size runs `hpcvideo generate` for each of tests.helpers.MPI_RUNS[K], these among them, with OMP_NUM_THREADS=1).
-SHARED_RUNS = {("demo-cpu", 2, ("--frames", "61")): "demo-cpu-61-frames", ("tiny-vi-wan", 4, ()): "tiny-vi-wan",
+SHARED_RUNS = {("demo-cpu", 2, DEMO_PINNED): "demo-cpu-61-frames", ("tiny-vi-wan", 4, ()): "tiny-vi-wan",
                ("tiny-vi-unet3d", 4, ()): "tiny-vi-unet3d"}
 
 

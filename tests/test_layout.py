@@ -34,7 +34,8 @@ def test_latent_frames_for_refuses_less_than_one_frame(num_frames):
 
 
 def test_whole_blocks_and_frame_ranges_cut_at_the_video():
-    cfg = load_config("demo-cpu", check_paths=False, num_frames=1000)  # 251 latent frames, blocks of 4
+    cfg = load_config("demo-cpu", check_paths=False, num_frames=1000, overrides=["strategy.block_latent_frames=4"])
+    # 251 latent frames, blocks of 4
     assert (cfg.num_latent_frames, num_units(cfg), generated_latent_frames(cfg)) == (251, 63, 252)
     assert block_frame_range(62, 4) == (989, 1005) and block_frame_range(62, 4, num_frames=1000) == (989, 1000)
     assert block_frame_range(0, 4, num_frames=1000) == (0, 13)
