@@ -48,7 +48,7 @@ def generate(cfg: RunConfig, *, progress: bool = True, stop: StopRequest | None 
         redirect_rank_output(env, os.environ.get(LOG_DIR_VAR) or f"{cfg.store.path}.logs")
     monitor = start_failure_monitor(env, heartbeat_timeout_s=cfg.runtime.heartbeat_timeout_s)
     try:
-        return run(cfg, env, progress=progress, stop=stop, faults=faults)
+        return run(cfg, env, progress=progress, stop=stop, faults=faults, monitor=monitor)
     finally:
         stop_failure_monitor(monitor)
         shutdown_rank_env(env)

@@ -219,7 +219,7 @@ class _Setup:
 
 
 def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, stop: StopRequest | None = None,
-        faults: FaultPlan | None = None) -> dict | None:
+        faults: FaultPlan | None = None, monitor=None) -> dict | None:
     """Run (or resume, or extend) the job of the resolved ``cfg`` on this rank of a started job. Returns
     the store's status dict on rank 0, None elsewhere. User errors (ConfigError, StoreError incl.
     ConfigMismatchError, FileNotFoundError, ValueError) are raised on rank 0 before any weights load,
@@ -227,12 +227,13 @@ def run(cfg: RunConfig, env, *, progress: bool = True, spec=None, family=None, s
     ``spec`` / ``family``: the strategy spec and model family (default: those ``cfg`` names; tests pass fakes).
     ``stop``: the installed stop request (:class:`hpcvideo.runtime.preempt.StopRequest`) of the caller, the same
     on every rank or None on every rank (None: the run is never preempted, no collective per tick). ``faults``:
-    the tests' planned fault (:class:`hpcvideo.faults.FaultPlan`; None: read from ``HPCVIDEO_FAULT`` here, once)."""
+    the tests' planned fault (:class:`hpcvideo.faults.FaultPlan`; None: read from ``HPCVIDEO_FAULT`` here, once).
+    ``monitor``: this rank's running :class:`hpcvideo.runtime.FailureMonitor` (lets a lost connection be named)."""
     spec, family = spec or spec_for(cfg), family or family_of(cfg)
     faults = FaultPlan.from_env() if faults is None else faults
     setup = _prepare(cfg, env, spec, family)
     try:
-        with abort_on_failure(env):
+        with abort_on_failure(env, monitor=monitor):
             return _run(cfg, env, spec, family, setup, progress=progress, stop=stop, faults=faults)
     finally:
         if setup.lock is not None:

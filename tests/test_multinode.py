@@ -35,7 +35,7 @@ import pytest
 from hpcvideo.runtime.env import RankEnv, _resolve_device, node_local_rank
 from hpcvideo.runtime.shm import mpich_world_id
 from hpcvideo.store import RunStore
-from tests.helpers import ROOT, cli, cli_subprocess, store_arrays
+from tests.helpers import ROOT, clean_env, cli, cli_subprocess, store_arrays
 
 LAB_SCRIPT = ROOT / "slurm" / "lab"
 NODE_SETTINGS = [
@@ -101,6 +101,34 @@ def test_heartbeats_name_the_silent_ranks_of_another_node():
     store.add = refuse
     with pytest.raises(StoreUnreachable, match="RuntimeError: Connection reset by peer$"):
         beat.beat()
+
+
+@pytest.mark.unit
+def test_a_lost_connection_waits_for_the_heartbeats_to_name_the_lost_node():
+    """gloo raises "Connection closed by peer" when a lost node's processes are killed (their sockets close),
+    often before the heartbeats time out (measured on the two-node lab). No peer of this node is gone, so
+    the rank gives its monitor the heartbeat timeout to name the other node's silent rank before it aborts."""
+    script = """
+import os, sys, torch
+import torch.distributed as dist
+from mpi4py import MPI
+from hpcvideo.runtime import RankEnv, abort_on_failure, start_failure_monitor
+server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+env = RankEnv(rank=0, local_rank=0, world_size=2, local_world_size=1, node="a", device=torch.device("cpu"),
+              backend="gloo", comm=MPI.COMM_SELF, master_addr="127.0.0.1", master_port=server.port,
+              peers=(("a", os.getpid()), ("b", 1)))
+monitor = start_failure_monitor(env, poll_s=0.05, heartbeat_timeout_s=float(sys.argv[1]))
+with abort_on_failure(env, monitor=monitor, notice_wait_s=0.1):
+    raise RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.2]:28819")
+"""
+    result = subprocess.run([sys.executable, "-c", script, "2"], capture_output=True, text=True, timeout=60,
+                            env=clean_env(), cwd=ROOT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert "rank 0: a connection was lost and no rank of this node is gone: waiting up to 2 s for the heartbeats" in result.stderr
+    assert lines[-1] == ("rank 0: stopping because rank 1 (pid 1) on b sent no heartbeat for 2 s: b was lost or its "
+                         "processes were killed"), result.stderr
+    assert "MPI_Abort" not in result.stderr
 
 
 @pytest.mark.unit

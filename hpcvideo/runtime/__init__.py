@@ -4,7 +4,7 @@ Use::
 
     env = init_rank_env(device="auto", timeout_s=60)
     monitor = start_failure_monitor(env)
-    with abort_on_failure(env):
+    with abort_on_failure(env, monitor=monitor):
         ...  # the rank's work
     stop_failure_monitor(monitor)
     shutdown_rank_env(env)

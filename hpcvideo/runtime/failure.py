@@ -25,9 +25,13 @@ Three ways a rank can go, and what the others see:
   heartbeats with them through the rendezvous store (:mod:`hpcvideo.runtime.nodewatch`) and names the
   ranks of a node that went silent for ``runtime.heartbeat_timeout_s`` (``rank Q: stopping because
   rank 2 (pid p) and rank 3 (pid p) on node2 sent no heartbeat for 30 s ...``), then exits 1. Their
-  torch.distributed calls may also raise first (gloo: "Connection closed by peer"); inside
-  :func:`abort_on_failure` this becomes the first case, and the message names the peers of this node
-  that are no longer running (:func:`gone_peers`).
+  torch.distributed calls may also raise first (gloo: "Connection closed by peer" when the lost node's
+  processes were killed and their sockets closed): inside :func:`abort_on_failure` this becomes the
+  first case, and the message names the peers of this node that are no longer running
+  (:func:`gone_peers`). When none is, and the job spans nodes, the rank first gives its monitor the
+  heartbeat timeout (plus two beats) to name the lost ranks of the other node, as above, before it
+  aborts (measured on the two-node lab: either error can come first, depending on what the ranks were
+  doing when the node was lost).
 * **It exits non-zero** (``sys.exit(3)``): inside :func:`abort_on_failure` a ``SystemExit`` with
   a non-zero code is a failure like any exception. Outside it, mpi4py still finalises MPI at exit
   and hydra does *not* end the job (measured: the other rank went on for its full 20 s), so peers
@@ -125,6 +129,15 @@ class FailureMonitor:
                 os._exit(1)
             self._stop.wait(self.poll_s)
 
+    def await_remote_verdict(self) -> None:
+        """Wait (without spinning) as long as the heartbeats need to name a lost rank of another node:
+        ``timeout_s`` plus two beat intervals. Returns at once when the job runs on one node or the monitor
+        does not run; otherwise returns only if the monitor named nothing (it ends the process when it does)."""
+        if self.node_watch is None or self._thread is None or not self._thread.is_alive():
+            return
+        beat_every = max(self.poll_s, min(1.0, self.node_watch.timeout_s / 4))
+        self._thread.join(self.node_watch.timeout_s + 2 * beat_every)
+
     def stop(self) -> None:
         """Stop polling (clean end of the run); returns when the thread is gone. Idempotent."""
         self._stop.set()
@@ -195,11 +208,14 @@ def _wait_all(requests: list, wait_s: float) -> bool:
 
 
 @contextmanager
-def abort_on_failure(env: RankEnv, *, notice_wait_s: float = 2.0) -> Iterator[None]:
+def abort_on_failure(env: RankEnv, *, notice_wait_s: float = 2.0, monitor: FailureMonitor | None = None) -> Iterator[None]:
     """Run a rank's main work; on any exception tell the other ranks and abort the whole MPI job.
 
     ``SystemExit(0)``/``SystemExit(None)`` pass through (a clean early exit). In a single process
-    (world 1, or no MPI) the exception propagates unchanged.
+    (world 1, or no MPI) the exception propagates unchanged. ``monitor``: this rank's running
+    :class:`FailureMonitor`; when the error looks like a lost connection, no peer of this node is gone and
+    the job spans nodes, it gets the time to name the lost ranks of another node first
+    (:meth:`FailureMonitor.await_remote_verdict`).
     """
     try:
         yield
@@ -215,6 +231,10 @@ def abort_on_failure(env: RankEnv, *, notice_wait_s: float = 2.0) -> Iterator[No
         while not gone and _looks_like_lost_peer(error) and time.monotonic() < deadline:
             time.sleep(0.05)
             gone = gone_peers(env)
+        if not gone and _looks_like_lost_peer(error) and monitor is not None and monitor.node_watch is not None:
+            _stderr(f"rank {env.rank}: a connection was lost and no rank of this node is gone: waiting up to "
+                    f"{monitor.node_watch.timeout_s:g} s for the heartbeats to name the lost ranks of another node")
+            monitor.await_remote_verdict()
         suspects = "".join(
             f"; rank {peer} (pid {env.peers[peer][1]} on {env.peers[peer][0]}) is no longer running: it failed first"
             for peer in gone
