@@ -37,6 +37,7 @@ import numpy as np
 
 from .layout import latent_frames_for
 from .store import RunStore, ensure_heartbeat_group, heartbeat_path, read_heartbeats, write_heartbeat
+from .store.lock import describe_holder, lock_status
 
 STALE_AFTER_INTERVALS = 2  # a heartbeat older than 2 intervals + STALE_GRACE_S: the rank stopped reporting
 STALE_GRACE_S = 5.0  # file-system latency and clock differences between nodes
@@ -329,6 +330,7 @@ def run_status(store, *, seams: bool = False) -> dict[str, Any]:
     status["progress"] = progress(store, status=status)
     status["state"] = status["progress"]["state"] or status["status"]
     status["timings"] = store.attrs.get("timings")
+    status["writer"] = lock_status(status["path"])  # the holder of the one-writer lock (None: no run writes it)
     if seams:
         from .metrics import seam_metric
 
@@ -392,6 +394,13 @@ def format_status(status: dict) -> str:
         last = min(r["age_s"] for r in p["earlier_ranks"])
         lines.append(f"earlier    {_ranks([r['rank'] for r in p['earlier_ranks']])} of an earlier attempt, "
                      f"last heard {_ago(last)} (not part of this run now)")
+    writer = status.get("writer")
+    if writer is not None:
+        held = describe_holder(writer) if writer.get("host") else "unreadable lock file"
+        stale = "; stale: its holder may be gone" if writer["stale"] else ""
+        lines.append(f"writer     {held}, lock refreshed {_ago(writer['refreshed_s_ago'])}{stale}")
+    elif status["status"] != "complete":
+        lines.append("writer     none (no run holds the store's lock)")
     seams = status.get("seams")
     if seams:
         overall = "n/a" if seams["overall"] is None else f"{seams['overall']:.3g}"

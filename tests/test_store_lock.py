@@ -41,9 +41,13 @@ def test_two_writers_on_one_output_the_second_is_refused_naming_the_holder(tmp_p
         assert held.held()  # the refused writer did not touch the lock ...
         # ... nor the store: not grown to 61 frames, markers and checkpoint as they were
         assert RunStore.open(path).status_dict() == before
-        status = cli("status", path, "--json")  # readers need no lock
+        status = cli("status", path, "--json")  # readers need no lock; they name the writer
         assert json.loads(status.stdout)["num_frames"] == before["num_frames"]
+        writer = json.loads(status.stdout)["writer"]
+        assert (writer["host"], writer["pid"], writer["stale"]) == (socket.gethostname(), os.getpid(), False)
+        assert f"writer     host {socket.gethostname()} pid {os.getpid()} since " in cli("status", path).stdout
     assert not lock_path(path).exists()
+    assert json.loads(cli("status", path, "--json").stdout)["writer"] is None
 
 
 def test_a_finished_run_leaves_no_lock_and_a_rerun_takes_it_again(tmp_path, tiny_test_run, tiny_test_arrays):

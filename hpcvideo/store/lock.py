@@ -111,6 +111,16 @@ def read_lock(store_path) -> dict | None:
     return _read(lock_path(store_path))[0]
 
 
+def lock_status(store_path) -> dict | None:
+    """Who holds the store's lock, for ``hpcvideo status``: the lock record (see the module doc; ``{}`` when the
+    file cannot be read) plus ``refreshed_s_ago`` (seconds since the holder last touched it) and ``stale``
+    (not touched for :data:`STALE_AFTER_S`: its holder on another node may be gone). None: no run holds it."""
+    record, age_s = _read(lock_path(store_path))
+    if age_s is None:
+        return None
+    return {**(record or {}), "refreshed_s_ago": age_s, "stale": age_s > STALE_AFTER_S}
+
+
 @dataclass
 class StoreLock:
     """A held lock (from :meth:`acquire`); :meth:`release` (or the context manager's exit) gives it back."""
