@@ -86,7 +86,8 @@ def validate_for_model(cfg: RunConfig, world_size: int, *, what: str = "", check
       not a preset's placeholder and is "tiny", "demo" or a diffusers folder; with ``check_store`` too:
       ``store.path`` is set and creatable (or an existing store);
     * the rank count against the strategy and the model (:func:`hpcvideo.layout.ranks_problem`);
-    * the model's JSON configs against the video shape and the rank count (:func:`model_problems`);
+    * the model's JSON configs against the video shape and the rank count (:func:`model_problems`), and
+      its ``*.safetensors`` files' headers against their sizes (a truncated copy is named);
     * with ``check_store``, an existing store: the same run (config identity) and not shortened;
     * with ``check_memory``, the memory plan against ``cluster.gpu_mem_gb`` when set (DualParal;
       :func:`hpcvideo.plan.check_fits`).
@@ -129,8 +130,13 @@ def validate_for_model(cfg: RunConfig, world_size: int, *, what: str = "", check
 
 
 def _model_problems(cfg: RunConfig, world_size: int, *, check_memory: bool) -> list[str]:
-    """The checks that read the model's JSON configs (no weights): shape, stage split, memory plan."""
-    problems = model_problems(cfg, model_info(cfg), world_size)
+    """The checks that read the model's JSON configs and the headers of its weight files (no weights): shape,
+    stage split, damaged ``*.safetensors`` files (:func:`hpcvideo.models.weights.weight_file_problems`), memory plan."""
+    from .models.weights import weight_file_problems
+
+    folder = model_folder(cfg)
+    problems = model_problems(cfg, model_info(cfg, folder), world_size)
+    problems += [f"model.path={str(folder)!r}: {problem}" for problem in weight_file_problems(folder)]
     if not check_memory or cfg.cluster.gpu_mem_gb is None:
         return problems
     from .plan import PLANNED

@@ -22,10 +22,12 @@ def test_a_truncated_safetensors_file_is_named_before_any_weights_load(tmp_path,
     with open(weights, "r+b") as handle:  # an interrupted copy: the first half only
         handle.truncate(size // 2)
     store = tmp_path / "run.zarr"
-    result = cli("generate", "tiny-test", "--output", store, "--set", f"model.path={model}", "--no-progress", check=False)
-    assert result.returncode == 2, result.stderr
-    assert f"{weights} is truncated: {size // 2} bytes, its header says {size}" in result.stderr
-    assert "Traceback" not in result.stderr and not store.exists() and not lock_path(store).exists()
+    for command in ("check", "generate"):  # check (and plan, submit, sbatch: the same validation) before any job
+        result = cli(command, "tiny-test", "--output", store, "--set", f"model.path={model}", "--no-progress"
+                     if command == "generate" else "--set=runtime.device=cpu", check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"{weights} is truncated: {size // 2} bytes, its header says {size}" in result.stderr
+        assert "Traceback" not in result.stderr and not store.exists() and not lock_path(store).exists()
 
 
 def test_rank_logs_of_a_rerun_are_appended_not_overwritten(tmp_path, monkeypatch):
