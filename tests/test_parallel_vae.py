@@ -1,0 +1,131 @@
+"""Patch-parallel Wan VAE decode (hpcvideo.parallel_vae) against the single-rank streaming decode.
+
+In-process: the ranks are threads, each with its own copy of a small random Wan2.1-style VAE (mid-block
+attention, temporal upsamplers, feature cache), exchanging rows through queues with the methods of
+``TorchComm`` (the torch.distributed path itself is run by bench/bench_vae_decode.py over gloo).
+"""
+
+import copy
+import queue
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from hpcvideo.decode import StreamingDecoder, to_uint8
+from hpcvideo.parallel_vae import PatchParallelDecoder, band_rows
+
+pytestmark = pytest.mark.unit
+
+
+class ThreadWorld:
+    def __init__(self, n):
+        self.n = n
+        self.queues = {(a, b): queue.Queue() for a in range(n) for b in range(n)}
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.slots = [None] * n
+
+
+class ThreadComm:
+    """TorchComm's methods for ranks that are threads of one process."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank, self.world_size = world, rank, world.n
+
+    def halo(self, x, p):
+        w, r = self.world, self.rank
+        shape = (*x.shape[:-2], p, x.shape[-1])
+        if r > 0:
+            w.queues[(r, r - 1)].put(x[..., :p, :].clone())
+        if r < w.n - 1:
+            w.queues[(r, r + 1)].put(x[..., -p:, :].clone())
+        above = w.queues[(r - 1, r)].get(timeout=60) if r > 0 else torch.zeros(shape, dtype=x.dtype)
+        below = w.queues[(r + 1, r)].get(timeout=60) if r < w.n - 1 else torch.zeros(shape, dtype=x.dtype)
+        return torch.cat([above, x, below], dim=-2)
+
+    def _gather(self, x, dim):
+        w = self.world
+        w.barrier.wait()
+        w.slots[self.rank] = x.clone()
+        w.barrier.wait()
+        whole = torch.cat(list(w.slots), dim=dim)
+        w.barrier.wait()
+        return whole
+
+    def allgather_rows(self, x, sizes):
+        assert x.shape[-2] == sizes[self.rank]
+        return self._gather(x, -2)
+
+    def gather_rows(self, x, sizes, *, dim):
+        whole = self._gather(x, dim)
+        return whole if self.rank == 0 else None
+
+
+def small_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                            temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                            latents_std=[1.0, 1.5, 2.0, 0.5]).eval()
+
+
+def run_ranks(vae, n, blocks, latent_height):
+    """Each rank's uint8 frames of each block (rank 0: whole frames) and its float band per block."""
+    world = ThreadWorld(n)
+    results, errors = [None] * n, []
+
+    def rank_main(rank):
+        try:
+            decoder = PatchParallelDecoder(copy.deepcopy(vae), ThreadComm(world, rank), latent_height=latent_height)
+            bands, frames = [], []
+            for block in blocks:
+                bands.append(decoder.decode_block(block))
+            decoder.reset()
+            for block in blocks:
+                frames.append(decoder.decode_block_uint8(block))
+            results[rank] = (bands, frames)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(error)
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_patch_parallel_equals_single_rank(n):
+    """Two blocks (the second continues the first's feature cache) on n ranks, 7 latent rows (uneven bands):
+    the float frames within 2e-6 of the single-rank stream, uint8 frames within 1 on at most 0.1% of values."""
+    vae = small_vae()
+    h, w = 7, 5
+    latents = torch.randn(1, 4, 5, h, w, generator=torch.Generator().manual_seed(1))
+    blocks = [latents[:, :, :2], latents[:, :, 2:]]
+    reference = StreamingDecoder(copy.deepcopy(vae))
+    expected = [reference.decode_block(block) for block in blocks]
+    results = run_ranks(vae, n, blocks, h)
+    for j, want in enumerate(expected):
+        whole = torch.cat([results[rank][0][j] for rank in range(n)], dim=-2)
+        assert whole.shape == want.shape  # (1, 3, 5 | 12, 56, 40)
+        assert (whole - want).abs().max().item() < 2e-6
+        got, want8 = results[0][1][j].astype(int), to_uint8(want).astype(int)
+        assert got.shape == want8.shape
+        assert np.abs(got - want8).max() <= 1 and (got != want8).mean() <= 1e-3
+        assert all(results[rank][1][j] is None for rank in range(1, n))
+    for rank in range(n):  # each rank holds its band only
+        r0, r1 = band_rows(h, n)[rank]
+        assert results[rank][0][1].shape[-2] == (r1 - r0) * 8
+
+
+def test_refusals():
+    """More ranks than latent rows is refused by name before any decode."""
+    with pytest.raises(ValueError, match="world_size=4"):
+        band_rows(3, 4)
+    assert band_rows(7, 3) == [(0, 3), (3, 5), (5, 7)]
