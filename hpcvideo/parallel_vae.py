@@ -266,7 +266,9 @@ class PatchParallelDecoder:
         r0, w)); returns (B, 3, f, (r1 - r0) * 8, W) float32 in [-1, 1] (f as
         :meth:`hpcvideo.decode.StreamingDecoder.decode_block`). Collective over the ranks."""
         r0, r1 = self.bounds[self.rank]
-        if latents.shape[-2] != r1 - r0 or self.world_size == 1:
+        if self.world_size == 1:  # the single-rank stream, unchanged
+            return self.stream.decode_block(latents)
+        if latents.shape[-2] != r1 - r0:
             latents = self.band(latents)
         with patched(self.stream.vae, self.comm, self.bounds, self.rank):
             return self.stream.decode_block(latents)
