@@ -35,6 +35,8 @@ by float rounding (measured max abs difference in ``tests/test_parallel_vae.py``
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 import types
 
 import numpy as np
@@ -42,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .decode import StreamingDecoder, to_uint8
+
+log = logging.getLogger("hpcvideo")
 
 HALO_TAG_DOWN = 0x5A1  # rows sent to rank + 1
 HALO_TAG_UP = 0x5A2  # rows sent to rank - 1
@@ -280,8 +284,8 @@ class PatchParallelDecoder:
         if self.world_size == 1:
             return frames
         sizes = [(b1 - b0) * self.row_factor for b0, b1 in self.bounds]
-        whole = self.comm.gather_rows(torch.from_numpy(frames), sizes, dim=1)
-        return None if whole is None else whole.numpy()
+        whole = self.comm.gather_rows(torch.from_numpy(frames).to(self.stream.device), sizes, dim=1)
+        return None if whole is None else whole.cpu().numpy()
 
     def state_dict(self) -> dict:
         """This rank's carry (its band's feature cache) and the band it covers."""
@@ -293,3 +297,147 @@ class PatchParallelDecoder:
             raise ValueError(f"patch-parallel decoder state for rank {state['rank']} of bands {state['bounds']}; "
                              f"this is rank {self.rank} of bands {self.bounds}")
         self.stream.load_state_dict(state["stream"])
+
+
+# ----------------------------------------------------------------------------------- the runner's sink
+
+SINK_STATE_KIND = "rows"
+BCAST_BLOCKS = 2  # blocks per broadcast of rank 0's pending blocks
+
+
+class PatchParallelSink:
+    """The runner's DualParal sink on every rank for ``runtime.vae_decode: rows``: every block is decoded by
+    all ranks together, each its band of rows (:class:`PatchParallelDecoder`), between ticks.
+
+    Schedule (no deadlock with the pipeline's messages): the runner calls :meth:`poll` on every rank after
+    every tick, in the same order; there rank 0 broadcasts the blocks that left the queue since the last
+    poll (``bcast_object``: their index and latents (1, C, n, h, w) float32, usually none), and every rank
+    decodes them in order (halo exchanges and gathers on a process group of their own, so they never mix
+    with the pipeline's messages); rank 0 gathers the uint8 frames and writes them with their done marker.
+    :meth:`finish` (every rank, after the last tick) does the same for the blocks drained at the end.
+
+    ``store``: the run store on rank 0 (None elsewhere); ``decoder``: this rank's :class:`PatchParallelDecoder`;
+    ``env``: :class:`hpcvideo.runtime.RankEnv`. Rank 0 writes a block's latents (and marker) in :meth:`submit`.
+
+    Checkpoints are rank 0's alone, while the carry is spread over the ranks: the state is the number of
+    blocks decoded and submitted (``{"kind": "rows", "blocks_decoded", "blocks_submitted"}``). A resume
+    rebuilds the carry by decoding again, on every rank, blocks 0 .. blocks_decoded - 1 from their stored
+    latents (their frames are not written again), then decodes the submitted blocks whose frames were not
+    written: the store ends as after an uninterrupted run, at the cost of decoding the video's earlier part
+    again once per resume. The rank-0 streaming sink's state (:class:`hpcvideo.decode.StreamingDecoder`'s)
+    is accepted too (the blocks it covers were written)."""
+
+    def __init__(self, store, decoder: PatchParallelDecoder, env, *, block_latent_frames: int, faults=None) -> None:
+        from .faults import NO_FAULTS
+
+        self.store, self.decoder, self.env = store, decoder, env
+        self.faults = NO_FAULTS if faults is None else faults
+        self.block_latent_frames = block_latent_frames
+        self.blocks_decoded = self.blocks_submitted = 0
+        self.decode_s = self.wait_s = self.write_s = self.bcast_s = 0.0
+        self.decode_blocks = self.replayed_blocks = 0
+        self._pending: list = []  # rank 0: (block_index, latents numpy, write frames?) not yet decoded
+
+    @property
+    def stats(self) -> dict:
+        return {"decode_s": round(self.decode_s, 4), "decode_blocks": self.decode_blocks,
+                "decode_replayed_blocks": self.replayed_blocks, "bcast_s": round(self.bcast_s, 4),
+                "write_s": round(self.write_s, 4), "sink_wait_s": round(self.wait_s, 4)}
+
+    def _write(self, kind: str, block_index: int, data) -> None:
+        start = time.perf_counter()
+        if kind == "latents":
+            self.store.write_block_latents(block_index, data)
+        else:
+            self.store.write_block_frames(block_index, data)
+        self.faults.fire(kind, block_index)
+        self.store.mark_done(kind, block_index)
+        self.write_s += time.perf_counter() - start
+
+    def submit(self, block_index: int, latents: torch.Tensor) -> None:
+        """Rank 0: block ``block_index`` left the queue (latents (1, C, n, h, w)): its latents are written now,
+        its frames at the next :meth:`poll` or :meth:`finish` (every rank decodes it)."""
+        latents = latents.detach().float().cpu()
+        self._write("latents", block_index, latents[0].permute(1, 0, 2, 3).numpy())
+        self.blocks_submitted = max(self.blocks_submitted, block_index + 1)
+        self._pending.append((block_index, latents.numpy(), True))
+
+    def poll(self) -> None:
+        """Every rank, after each tick: decode together the blocks rank 0 submitted since the last call (rank 0
+        broadcasts them a few at a time: memory independent of how many are pending)."""
+        from .runtime.control import bcast_object
+
+        while True:
+            start = time.perf_counter()
+            batch = None
+            if self.store is not None:
+                batch, self._pending = self._pending[:BCAST_BLOCKS], self._pending[BCAST_BLOCKS:]
+                batch = [(j, self._read_latents(j) if latents is None else latents, write) for j, latents, write in batch]
+            batch = bcast_object(self.env, batch)
+            self.bcast_s += time.perf_counter() - start
+            if not batch:
+                return
+            for block_index, latents, write in batch:
+                start = time.perf_counter()
+                frames = self.decoder.decode_block_uint8(torch.from_numpy(latents))
+                self.decode_s += time.perf_counter() - start
+                if not write:
+                    self.replayed_blocks += 1
+                    continue
+                self.decode_blocks += 1
+                self.blocks_decoded = max(self.blocks_decoded, block_index + 1)
+                if self.store is not None:
+                    self._write("frames", block_index, frames)
+
+    def _read_latents(self, block_index: int) -> np.ndarray:
+        """Rank 0: block ``block_index``'s stored latents as (1, C, n, h, w) float32."""
+        n = self.block_latent_frames
+        latents = np.asarray(self.store.read_latents(block_index * n, (block_index + 1) * n))  # (n, C, h, w)
+        return np.ascontiguousarray(latents.transpose(1, 0, 2, 3)[None], dtype=np.float32)
+
+    def flush(self) -> None:
+        """Rank 0 (before a checkpoint): every latents chunk submitted is on disk (written in :meth:`submit`);
+        frames not decoded yet are decoded after a resume (the state says which)."""
+
+    def finish(self) -> None:
+        """Every rank, after the last tick: decode the blocks still pending."""
+        self.poll()
+
+    def state_dict(self) -> dict:
+        return {"kind": SINK_STATE_KIND, "blocks_decoded": int(self.blocks_decoded),
+                "blocks_submitted": int(self.blocks_submitted)}
+
+    def load_state_dict(self, state) -> None:
+        """Rank 0, resuming: the blocks to decode again (carry only) and those whose frames are missing."""
+        if isinstance(state, dict) and state.get("kind") == SINK_STATE_KIND:
+            decoded, submitted = int(state["blocks_decoded"]), int(state["blocks_submitted"])
+        elif isinstance(state, dict) and "num_latent_frames_decoded" in state:  # the rank-0 stream's carry
+            decoded = submitted = int(state["num_latent_frames_decoded"]) // self.block_latent_frames
+        else:
+            raise ValueError(f"runtime.vae_decode=rows cannot resume from a decode state of kind "
+                             f"{state.get('kind') if isinstance(state, dict) else type(state).__name__!r}")
+        frames_done = self.store.done("frames")
+        # (index, latents read when broadcast, write its frames?): every block before the checkpoint's end
+        self._pending = [(j, None, j >= decoded and not frames_done[j]) for j in range(min(submitted, self.store.num_blocks))]
+        self.blocks_submitted, self.blocks_decoded = submitted, decoded  # a checkpoint before the replay says the same
+        if self._pending:
+            log.info("decoding blocks 0..%d again on every rank (the carry of a row-parallel decode is not "
+                     "checkpointed)", len(self._pending) - 1)
+
+    def close(self) -> None:
+        """Nothing runs in the background; a block not decoded is decoded after a resume."""
+        self._pending = []
+
+
+def make_patch_sink(ctx, vae):
+    """The DualParal sink of every rank for ``runtime.vae_decode: rows`` (world_size > 1): a
+    :class:`PatchParallelSink` over a process group of its own (collective: every rank builds it)."""
+    import torch.distributed as dist
+
+    env, cfg, info = ctx.env, ctx.cfg, ctx.info
+    scale = info["vae_scale_factor_spatial"]
+    group = dist.new_group(ranks=list(range(env.world_size)))
+    decoder = PatchParallelDecoder(vae, TorchComm(env.rank, env.world_size, group),
+                                   latent_height=cfg.video.height // scale, device=env.device)
+    return PatchParallelSink(ctx.store, decoder, env, block_latent_frames=cfg.strategy.block_latent_frames,
+                             faults=ctx.faults)

@@ -129,3 +129,42 @@ def test_refusals():
     with pytest.raises(ValueError, match="world_size=4"):
         band_rows(3, 4)
     assert band_rows(7, 3) == [(0, 3), (3, 5), (5, 7)]
+
+
+@pytest.mark.mpi
+@pytest.mark.e2e
+def test_rows_decode_killed_on_2_ranks_and_resumed_on_3_equals_the_1_rank_run(mpi_runs, tiny_test_arrays):
+    """tiny-test with ``runtime.vae_decode=rows``: killed at the start of tick 6 on 2 ranks (blocks 0-1 decoded
+    by both ranks together and written), resumed on 3 ranks (bands of 2, 1, 1 latent rows; blocks 0-1 decoded
+    again for the carry, not written): the latents bit-identical to the 1-rank run, the frames within 1."""
+    from tests.helpers import MPI_KILLED
+
+    assert MPI_KILLED["tiny-test-rows-killed-on-2"][1:] == (2, "tick:6", 3)
+    run = mpi_runs(3)["tiny-test-rows-killed-on-2"]
+    assert run["returncode"] == 0, run["stderr"]
+    assert run["killed"]["resume_tick"] == 6
+    from hpcvideo.store import RunStore
+
+    store = RunStore.open(run["path"])
+    latents, frames = store.read_latents(0, store.num_latent_frames), store.read_frames(0, store.num_frames)
+    ref_latents, ref_frames = tiny_test_arrays
+    assert np.array_equal(latents, ref_latents)
+    difference = np.abs(frames.astype(int) - ref_frames.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() <= 1e-3
+    stats = store.attrs["rank_stats"]
+    assert [(s["decode_blocks"], s["decode_replayed_blocks"]) for s in stats] == [(2, 2)] * 3
+
+
+def test_rows_decode_refused_outside_dualparal_wan(tmp_path):
+    """A value not allowed, and ``rows`` with Video-Infinity, are refused by key before any work (exit 2)."""
+    from tests.helpers import cli
+
+    out = tmp_path / "run.zarr"
+    result = cli("generate", "tiny-test", "--output", out, "--set", "runtime.vae_decode=columns", "--no-progress",
+                 check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runtime.vae_decode='columns' is not allowed; allowed: 'auto', 'rows'" in result.stderr
+    result = cli("generate", "tiny-vi-wan", "--output", out, "--set", "runtime.vae_decode=rows", "--no-progress",
+                 check=False)
+    assert result.returncode == 2 and "runtime.vae_decode='rows' with strategy.name='videoinfinity'" in result.stderr
+    assert not out.exists()
