@@ -62,13 +62,18 @@ class ThreadComm:
         return whole if self.rank == 0 else None
 
 
-def small_vae():
+def small_vae(kind="wan2.1"):
+    """A small random VAE with Wan2.1's layout, or Wan2.2's (residual up blocks, patch size 2: 16x spatial)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
+    extra = {}
+    if kind == "wan2.2":
+        extra = dict(decoder_base_dim=8, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                     scale_factor_spatial=16, scale_factor_temporal=4)
     return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
                             temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-                            latents_std=[1.0, 1.5, 2.0, 0.5]).eval()
+                            latents_std=[1.0, 1.5, 2.0, 0.5], **extra).eval()
 
 
 def run_ranks(vae, n, blocks, latent_height):
@@ -100,11 +105,12 @@ def run_ranks(vae, n, blocks, latent_height):
     return results
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_patch_parallel_equals_single_rank(n):
+@pytest.mark.parametrize("kind,n", [("wan2.1", 2), ("wan2.1", 3), ("wan2.2", 2)])
+def test_patch_parallel_equals_single_rank(kind, n):
     """Two blocks (the second continues the first's feature cache) on n ranks, 7 latent rows (uneven bands):
     the float frames within 2e-6 of the single-rank stream, uint8 frames within 1 on at most 0.1% of values."""
-    vae = small_vae()
+    vae = small_vae(kind)
+    factor = 16 if kind == "wan2.2" else 8
     h, w = 7, 5
     latents = torch.randn(1, 4, 5, h, w, generator=torch.Generator().manual_seed(1))
     blocks = [latents[:, :, :2], latents[:, :, 2:]]
@@ -113,7 +119,7 @@ def test_patch_parallel_equals_single_rank(n):
     results = run_ranks(vae, n, blocks, h)
     for j, want in enumerate(expected):
         whole = torch.cat([results[rank][0][j] for rank in range(n)], dim=-2)
-        assert whole.shape == want.shape  # (1, 3, 5 | 12, 56, 40)
+        assert whole.shape == want.shape == (1, 3, 5 if j == 0 else 12, h * factor, w * factor)
         assert (whole - want).abs().max().item() < 2e-6
         got, want8 = results[0][1][j].astype(int), to_uint8(want).astype(int)
         assert got.shape == want8.shape
@@ -121,7 +127,7 @@ def test_patch_parallel_equals_single_rank(n):
         assert all(results[rank][1][j] is None for rank in range(1, n))
     for rank in range(n):  # each rank holds its band only
         r0, r1 = band_rows(h, n)[rank]
-        assert results[rank][0][1].shape[-2] == (r1 - r0) * 8
+        assert results[rank][0][1].shape[-2] == (r1 - r0) * factor
 
 
 def test_refusals():
