@@ -69,6 +69,19 @@ def band_rows(num_rows: int, world_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def ranks_problem(cfg, world_size: int) -> str | None:
+    """None unless ``runtime.vae_decode`` is ``rows`` and ``world_size`` ranks cannot each get a latent row of
+    ``video.height`` (checked with the Wan2.1 VAE's 8x; the 16x of Wan2.2's is checked when the sink is built)."""
+    if getattr(cfg.runtime, "vae_decode", "auto") != "rows" or world_size <= 1:
+        return None
+    rows = cfg.video.height // 8
+    if rows < world_size:
+        return (f"runtime.vae_decode='rows' gives each rank a band of the {rows} latent rows of video.height="
+                f"{cfg.video.height}, but the job has {world_size} ranks; allowed: at most {rows} ranks, a taller "
+                "video, or runtime.vae_decode='auto'")
+    return None
+
+
 class TorchComm:
     """Neighbour exchange and gathers of rows (dim -2) over a torch.distributed group (gloo on CPU, NCCL on
     GPU). ``bounds``: every rank's band (:func:`band_rows`) at latent resolution; sizes at other resolutions

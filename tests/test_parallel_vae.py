@@ -162,7 +162,8 @@ def test_rows_decode_killed_on_2_ranks_and_resumed_on_3_equals_the_1_rank_run(mp
 
 
 def test_rows_decode_refused_outside_dualparal_wan(tmp_path):
-    """A value not allowed, and ``rows`` with Video-Infinity, are refused by key before any work (exit 2)."""
+    """A value not allowed, ``rows`` with Video-Infinity, and more ranks than latent rows are refused by key before
+    any work (exit 2)."""
     from tests.helpers import cli
 
     out = tmp_path / "run.zarr"
@@ -173,4 +174,8 @@ def test_rows_decode_refused_outside_dualparal_wan(tmp_path):
     result = cli("generate", "tiny-vi-wan", "--output", out, "--set", "runtime.vae_decode=rows", "--no-progress",
                  check=False)
     assert result.returncode == 2 and "runtime.vae_decode='rows' with strategy.name='videoinfinity'" in result.stderr
+    result = cli("generate", "tiny-test", "--output", out, "--ranks", 3, "--set", "video.height=16", "--set",
+                 "runtime.vae_decode=rows", "--no-progress", check=False)  # 2 latent rows for 3 ranks
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runtime.vae_decode='rows' gives each rank a band of the 2 latent rows" in result.stderr
     assert not out.exists()
