@@ -280,7 +280,8 @@ class PatchParallelDecoder:
     @torch.no_grad()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
         """The next block, this rank's rows: latents (B, z, n, h, w) whole (or already the band (B, z, n, r1 -
-        r0, w)); returns (B, 3, f, (r1 - r0) * 8, W) float32 in [-1, 1] (f as
+        r0, w)); returns (B, 3, f, (r1 - r0) * row_factor, W) float32 in [-1, 1] (row_factor 8 for Wan2.1, 16 for
+        Wan2.2's VAE; f as
         :meth:`hpcvideo.decode.StreamingDecoder.decode_block`). Collective over the ranks."""
         r0, r1 = self.bounds[self.rank]
         if self.world_size == 1:  # the single-rank stream, unchanged
