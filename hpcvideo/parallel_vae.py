@@ -69,12 +69,13 @@ def band_rows(num_rows: int, world_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def ranks_problem(cfg, world_size: int) -> str | None:
+def ranks_problem(cfg, world_size: int, spatial_factor: int = 8) -> str | None:
     """None unless ``runtime.vae_decode`` is ``rows`` and ``world_size`` ranks cannot each get a latent row of
-    ``video.height`` (checked with the Wan2.1 VAE's 8x; the 16x of Wan2.2's is checked when the sink is built)."""
+    ``video.height`` (``spatial_factor``: the VAE's spatial stride; 8 (Wan2.1) before the model's facts are
+    read, the model's own, e.g. Wan2.2 TI2V's 16, once they are)."""
     if getattr(cfg.runtime, "vae_decode", "auto") != "rows" or world_size <= 1:
         return None
-    rows = cfg.video.height // 8
+    rows = cfg.video.height // spatial_factor
     if rows < world_size:
         return (f"runtime.vae_decode='rows' gives each rank a band of the {rows} latent rows of video.height="
                 f"{cfg.video.height}, but the job has {world_size} ranks; allowed: at most {rows} ranks, a taller "

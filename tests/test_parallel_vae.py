@@ -131,10 +131,17 @@ def test_patch_parallel_equals_single_rank(kind, n):
 
 
 def test_refusals():
-    """More ranks than latent rows is refused by name before any decode."""
+    """More ranks than latent rows is refused by name before any decode; with the model's facts, at its own stride
+    (Wan2.2 TI2V's VAE: 16x)."""
+    from hpcvideo.config import load_config
+    from hpcvideo.parallel_vae import ranks_problem
+
     with pytest.raises(ValueError, match="world_size=4"):
         band_rows(3, 4)
     assert band_rows(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    cfg = load_config("tiny-test", overrides=["runtime.vae_decode=rows", "store.path=unused.zarr"])  # height 32
+    assert ranks_problem(cfg, 4) is None and ranks_problem(cfg, 2, 16) is None
+    assert "the 2 latent rows of video.height=32, but the job has 3 ranks" in ranks_problem(cfg, 3, 16)
 
 
 @pytest.mark.mpi

@@ -108,6 +108,10 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
     from ...models.experts import expert_problems  # sampling.guidance_scale_2 needs two experts
 
     problems += expert_problems(cfg, info)
+    from ...parallel_vae import ranks_problem as rows_ranks_problem  # runtime.vae_decode=rows, the VAE's stride
+
+    if info["vae_scale_factor_spatial"] > 8 and rows_ranks_problem(cfg, world_size, info["vae_scale_factor_spatial"]):
+        problems.append(rows_ranks_problem(cfg, world_size, info["vae_scale_factor_spatial"]))
 
     problem = cfg_ranks_problem(cfg, world_size)
     if problem:
