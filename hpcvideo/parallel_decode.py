@@ -346,6 +346,10 @@ def make_sink(ctx, vae):
     else rank 0's streaming :class:`hpcvideo.writer.BlockSink` (None on the other ranks). ``vae``: this
     rank's VAE (every rank loads it: the answer is the same everywhere, computed from the same weights)."""
     env, cfg = ctx.env, ctx.cfg
+    if getattr(cfg.runtime, "vae_decode", "auto") == "rows" and env.world_size > 1:
+        from .parallel_vae import make_patch_sink  # every rank decodes a band of rows of every block
+
+        return make_patch_sink(ctx, vae)
     if is_chunk_local(vae):
         info = ctx.info
         scale = info["vae_scale_factor_spatial"]

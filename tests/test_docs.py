@@ -103,6 +103,7 @@ NOT_RUN: dict[str, str] = {
     "python bench/report.py --quick": "benchmark report: about 30 minutes",
     "python bench/bench_real_arch.py": "benchmark: minutes and about 9 GB (the 1.3B architecture on CPU)",
     "python bench/bench_cfg_parallel.py": "benchmark: 2-3 minutes (2 ranks, alternating runs)",
+    "python bench/bench_vae_decode.py --latent-frames 1": "benchmark: minutes and several GB (Wan2.1's VAE at 480x832)",
     "python bench/gpu_check.py": "needs a GPU to measure; its no-GPU exit is tested in tests/test_plan.py",
 }
 

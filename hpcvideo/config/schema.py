@@ -173,6 +173,10 @@ class RuntimeConfig:
     # classifier-free guidance's cond and uncond branches on two halves of the ranks (each a full pipeline
     # of world_size / 2 stages; stage_layers then splits one half): 2x the ranks on one video, same bits
     cfg_parallel: bool = False
+    # DualParal's VAE decode with several ranks: "auto" (blocks spread over the ranks for a chunk-local VAE, else
+    # rank 0 streams them) | "rows" (every rank decodes a band of rows of every block: memory per rank ~1/N of a
+    # frame's activations; uint8 frames within 1 of the single-rank decode)
+    vae_decode: str = "auto"
     # seconds a rank waits on a peer (torch.distributed timeout) before it gives up and the job is
     # aborted: covers a hung, not a dead, peer (a dead one is noticed at once). Must exceed the
     # longest pause of one rank between messages (rank 0: checkpoint + decode flush).

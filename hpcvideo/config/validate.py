@@ -128,6 +128,12 @@ def _check_values(cfg: RunConfig, bad: set[str]) -> list[str]:
     positive("store.heartbeat_every_s", cfg.store.heartbeat_every_s)
 
     one_of("runtime.device", cfg.runtime.device, DEVICES)
+    one_of("runtime.vae_decode", cfg.runtime.vae_decode, ("auto", "rows"))
+    if ok("runtime.vae_decode") and cfg.runtime.vae_decode == "rows" and (
+            cfg.strategy.name != "dualparal" or cfg.model.family != "wan"):
+        fail("runtime.vae_decode", f"runtime.vae_decode='rows' with strategy.name={cfg.strategy.name!r} and "
+             f"model.family={cfg.model.family!r}: the row-parallel decode is for DualParal on the wan family's "
+             "causal VAE; allowed: 'auto'")
     at_least("runtime.num_threads", cfg.runtime.num_threads, 0)
     positive("runtime.timeout_s", cfg.runtime.timeout_s)
     positive("runtime.heartbeat_timeout_s", cfg.runtime.heartbeat_timeout_s)

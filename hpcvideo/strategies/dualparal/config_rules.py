@@ -50,6 +50,11 @@ def ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> st
     problem = cfg_ranks_problem(cfg, world_size)
     if problem:
         return problem
+    from ...parallel_vae import ranks_problem as rows_ranks_problem
+
+    problem = rows_ranks_problem(cfg, world_size)
+    if problem:
+        return problem
     problem = _pipeline_ranks_problem(cfg, group_size(cfg, world_size), num_layers)
     if problem and cfg.runtime.cfg_parallel:
         problem += f" (runtime.cfg_parallel=true: each half of the {world_size} ranks is one pipeline)"
@@ -103,6 +108,10 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
     from ...models.experts import expert_problems  # sampling.guidance_scale_2 needs two experts
 
     problems += expert_problems(cfg, info)
+    from ...parallel_vae import ranks_problem as rows_ranks_problem  # runtime.vae_decode=rows, the VAE's stride
+
+    if info["vae_scale_factor_spatial"] > 8 and rows_ranks_problem(cfg, world_size, info["vae_scale_factor_spatial"]):
+        problems.append(rows_ranks_problem(cfg, world_size, info["vae_scale_factor_spatial"]))
 
     problem = cfg_ranks_problem(cfg, world_size)
     if problem:
