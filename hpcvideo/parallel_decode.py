@@ -302,7 +302,9 @@ class SpreadBlockSink:
         """Rank 0, resuming: decode again the blocks the checkpoint covers whose frames were not written
         (they were being decoded on another rank). A streaming sink's state (decoder carry) needs nothing:
         that sink wrote every frame before its checkpoint."""
-        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+        from .parallel_vae import SINK_STATE_KIND as ROWS_KIND  # a row-parallel sink's state: the same count
+
+        if not isinstance(state, dict) or state.get("kind") not in (STATE_KIND, ROWS_KIND):
             return
         store = self.store
         covered = min(int(state["blocks_submitted"]), store.num_blocks)

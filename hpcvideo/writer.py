@@ -18,16 +18,20 @@ raised again on the next submit/flush/close.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from .decode import StreamingDecoder, to_uint8
 from .faults import NO_FAULTS, FaultPlan
 from .store import RunStore
+
+log = logging.getLogger("hpcvideo")
 
 
 class BlockSink:
@@ -116,7 +120,29 @@ class BlockSink:
         return self.decoder.state_dict()
 
     def load_state_dict(self, state) -> None:
-        self.decoder.load_state_dict(state)
+        """Continue from a checkpoint's sink state: the streaming decoder's carry, or the state of a row-parallel
+        sink (the run was checkpointed with ``runtime.vae_decode: rows``, which keeps no carry on rank 0): then
+        the blocks that checkpoint covers are decoded again from their stored latents, in order, to rebuild the
+        carry, and the frames of those whose frames are not done are written."""
+        from .parallel_vae import SINK_STATE_KIND
+
+        if not (isinstance(state, dict) and state.get("kind") == SINK_STATE_KIND):
+            self.decoder.load_state_dict(state)
+            return
+        store, n = self.store, self.store.block_latent_frames
+        frames_done = store.done("frames")
+        covered = min(int(state["blocks_submitted"]), store.num_blocks)
+        for j in range(covered):
+            latents = torch.from_numpy(np.asarray(store.read_latents(j * n, (j + 1) * n)))  # (n, C, h, w)
+            frames = self._decode(latents.permute(1, 0, 2, 3).unsqueeze(0).float())
+            if not frames_done[j]:
+                start = time.perf_counter()
+                store.write_block_frames(j, frames)
+                store.mark_done("frames", j)
+                self.write_s += time.perf_counter() - start
+        if covered:
+            log.info("decoded blocks 0..%d again from their stored latents (the run was checkpointed with "
+                     "runtime.vae_decode=rows, which keeps no decoder carry on rank 0)", covered - 1)
 
     def finish(self) -> None:
         """Everything submitted is on disk (nothing waits for the end of the run here)."""

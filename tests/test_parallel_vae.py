@@ -186,3 +186,32 @@ def test_rows_decode_refused_outside_dualparal_wan(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "runtime.vae_decode='rows' gives each rank a band of the 2 latent rows" in result.stderr
     assert not out.exists()
+
+
+def test_a_run_checkpointed_with_rows_resumes_with_the_rank_0_stream(tmp_path, tiny_test_run, tiny_test_arrays,
+                                                                      tiny_model_dir):
+    """A store checkpointed under ``runtime.vae_decode: rows`` (no decoder carry on rank 0) resumed with the default
+    decode: rank 0's streaming sink decodes the covered blocks again from their stored latents (the carry), writes
+    the frames not done, and then continues exactly as the uninterrupted single-rank stream."""
+    from hpcvideo.decode import StreamingDecoder
+    from diffusers import AutoencoderKLWan
+    from hpcvideo.store import RunStore
+    from hpcvideo.writer import BlockSink
+    from tests.helpers import copy_store
+
+    store = RunStore.open(copy_store(tiny_test_run, tmp_path / "run.zarr"), mode="r+")
+    store.clear_done("frames", [1])  # block 1 was denoised (latents on disk) but not decoded at the checkpoint
+    vae = AutoencoderKLWan.from_pretrained(tiny_model_dir, subfolder="vae", local_files_only=True)
+    sink = BlockSink(store, StreamingDecoder(vae, device="cpu"))
+    sink.load_state_dict({"kind": "rows", "blocks_decoded": 1, "blocks_submitted": 2})
+    n = store.block_latent_frames
+    reference = StreamingDecoder(vae, device="cpu")
+    for j in range(2):
+        reference.decode_block(torch.from_numpy(np.asarray(store.read_latents(j * n, (j + 1) * n))).permute(1, 0, 2, 3)[None])
+    carried, expected = sink.decoder.state_dict(), reference.state_dict()
+    assert carried["num_latent_frames_decoded"] == expected["num_latent_frames_decoded"] == 2 * n
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+               for a, b in zip(carried["feat_cache"], expected["feat_cache"], strict=True))
+    sink.close()
+    assert store.done("frames")[1]
+    assert np.array_equal(store.read_frames(0, store.num_frames), tiny_test_arrays[1])
