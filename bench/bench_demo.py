@@ -286,10 +286,13 @@ def part_videoinfinity(out_dir: Path, seeds=(0, 1, 2), runs=None) -> dict:
             per_seed[seed] = {"wall_s": round(wall, 1), "seams": seams(store), "motion": prompt_motion(store)}
         values = [r["seams"]["normalised"] for r in per_seed.values() if r["seams"]["normalised"] is not None]
         right = [int(r["motion"]["segments_moving_the_prompted_way"].split("/")[0]) for r in per_seed.values()]
+        travel = [g["travel_px"] for r in per_seed.values() for g in r["motion"]["segments"] if g["travel_px"] is not None]
         report[name] = {"options": list(options),
                         "normalised_mean": round(float(np.mean(values)), 4) if values else None,
                         "normalised": [round(v, 4) for v in values],
-                        "segments_moving_the_prompted_way": right, "seeds": per_seed}
+                        "segments_moving_the_prompted_way": right,
+                        # mean travel of the red centroid along the prompted direction per prompt segment (px)
+                        "travel_px_mean": round(float(np.mean(travel)), 2) if travel else None, "seeds": per_seed}
     return report
 
 
