@@ -218,7 +218,11 @@ MPI_RUNS = {
     4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
         "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
         "tiny-vi-wan-independent": ["tiny-vi-wan", "--set", "strategy.sync_clips=false"],  # test_videoinfinity_run.py
-        "tiny-vi-unet3d": ["tiny-vi-unet3d"],  # test_golden_hashes.py
+        # test_golden_hashes.py: the Video-Infinity presets' former switch (raw t >= 500, own frame lowered: VI_FORMER)
+        "tiny-vi-wan-former": ["tiny-vi-wan", "--set", "strategy.switch_fraction=null", "--set",
+                               "strategy.switch_timestep=500", "--set", "strategy.exempt_own_frame=false"],
+        "tiny-vi-unet3d-former": ["tiny-vi-unet3d", "--set", "strategy.switch_fraction=null", "--set",
+                                  "strategy.switch_timestep=500", "--set", "strategy.exempt_own_frame=false"],
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
 # Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker), before the

@@ -74,7 +74,7 @@ NOT_RUN: dict[str, str] = {
     "hpcvideo train-demo --output runs/demo-model": "trains the demo model: about an hour on one CPU thread",
     "hpcvideo generate demo-cpu --set model.path=runs/demo-model --output runs/demo-retrained.zarr":
         "needs the model the hour-long train-demo command writes",
-    "python bench/bench_demo.py": "benchmark: about 9 minutes",
+    "python bench/bench_demo.py": "benchmark: tens of minutes (every part generates its videos afresh)",
     f"hpcvideo check wan2.1-t2v-1.3b {MODEL} --ranks 4": CHECKPOINT,
     f"hpcvideo plan wan2.1-t2v-1.3b {MODEL} --set cluster.gpu_mem_gb=80": CHECKPOINT,
     f"hpcvideo submit wan2.1-t2v-1.3b {MODEL} --output runs/long.zarr": f"{CLUSTER}; {CHECKPOINT}",

@@ -7,7 +7,10 @@ was restructured, must stay bit-identical (sha256 of the decoded arrays, not of 
   earlier settings (blocks of 4, context 2, no feature cache) are pinned by explicit --set values: the preset
   now runs blocks of 2 with the feature cache.
 * tiny-vi-wan and tiny-vi-unet3d on 4 ranks: Video-Infinity, one clip per rank (Wan: rank 0 decodes all
-  clips with the causal VAE; UNet3D: each rank decodes its own clip).
+  clips with the causal VAE; UNet3D: each rank decodes its own clip). The presets' earlier switch (global phase
+  while t >= 500, the query frame's own tokens lowered with the other local keys) is pinned by explicit --set
+  values (VI_FORMER): the presets now switch after half of the steps and exempt the own frame. These are also
+  the settings a store made before strategy.switch_fraction existed resumes with (hpcvideo.config.identity).
 
 A change that alters any of these numbers changes what users get: record new hashes only when that is
 the intent, and say why in the commit.
@@ -25,6 +28,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.mpi]
 
 DEMO_PINNED = ("--frames", "61", "--set", "strategy.block_latent_frames=4", "--set", "strategy.context_latent_frames=2",
                "--set", "strategy.feature_cache=false")
+VI_FORMER = ("--set", "strategy.switch_fraction=null", "--set", "strategy.switch_timestep=500", "--set",
+             "strategy.exempt_own_frame=false")
 # (preset, ranks, extra CLI args) -> (sha256 of latents, sha256 of frames, latents shape, frames shape)
 GOLDEN = {
     ("demo-cpu", 1, DEMO_PINNED): (
@@ -35,11 +40,11 @@ GOLDEN = {
         "ffcb61405013dabb0125ac0f08eba2990eb7a2154c07cfb4a63a06880e003c73",
         "52e4e4a2818a1ccd40f3a587d9422297b2ed5bfb12bcd3593d845362ccb8e414",
         [16, 16, 8, 8], [61, 64, 64, 3]),
-    ("tiny-vi-wan", 4, ()): (
+    ("tiny-vi-wan", 4, VI_FORMER): (
         "cddf30712e173fdeadaab506423378db4da4e5b69594d8bcea7a1c9d2b7e8bfc",
         "fe001fb6956235b40b2363b9eb7337b67ce870444a78428798ebe5f37414bc2d",
         [8, 4, 4, 4], [29, 32, 32, 3]),
-    ("tiny-vi-unet3d", 4, ()): (
+    ("tiny-vi-unet3d", 4, VI_FORMER): (
         "d9d1d441d3e68a577b27d05fcb26402b745f6993b11d71f99c42fb3c910ae6f0",
         "97f275f872511750d07ce597d9bc24e08f5332a9c56c762ae63b2004134237af",
         [16, 4, 8, 8], [16, 64, 64, 3]),
@@ -48,8 +53,8 @@ GOLDEN = {
 
 # The multi-rank runs are the session's shared launches (tests/conftest.py mpi_runs: one `mpiexec -n K` per world
 # size runs `hpcvideo generate` for each of tests.helpers.MPI_RUNS[K], these among them, with OMP_NUM_THREADS=1).
-SHARED_RUNS = {("demo-cpu", 2, DEMO_PINNED): "demo-cpu-61-frames", ("tiny-vi-wan", 4, ()): "tiny-vi-wan",
-               ("tiny-vi-unet3d", 4, ()): "tiny-vi-unet3d"}
+SHARED_RUNS = {("demo-cpu", 2, DEMO_PINNED): "demo-cpu-61-frames", ("tiny-vi-wan", 4, VI_FORMER): "tiny-vi-wan-former",
+               ("tiny-vi-unet3d", 4, VI_FORMER): "tiny-vi-unet3d-former"}
 
 
 def _generate(path, preset, ranks, args, forker, mpi_runs):

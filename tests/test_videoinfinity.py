@@ -56,6 +56,9 @@ def test_frame_mask_matches_the_definition():
     queries, local = range(4, 6), range(3, 7)
     inf = float("-inf")
     early = frame_mask(queries, local, 2, scope, "global", device="cpu", dtype=torch.float32)
+    assert early.tolist() == [[0, 10, 0, inf, 10, 10], [inf, 0, 10, 0, 10, 10]]  # own frame (4, 5) exempt
+    released = DualScope(local_frames=1, global_frames=2, switch_timestep=800, global_bias=10.0, exempt_own_frame=False)
+    early = frame_mask(queries, local, 2, released, "global", device="cpu", dtype=torch.float32)
     assert early.tolist() == [[0, 0, 0, inf, 10, 10], [inf, 0, 0, 0, 10, 10]]
     late = frame_mask(queries, local, 2, scope, "local", device="cpu", dtype=torch.float32)
     assert late.tolist() == [[10, 10, 10, inf, 0, 0], [inf, 10, 10, 10, 0, 0]]
@@ -76,10 +79,10 @@ def test_dual_scope_temporal_attention_matches_a_dense_definition(models):
 
     unet = models["unet3d"]
     attn = next(m for m in unet.modules() if isinstance(m, TransformerTemporalModel)).transformer_blocks[0].attn1
-    scope = DualScope(local_frames=1, global_frames=2, switch_timestep=500.0, global_bias=3.0)
     x = torch.randn(3, 6, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))  # (N, T, C)
     comm = ClipComm(ClipLayout(rank=0, world_size=1, clip_frames=6))
-    for timestep in (900.0, 100.0):
+    for timestep, exempt in ((900.0, True), (900.0, False), (100.0, True)):
+        scope = DualScope(local_frames=1, global_frames=2, switch_timestep=500.0, global_bias=3.0, exempt_own_frame=exempt)
         with patched(unet, "unet3d", comm=comm, scope=scope):
             unet._video_infinity[0].timestep = timestep
             got = attn(x)
@@ -89,7 +92,8 @@ def test_dual_scope_temporal_attention_matches_a_dense_definition(models):
         rows = []
         for f in range(6):
             keys = [j for j in range(6) if abs(j - f) <= 1]
-            bias = [3.0 if timestep < 500 else 0.0] * len(keys) + [3.0 if timestep >= 500 else 0.0] * len(glob)
+            own = 3.0 if timestep < 500 or exempt else 0.0  # the query frame's own key
+            bias = [own if j == f else 3.0 if timestep < 500 else 0.0 for j in keys] + [3.0 if timestep >= 500 else 0.0] * len(glob)
             kk, vv = k[:, keys + glob], v[:, keys + glob]  # (N, K, heads, d)
             logits = torch.einsum("nhd,nkhd->nhk", q[:, f], kk) / d**0.5 + torch.tensor(bias)
             rows.append(torch.einsum("nhk,nkhd->nhd", logits.softmax(-1), vv).reshape(3, heads * d))
@@ -165,7 +169,13 @@ def test_config_rules_for_clips():
     assert cfg.strategy.clip_latent_frames == 4 and resolve_config(derived, 2).strategy.clip_latent_frames == 8
     assert (cfg.num_latent_frames, cfg.num_blocks, cfg.block_first_frame(2)) == (16, 4, 8)  # per-frame VAE
     assert [cfg.prompt_index_for_block(r) for r in range(4)] == [0, 0, 1, 1]  # clip r's prompt
-    assert scope_of(cfg) == DualScope(local_frames=2, global_frames=4, switch_timestep=500.0, global_bias=10.0)
+    # the first round(0.5 * 4) = 2 of DDIM's steps global: the switch between their timesteps
+    assert scope_of(cfg, torch.tensor([751, 501, 251, 1])) == DualScope(local_frames=2, global_frames=4,
+                                                                        switch_timestep=376.0, global_bias=10.0)
+    released = load_config("tiny-vi-unet3d", ["strategy.switch_fraction=null", "strategy.switch_timestep=500",
+                                              "strategy.exempt_own_frame=false"], check_paths=False)
+    assert scope_of(released, [751, 501, 251, 1]) == DualScope(local_frames=2, global_frames=4, switch_timestep=500.0,
+                                                               global_bias=10.0, exempt_own_frame=False)
     wan = resolve_config(load_config("tiny-vi-wan", check_paths=False), 4)
     assert (wan.num_latent_frames, wan.num_blocks) == (8, 4)
     # any frame count: the clips cover the video (the last one may reach past it)

@@ -11,6 +11,24 @@ IDENTITY_IGNORED = ("video.num_frames", "store", "runtime", "cluster", "model.te
 """Keys that may differ between a run store and the command that resumes or extends it."""
 
 
+PREDATED = {"videoinfinity": {"strategy": {"switch_fraction": None, "exempt_own_frame": False}}}
+"""Per ``strategy.name``: keys added after stores of that strategy were made whose default is not what such a
+store ran with, and the value it ran with (a Video-Infinity store made before ``strategy.switch_fraction``
+switched at ``strategy.switch_timestep`` and lowered the query frame's own tokens in the global phase). Such a
+store resumes with those values (and the same bits) and is refused with the new defaults."""
+
+
+def store_defaults(store_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """What a key absent from ``store_config`` (a stored run config) means: ``defaults`` (a nested dict, e.g.
+    ``RunConfig().to_dict()``) with the :data:`PREDATED` values of the store's strategy."""
+    out = copy.deepcopy(dict(defaults))
+    strategy = store_config.get("strategy") if isinstance(store_config, Mapping) else None
+    name = strategy.get("name", out.get("strategy", {}).get("name")) if isinstance(strategy, Mapping) else None
+    for section, values in PREDATED.get(name, {}).items():
+        out[section] = {**out.get(section, {}), **values}
+    return out
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -144,7 +144,15 @@ class StrategyConfig:
     clip_latent_frames: int | None = None
     local_frames: int = 8  # frames each side of a query frame in its local attention window (paper: 8 + 8)
     global_frames: int = 16  # frames in the global set shared by all ranks (paper: 16); 0 = none
-    switch_timestep: float = 800.0  # t >= this: global keys favoured by global_bias; below: local keys (paper: 800)
+    # the global phase (global keys favoured by global_bias; then the local ones) as a fraction of the denoising
+    # steps: the first round(fraction * num_inference_steps) steps (halves round up), the same share on any schedule
+    # (shifted flow matching, DDIM, DPM-Solver); paper: t >= 800 of 30 steps from t = 999 = the first 6 = 0.2.
+    # null: switch at the raw timestep switch_timestep instead (the released code's form)
+    switch_fraction: float | None = 0.2
+    switch_timestep: float = 800.0  # with switch_fraction null only: t >= this is the global phase (paper: 800)
+    # the query frame's own tokens keep the favoured bias in the global phase; false: the released code, whose
+    # global bias also lowers them (on Wan: the frame's own spatial tokens)
+    exempt_own_frame: bool = True
     global_bias: float = 10.0  # logit bias of the favoured scope (paper: 10)
     sync_clips: bool = True  # false: every rank denoises its clip as a video of its own (no halos, global set or
     #                          shared GroupNorm statistics): the independent-clips baseline for seam comparisons

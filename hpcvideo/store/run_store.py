@@ -17,6 +17,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from ..config import RunConfig, config_diff
+from ..config.identity import store_defaults
 from .base import (DONE_KINDS, PARTIAL_RE, RESERVED_ATTRS, STATUSES, VAE_TEMPORAL_STRIDE, ConfigMismatchError,
                    StoreError, block_frame_range, check_num_frames, normalise_config, num_frames_for, positive_int)
 from .checkpoints import CheckpointsMixin
@@ -182,7 +183,7 @@ class RunStore(CheckpointsMixin, TicksMixin, IntegrityMixin, VerifyMixin):
         ``ignore``: dotted keys (a key ignores its whole subtree) not compared, e.g. output paths.
         """
         # keys added to the config after this store was made compare with their defaults
-        defaults = normalise_config(RunConfig().to_dict())
+        defaults = store_defaults(self._attrs["config"], normalise_config(RunConfig().to_dict()))
         diff = config_diff(self._attrs["config"], normalise_config(config), ignore, defaults=defaults)
         if diff:
             raise ConfigMismatchError(self._path, diff)

@@ -49,14 +49,19 @@ class DualScope:
 
     ``local_frames``: frames each side of a query frame in its local window (the paper's "padding"
     P = 8, so |N_a| = 16); ``global_frames``: size G of the global set shared by all ranks;
-    ``switch_timestep``: at timesteps >= it the global keys get ``global_bias`` added to their
-    logits, below it the local keys do (paper: t = 800, bias 10). With G = 0 no bias is applied.
+    ``switch_timestep``: at timesteps >= it (the global phase) the global keys get ``global_bias``
+    added to their logits, below it the local keys do (paper: t = 800, bias 10; a share of the steps
+    becomes a threshold with :func:`.masks.switch_timestep_for`; +inf: never global, -inf: always).
+    ``exempt_own_frame``: in the global phase the query frame's own key frame (on Wan: its own
+    spatial tokens) gets ``global_bias`` as well, instead of being lowered with the other local keys
+    as in the released code (False). With G = 0 no bias is applied.
     """
 
     local_frames: int = 8
     global_frames: int = 16
     switch_timestep: float = 800.0
     global_bias: float = 10.0
+    exempt_own_frame: bool = True
 
     def exact(self, num_frames: int) -> bool:
         """True when this is "exact mode" for a video of ``num_frames``: the window covers it all, no global set."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ...config.schema import MODEL_FAMILIES as _ALL_FAMILIES, STRATEGIES
+from ...config.schema import MODEL_FAMILIES as _ALL_FAMILIES, STRATEGIES, StrategyConfig
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -37,6 +37,17 @@ def check(cfg: RunConfig, ok: Callable[..., bool], fail: Callable[[str, str], No
             fail(f"strategy.{key}", f"strategy.{key}={value!r} is out of range; allowed: >= {low}{extra}")
     if ok("strategy.global_bias") and st.global_bias < 0:
         fail("strategy.global_bias", f"strategy.global_bias={st.global_bias!r} is out of range; allowed: >= 0")
+    fraction = st.switch_fraction
+    if ok("strategy.switch_fraction") and fraction is not None and not 0.0 <= fraction <= 1.0:
+        fail("strategy.switch_fraction", f"strategy.switch_fraction={fraction!r} is out of range; allowed: 0 to 1 "
+                                         "(the share of the steps in the global phase), or null (switch at "
+                                         "strategy.switch_timestep)")
+    default_t = StrategyConfig.__dataclass_fields__["switch_timestep"].default
+    if ok("strategy.switch_timestep", "strategy.switch_fraction") and fraction is not None and st.switch_timestep != default_t:
+        fail("strategy.switch_timestep", f"strategy.switch_timestep={st.switch_timestep!r} takes effect only with "
+                                         f"strategy.switch_fraction=null (now {fraction!r}); allowed: "
+                                         f"strategy.switch_fraction=null to switch at this raw timestep, or "
+                                         f"strategy.switch_timestep left at {default_t!r}")
 
 
 def ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None = None) -> str | None:

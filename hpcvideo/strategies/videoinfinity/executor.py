@@ -26,6 +26,7 @@ the same for any split. Prompts: clip r takes the prompt of its first frame (pro
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -39,13 +40,21 @@ from ...schedulers import fresh_copy, load_scheduler_state, scheduler_state
 from ..base import BuildContext, StrategySpec
 from .clips import ClipComm, ClipLayout, DualScope
 from .config_rules import model_problems
+from .masks import switch_timestep_for
 from .reference import patch_functions
 
 
-def scope_of(cfg) -> DualScope:
+def scope_of(cfg, timesteps=None) -> DualScope:
+    """The :class:`.clips.DualScope` of ``cfg.strategy``. ``timesteps``: the run's schedule (the scheduler's
+    timesteps in step order), which turns ``strategy.switch_fraction`` into a raw-timestep threshold
+    (:func:`.masks.switch_timestep_for`); None where only shapes matter (the plan's dry run): then a fraction
+    gives the local phase throughout. With ``switch_fraction`` null the threshold is ``strategy.switch_timestep``."""
     s = cfg.strategy
-    return DualScope(local_frames=s.local_frames, global_frames=s.global_frames,
-                     switch_timestep=s.switch_timestep, global_bias=s.global_bias)
+    switch = s.switch_timestep
+    if s.switch_fraction is not None:
+        switch = switch_timestep_for(s.switch_fraction, timesteps) if timesteps is not None else math.inf
+    return DualScope(local_frames=s.local_frames, global_frames=s.global_frames, switch_timestep=switch,
+                     global_bias=s.global_bias, exempt_own_frame=s.exempt_own_frame)
 
 
 class ClipExecutor:
@@ -195,7 +204,7 @@ class VideoInfinitySpec(StrategySpec):
             negative_prompt_embeds=ctx.negative_prompt_embeds, guidance_scale=cfg.sampling.guidance_scale,
             dtype=ctx.dtype, layout=layout,
             comm=ClipComm(layout, sync=cfg.strategy.sync_clips),  # sync_clips false: independent clips (baseline)
-            scope=scope_of(cfg), models=components.models, experts=family.experts(info),
+            scope=scope_of(cfg, template.timesteps), models=components.models, experts=family.experts(info),
             guidance_scale_2=cfg.sampling.guidance_scale_2, expand_timesteps=info.get("expand_timesteps", False),
             condition=frame_condition(cfg, info, components.vae if layout.start == 0 else None, env.device),
         )

@@ -13,7 +13,8 @@ self-attention of every block (``blocks[i].attn1``) talks to other ranks:
 * a query token of frame f attends to local frames |f - k| <= local_frames and to all global
   frames: query frames are grouped by their key range, one ``dispatch_attention_fn`` call (SDPA)
   per group, so no token-level mask exists; the timestep bias is a (keys,) vector built once per
-  layout and phase.
+  layout and phase. In the global phase with ``exempt_own_frame`` the query frame's own tokens keep
+  the favoured bias, so the bias differs per query frame: there every group is one query frame.
 
 Rotary positions (Wan's 3-D RoPE; its frame axis gets a position per frame, rows/columns unchanged):
 
@@ -79,12 +80,13 @@ class _WanState:
             self.rope[key] = tuple(tables)
         return self.rope[key]
 
-    def plan(self, num_left: int, num_right: int, num_global: int):
+    def plan(self, num_left: int, num_right: int, num_global: int, per_frame: bool = False):
         """Rotary positions and query groups of one layout: (query positions, local key positions,
-        groups); a group is (q0, q1, a, b, global positions): clip-relative query frames [q0, q1)
+        groups); a group is (q0, q1, a, b, global positions, own): clip-relative query frames [q0, q1)
         that see local key frames [a, b) (indices into the local keys) and the global set at the
-        given positions."""
-        key = (num_left, num_right, num_global)
+        given positions; ``per_frame``: one query frame per group, ``own`` its index among the
+        group's local keys (else None)."""
+        key = (num_left, num_right, num_global, per_frame)
         if key not in self.plans:
             layout, width = self.comm.layout, self.scope.local_frames
             lo, hi = layout.start - num_left, layout.stop + num_right  # local key frames [lo, hi)
@@ -95,11 +97,11 @@ class _WanState:
             for f in range(layout.start, layout.stop):
                 a, b = max(lo, f - width), min(hi, f + width + 1)
                 q = f - layout.start
-                if groups and groups[-1][2:4] == [a - lo, b - lo]:
+                if not per_frame and groups and groups[-1][2:4] == [a - lo, b - lo]:
                     groups[-1][1] = q + 1
                 else:
                     global_pos = tuple(a - num_global + i + offset for i in range(num_global))
-                    groups.append([q, q + 1, a - lo, b - lo, global_pos])
+                    groups.append([q, q + 1, a - lo, b - lo, global_pos, f - a if per_frame else None])
             self.plans[key] = (query_pos, local_pos, [tuple(g) for g in groups])
         return self.plans[key]
 
@@ -148,22 +150,26 @@ class DualScopeWanAttnProcessor:
         num_local = local.shape[1]
         key, global_key = key[:, :num_local], key[:, num_local:]  # global keys: rotated per group below
         value, global_value = value[:, :num_local], value[:, num_local:]
-        query_pos, local_pos, groups = state.plan(num_left, num_right, num_global)
-        query = apply_rotary_emb(query, *state.rotary(query_pos))
-        key = apply_rotary_emb(key, *state.rotary(local_pos))
-
-        mask = None
+        mask, per_frame = None, False
         if num_global:
             favoured = phase(scope, state.timestep)
             bias_global = scope.global_bias if favoured == "global" else 0.0
             bias_local = scope.global_bias if favoured == "local" else 0.0
-        outs = []
-        for q0, q1, a, b, global_pos in groups:
+            # global phase: the query frame's own tokens keep the favoured bias, so it differs per query frame
+            per_frame = scope.exempt_own_frame and favoured == "global" and bias_global != 0.0
+        query_pos, local_pos, groups = state.plan(num_left, num_right, num_global, per_frame)
+        query = apply_rotary_emb(query, *state.rotary(query_pos))
+        key = apply_rotary_emb(key, *state.rotary(local_pos))
+
+        outs, rotated = [], {}
+        for q0, q1, a, b, global_pos, own in groups:
             k, v = key[:, a * hw : b * hw], value[:, a * hw : b * hw]
             if num_global:
-                k = torch.cat([apply_rotary_emb(global_key, *state.rotary(global_pos)), k], dim=1)
+                if global_pos not in rotated:  # the global keys at the positions before this window
+                    rotated[global_pos] = apply_rotary_emb(global_key, *state.rotary(global_pos))
+                k = torch.cat([rotated[global_pos], k], dim=1)
                 v = torch.cat([global_value, v], dim=1)
-                mask = self._bias(global_key.shape[1], k.shape[1] - global_key.shape[1], bias_global, bias_local, query)
+                mask = self._bias(hw, num_global, b - a, own, bias_global, bias_local, query)
             outs.append(dispatch_attention_fn(
                 query[:, q0 * hw : q1 * hw], k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                 backend=getattr(self.stock, "_attention_backend", None),
@@ -171,11 +177,17 @@ class DualScopeWanAttnProcessor:
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _bias(self, num_global: int, num_local: int, bias_global: float, bias_local: float, like: torch.Tensor):
+    def _bias(self, hw: int, num_global: int, num_local: int, own: int | None, bias_global: float, bias_local: float,
+              like: torch.Tensor):
+        """(1, 1, 1, keys) logit bias of keys [global frames..., local frames...], hw tokens each; local frame
+        ``own`` (the query frame itself, or None) gets ``bias_global``."""
         cache = self.state.plans
-        key = ("bias", num_global, num_local, bias_global, bias_local, like.dtype, like.device)
+        key = ("bias", hw, num_global, num_local, own, bias_global, bias_local, like.dtype, like.device)
         if key not in cache:
-            bias = torch.cat([torch.full((num_global,), bias_global), torch.full((num_local,), bias_local)])
+            frames = torch.tensor([bias_global] * num_global + [bias_local] * num_local)
+            if own is not None:
+                frames[num_global + own] = bias_global
+            bias = frames.repeat_interleave(hw)
             cache[key] = bias.to(device=like.device, dtype=like.dtype).view(1, 1, 1, -1)  # (1, 1, 1, keys)
         return cache[key]
 
