@@ -194,8 +194,8 @@ def copy_store(source: Path, target: Path) -> Path:
 
 # ------------------------------------------------------------------------- the shared MPI launches (conftest)
 
-# What each world size's one mpiexec launch of tests/mpi/scenarios.py runs
-# (OUT, UNET3D, WAN, WAN22: filled in by conftest.mpi_world).
+# The scenarios of tests/mpi/scenarios.py that each world size's one shared mpiexec launch runs first (conftest.mpi_launches)
+# (OUT, UNET3D, WAN, WAN22: filled in by conftest.mpi_launches).
 MPI_SCENARIOS = {
     2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}", "experts:{out}:{wan22}"],
     3: ["exchange", "preempt:0:3", "preempt:2:3"],

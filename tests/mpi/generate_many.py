@@ -1,8 +1,10 @@
 """Under mpiexec -n K: several ``hpcvideo generate`` runs one after the other in one launch (one interpreter and
 one torch import per rank for all of them).
 
-``python -m tests.mpi.generate_many REPORT.json ARGV_JSON [ARGV_JSON ...]``: each ARGV_JSON is a JSON list of CLI
-arguments (``["generate", "tiny-test", "--output", ...]``). Every rank runs ``hpcvideo.cli.main(argv)`` for each
+``python -m tests.mpi.generate_many REPORT.json [--scenario SCENARIO ...] ARGV_JSON [ARGV_JSON ...]``: each ARGV_JSON
+is a JSON list of CLI arguments (``["generate", "tiny-test", "--output", ...]``). Every rank first runs the
+scenarios of tests/mpi/scenarios.py given with ``--scenario`` (in order, in a rank environment of their own; rank 0
+prints their ``SCENARIO`` lines to stdout, as scenarios.py does), then ``hpcvideo.cli.main(argv)`` for each ARGV_JSON
 in order (a ``SystemExit`` of a rank that is told to stop counts as its exit code); rank 0 rewrites REPORT.json
 after each run with a list of ``{"argv", "returncode", "stdout", "stderr"}`` (rank 0's output of that run).
 Runs that end the job (faults) do not belong here: they have a launch of their own.
@@ -17,9 +19,13 @@ import sys
 from mpi4py import MPI
 
 
-def main(report_path: str, argvs: list[list[str]]) -> int:
+def main(report_path: str, argvs: list[list[str]], scenarios: list[str] = ()) -> int:
     from hpcvideo.cli import main as cli_main
 
+    if scenarios:
+        from tests.mpi.scenarios import main as run_scenarios
+
+        run_scenarios(list(scenarios))
     comm = MPI.COMM_WORLD
     reports = []
     for argv in argvs:
@@ -47,5 +53,17 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
+def parse(args: list[str]) -> tuple[str, list[list[str]], list[str]]:
+    """(REPORT.json, argvs, scenarios) of the command line."""
+    report, rest, argvs, scenarios = args[0], list(args[1:]), [], []
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--scenario":
+            scenarios.append(rest.pop(0))
+        else:
+            argvs.append(json.loads(arg))
+    return report, argvs, scenarios
+
+
 if __name__ == "__main__":
-    leave(main(sys.argv[1], [json.loads(a) for a in sys.argv[2:]]))
+    leave(main(*parse(sys.argv[1:])))
