@@ -96,9 +96,10 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
     :data:`tests.helpers.MPI_KILLED` of that world size (one interpreter and torch import per rank for all).
     A dict: "runs" (what ``mpi_runs(K)`` returns) and "world" (what ``mpi_world(K)`` returns)."""
     from hpcvideo.store import RunStore
-    from tests.helpers import MPI_KILLED, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, mpi_cli, mpirun_script
+    from tests.helpers import MPI_KILLED, MPI_KILLED_LAST, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli, mpirun_script
 
     launches: dict[int, dict] = {}
+    ended: dict[str, dict] = {}  # a run of MPI_KILLED_LAST, once the launch it ended is over: "path", "killed"
 
     def kill(args: list[str], num_ranks: int, fault: str, path) -> dict:
         argv = ["generate", args[0], "--output", path, "--no-progress", *args[1:]]
@@ -106,6 +107,9 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
             result = forker.run(*argv, fault=fault, check=False)
         else:
             result = mpi_cli(num_ranks, *argv, fault=fault, check=False, timeout=120)
+        return after_kill(result, path)
+
+    def after_kill(result: Result, path) -> dict:
         logs = "".join(p.read_text() for p in sorted(path.parent.joinpath(f"{path.name}.logs").glob("*.log")))
         store = RunStore.open(path) if RunStore.exists(path) else None
         state = store.load_state("resume") if store is not None else None
@@ -116,13 +120,18 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
         if MPIEXEC is None:
             pytest.skip("no mpiexec (pip install mpich)")
         if num_ranks not in launches:
+            for name, (_, ranks, _, resume) in MPI_KILLED.items():
+                if resume == num_ranks and name in MPI_KILLED_LAST:  # killed at the end of the launch of its ranks
+                    launch(ranks)
             folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
             todo = dict(MPI_RUNS.get(num_ranks, {}))
             todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items() if resume == num_ranks})
-            paths = {name: folder / name / "run.zarr" for name in todo}
-            for path in paths.values():
-                path.parent.mkdir()
-            killed = {name: kill(args, ranks, fault, paths[name])
+            paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr" for name in todo}
+            last = [name for name, (_, ranks, _, _) in MPI_KILLED.items() if ranks == num_ranks and name in MPI_KILLED_LAST]
+            assert len(last) <= 1, last
+            for name in [*(n for n in todo if n not in ended), *last]:
+                paths.setdefault(name, folder / name / "run.zarr").parent.mkdir()
+            killed = {name: ended[name]["killed"] if name in ended else kill(args, ranks, fault, paths[name])
                       for name, (args, ranks, fault, resume) in MPI_KILLED.items() if resume == num_ranks}
             out = folder / "vi_forward.pt"
             scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
@@ -131,10 +140,18 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
                      for name, args in todo.items()]
             report = folder / "report.json"
             flags = [arg for scenario in scenarios for arg in ("--scenario", scenario)]
-            result, _ = mpirun_script(num_ranks, "generate_many.py", str(report), *flags, *argvs, timeout_s=600)
-            assert result.returncode == 0, result.stdout + result.stderr
+            for name in last:
+                args, _, fault, _ = MPI_KILLED[name]
+                flags += ["--last-with-fault", fault,
+                          json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])]
+            result, wall_s = mpirun_script(num_ranks, "generate_many.py", str(report), *flags, *argvs, timeout_s=600)
+            for name in last:  # its kill ended the launch, after every other run
+                assert result.returncode != 0, result.stdout + result.stderr
+                ended[name] = {"path": paths[name], "killed": after_kill(
+                    Result(result.returncode, result.stdout, result.stderr, wall_s, result.args), paths[name])}
+            assert result.returncode == 0 or last, result.stdout + result.stderr
             reports = json.loads(report.read_text()) if todo else []
-            assert len(reports) == len(paths), result.stdout + result.stderr
+            assert len(reports) == len(todo), result.stdout + result.stderr
             world = {"result": result}
             for line in result.stdout.splitlines():
                 if line.startswith("SCENARIO "):
@@ -144,7 +161,7 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
             assert all((s.split(":")[0] if s.startswith(("vi_forward", "experts")) else s) in world for s in scenarios), \
                 result.stdout
             runs = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
-                    for name, r in zip(paths, reports)}
+                    for name, r in zip(todo, reports)}
             launches[num_ranks] = {"runs": runs, "world": world}
         return launches[num_ranks]
 

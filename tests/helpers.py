@@ -221,8 +221,9 @@ MPI_RUNS = {
         "tiny-vi-unet3d": ["tiny-vi-unet3d"],  # test_golden_hashes.py
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
-# Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker), before the
-# launch of the world size ``resume_ranks``, which resumes them with the same arguments as its other runs.
+# Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker; or, those of
+# MPI_KILLED_LAST, at the end of a shared launch), before the launch of the world size ``resume_ranks``, which
+# resumes them with the same arguments as its other runs.
 MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume)
     "tiny-test-killed-on-3": (["tiny-test"], 3, "tick:3", 2),  # test_pipeline.py: another number of ranks
     "tiny-test-killed-on-1": (["tiny-test"], 1, "tick:4", 4),
@@ -234,6 +235,10 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
                                  "strategy.feature_cache=false", "--set", "store.checkpoint_every_ticks=1"], 2, "tick:14",
                                 2),  # test_parallel_decode.py: blocks 0-2 left the queue, rank 1 decodes block 1
 }
+# Killed runs whose kill is the last run of the shared launch of their own number of ranks (with its fault set for that
+# run alone; the kill ends the launch) instead of a launch of their own: that shared launch then comes before the
+# launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.)
+MPI_KILLED_LAST = {"tiny-test-killed-on-3"}
 
 
 
