@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
-from tests.helpers import MPI_KILLED, cli, cli_signalled, needs_mpiexec, store_arrays
+from tests.helpers import MPI_KILLED, cli, cli_signalled, cli_subprocess, needs_mpiexec, store_arrays
 
 pytestmark = pytest.mark.e2e  # the multi-rank ones are also marked mpi
 
@@ -112,12 +112,11 @@ def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     single = ("--set", "sampling.prompt=a red ball rolling on grass")  # one prompt: clips of any size agree
     ok(run("tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
-    # the README's command (run in this process: --ranks 2 starts mpiexec itself, the ranks are processes of their own;
-    # tests/test_docs.py runs it as a process of its own); the clip length is derived (16 / 2 = 8)
+    # the README's command (a process of its own): --ranks 2 starts mpiexec itself; the clip length is derived (16 / 2 = 8)
     readme = ("generate", "tiny-vi-unet3d", "--no-progress", "--output", two, "--ranks", 2, *single)
-    ok(cli(*readme, check=False))
+    ok(cli_subprocess(*readme, check=False))
     assert RunStore.open(two).config["strategy"]["clip_latent_frames"] == 8  # the store records the derived value
-    ok(cli(*readme, check=False))  # the same command again: nothing to do
+    ok(cli_subprocess(*readme, check=False))  # the same command again: nothing to do
     (l1, f1), (l2, f2) = arrays(one), arrays(two)
     assert l1.shape == (16, 4, 8, 8) and f1.shape == (16, 64, 64, 3)
     np.testing.assert_allclose(l2, l1, atol=2e-4, rtol=0)
