@@ -284,6 +284,24 @@ class Forker:
         result = Result(code, out.read_text(), err.read_text(), time.monotonic() - start, argv)
         return _check(result, check)
 
+    def start(self, *args, env: dict[str, str] | None = None) -> int:
+        """``hpcvideo ARGS`` in a fresh fork, not waited for: returns the child's pid at once (to be killed from
+        outside, as a user or a scheduler would). Call :meth:`wait_started` before anything else uses the forker."""
+        environ = dict(os.environ) if env is None else dict(env)
+        environ.pop("HPCVIDEO_FAULT", None)
+        environ.setdefault("PYTHONPATH", str(ROOT))
+        self._count += 1
+        out, err = self._dir / f"{self._count}.out", self._dir / f"{self._count}.err"
+        request = {"argv": [str(a) for a in args], "env": environ, "cwd": os.getcwd(), "stdout": str(out),
+                   "stderr": str(err)}
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        return json.loads(self._readline(60))["pid"]
+
+    def wait_started(self, timeout: float = 300) -> int:
+        """The exit status of the child :meth:`start` forked (negative: killed by that signal)."""
+        return json.loads(self._readline(timeout))["returncode"]
+
     def _readline(self, timeout: float) -> str:
         line = self._lines.get(timeout=timeout)  # queue.Empty after timeout
         if not line:
