@@ -89,17 +89,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, forker):
-    """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED`
-    finished on K ranks, every run of a world size done by one ``mpiexec -n K python tests/mpi/generate_many.py ...``
-    launch per session (a killed run: after its own kill launch, which comes first): a dict
-    with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
-    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
-    and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""
+def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
+    """``mpi_launches(K)``: the one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per world size and
+    session behind :func:`mpi_runs` and :func:`mpi_world`, made at the first use of either: it runs the scenarios
+    of :data:`tests.helpers.MPI_SCENARIOS` first, then every run of :data:`tests.helpers.MPI_RUNS` and the resumes of
+    :data:`tests.helpers.MPI_KILLED` of that world size (one interpreter and torch import per rank for all).
+    A dict: "runs" (what ``mpi_runs(K)`` returns) and "world" (what ``mpi_world(K)`` returns)."""
     from hpcvideo.store import RunStore
-    from tests.helpers import MPI_KILLED, MPI_RUNS, MPIEXEC, mpi_cli, mpirun_script
+    from tests.helpers import MPI_KILLED, MPI_KILLED_LAST, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli, mpirun_script
 
     launches: dict[int, dict] = {}
+    ended: dict[str, dict] = {}  # a run of MPI_KILLED_LAST, once the launch it ended is over: "path", "killed"
 
     def kill(args: list[str], num_ranks: int, fault: str, path) -> dict:
         argv = ["generate", args[0], "--output", path, "--no-progress", *args[1:]]
@@ -107,36 +107,76 @@ def mpi_runs(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, forker):
             result = forker.run(*argv, fault=fault, check=False)
         else:
             result = mpi_cli(num_ranks, *argv, fault=fault, check=False, timeout=120)
+        return after_kill(result, path)
+
+    def after_kill(result: Result, path) -> dict:
         logs = "".join(p.read_text() for p in sorted(path.parent.joinpath(f"{path.name}.logs").glob("*.log")))
         store = RunStore.open(path) if RunStore.exists(path) else None
         state = store.load_state("resume") if store is not None else None
         return {"result": result, "logs": logs, "status": store.status_dict() if store is not None else None,
                 "resume_tick": state[1]["tick"] if state is not None else None}
 
-    def runs(num_ranks: int) -> dict:
+    def launch(num_ranks: int) -> dict:
         if MPIEXEC is None:
             pytest.skip("no mpiexec (pip install mpich)")
         if num_ranks not in launches:
+            for name, (_, ranks, _, resume) in MPI_KILLED.items():
+                if resume == num_ranks and name in MPI_KILLED_LAST:  # killed at the end of the launch of its ranks
+                    launch(ranks)
             folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
-            todo = dict(MPI_RUNS[num_ranks])
+            todo = dict(MPI_RUNS.get(num_ranks, {}))
             todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items() if resume == num_ranks})
-            paths = {name: folder / name / "run.zarr" for name in todo}
-            for path in paths.values():
-                path.parent.mkdir()
-            killed = {name: kill(args, ranks, fault, paths[name])
+            paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr" for name in todo}
+            last = [name for name, (_, ranks, _, _) in MPI_KILLED.items() if ranks == num_ranks and name in MPI_KILLED_LAST]
+            assert len(last) <= 1, last
+            for name in [*(n for n in todo if n not in ended), *last]:
+                paths.setdefault(name, folder / name / "run.zarr").parent.mkdir()
+            killed = {name: ended[name]["killed"] if name in ended else kill(args, ranks, fault, paths[name])
                       for name, (args, ranks, fault, resume) in MPI_KILLED.items() if resume == num_ranks}
+            out = folder / "vi_forward.pt"
+            scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
+                         for s in MPI_SCENARIOS.get(num_ranks, [])]
             argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
                      for name, args in todo.items()]
             report = folder / "report.json"
-            result, _ = mpirun_script(num_ranks, "generate_many.py", str(report), *argvs, timeout_s=600)
-            assert result.returncode == 0, result.stdout + result.stderr
-            reports = json.loads(report.read_text())
-            assert len(reports) == len(paths), result.stdout + result.stderr
-            launches[num_ranks] = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
-                                   for name, r in zip(paths, reports)}
+            flags = [arg for scenario in scenarios for arg in ("--scenario", scenario)]
+            for name in last:
+                args, _, fault, _ = MPI_KILLED[name]
+                flags += ["--last-with-fault", fault,
+                          json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])]
+            result, wall_s = mpirun_script(num_ranks, "generate_many.py", str(report), *flags, *argvs, timeout_s=600)
+            for name in last:  # its kill ended the launch, after every other run
+                assert result.returncode != 0, result.stdout + result.stderr
+                ended[name] = {"path": paths[name], "killed": after_kill(
+                    Result(result.returncode, result.stdout, result.stderr, wall_s, result.args), paths[name])}
+            assert result.returncode == 0 or last, result.stdout + result.stderr
+            reports = json.loads(report.read_text()) if todo else []
+            assert len(reports) == len(todo), result.stdout + result.stderr
+            world = {"result": result}
+            for line in result.stdout.splitlines():
+                if line.startswith("SCENARIO "):
+                    _, scenario, answer = line.split(" ", 2)
+                    name = scenario.split(":")[0] if scenario.startswith(("vi_forward:", "experts:")) else scenario
+                    world[name] = out if name == "vi_forward" else json.loads(answer)
+            assert all((s.split(":")[0] if s.startswith(("vi_forward", "experts")) else s) in world for s in scenarios), \
+                result.stdout
+            runs = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
+                    for name, r in zip(todo, reports)}
+            launches[num_ranks] = {"runs": runs, "world": world}
         return launches[num_ranks]
 
-    return runs
+    return launch
+
+
+@pytest.fixture(scope="session")
+def mpi_runs(mpi_launches):
+    """``mpi_runs(K)[name]``: the run ``name`` of :data:`tests.helpers.MPI_RUNS` or :data:`tests.helpers.MPI_KILLED`
+    finished on K ranks, every run of a world size done by the one launch of that world size (:func:`mpi_launches`;
+    a killed run: after its own kill launch, which comes first): a dict
+    with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
+    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
+    and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""
+    return lambda num_ranks: mpi_launches(num_ranks)["runs"]
 
 
 @pytest.fixture(scope="session")
@@ -148,34 +188,10 @@ def two_rank_run(mpi_runs):
 
 
 @pytest.fixture(scope="session")
-def mpi_world(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir):
-    """``mpi_world(K)``: the outcome of one ``mpiexec -n K python tests/mpi/scenarios.py ...`` launch per world size
-    and session (tests/test_runtime.py, test_preempt.py and test_videoinfinity.py read it): a dict with the
-    CompletedProcess ("result"), rank 0's report per scenario name ("exchange", "preempt:0:3", ...) and the
-    path of the Video-Infinity forward results ("vi_forward", a torch.save file) where that scenario ran, and the
-    two-expert runs' store paths ("experts")."""
-    from tests.helpers import MPI_SCENARIOS, MPIEXEC, mpirun_script
-
-    worlds: dict[int, dict] = {}
-
-    def world(num_ranks: int) -> dict:
-        if MPIEXEC is None:
-            pytest.skip("no mpiexec (pip install mpich)")
-        if num_ranks not in worlds:
-            out = tmp_path_factory.mktemp(f"mpi-world-{num_ranks}") / "vi_forward.pt"
-            scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
-                         for s in MPI_SCENARIOS[num_ranks]]
-            result, _ = mpirun_script(num_ranks, "scenarios.py", *scenarios, timeout_s=300)
-            assert result.returncode == 0, result.stdout + result.stderr
-            reports = {"result": result}
-            for line in result.stdout.splitlines():
-                if line.startswith("SCENARIO "):
-                    _, scenario, report = line.split(" ", 2)
-                    name = scenario.split(":")[0] if scenario.startswith(("vi_forward:", "experts:")) else scenario
-                    reports[name] = out if name == "vi_forward" else json.loads(report)
-            assert all((s.split(":")[0] if s.startswith(("vi_forward", "experts")) else s) in reports for s in scenarios), \
-                result.stdout
-            worlds[num_ranks] = reports
-        return worlds[num_ranks]
-
-    return world
+def mpi_world(mpi_launches):
+    """``mpi_world(K)``: the scenarios of the one launch per world size and session (:func:`mpi_launches`:
+    ``tests/mpi/scenarios.py``'s scenarios run first in it; tests/test_runtime.py, test_preempt.py and
+    test_videoinfinity.py read them): a dict with the CompletedProcess ("result"), rank 0's report per scenario
+    name ("exchange", "preempt:0:3", ...) and the path of the Video-Infinity forward results ("vi_forward", a
+    torch.save file) where that scenario ran, and the two-expert runs' store paths ("experts")."""
+    return lambda num_ranks: mpi_launches(num_ranks)["world"]

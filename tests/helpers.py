@@ -194,8 +194,8 @@ def copy_store(source: Path, target: Path) -> Path:
 
 # ------------------------------------------------------------------------- the shared MPI launches (conftest)
 
-# What each world size's one mpiexec launch of tests/mpi/scenarios.py runs
-# (OUT, UNET3D, WAN, WAN22: filled in by conftest.mpi_world).
+# The scenarios of tests/mpi/scenarios.py that each world size's one shared mpiexec launch runs first (conftest.mpi_launches)
+# (OUT, UNET3D, WAN, WAN22: filled in by conftest.mpi_launches).
 MPI_SCENARIOS = {
     2: ["exchange", "vi_forward:{out}:{unet3d}:{wan}", "experts:{out}:{wan22}"],
     3: ["exchange", "preempt:0:3", "preempt:2:3"],
@@ -225,8 +225,9 @@ MPI_RUNS = {
                                   "strategy.switch_timestep=500", "--set", "strategy.exempt_own_frame=false"],
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
-# Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker), before the
-# launch of the world size ``resume_ranks``, which resumes them with the same arguments as its other runs.
+# Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker; or, those of
+# MPI_KILLED_LAST, at the end of a shared launch), before the launch of the world size ``resume_ranks``, which
+# resumes them with the same arguments as its other runs.
 MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume)
     "tiny-test-killed-on-3": (["tiny-test"], 3, "tick:3", 2),  # test_pipeline.py: another number of ranks
     "tiny-test-killed-on-1": (["tiny-test"], 1, "tick:4", 4),
@@ -240,6 +241,10 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
     # test_parallel_vae.py: the row-parallel decode, blocks 0-1 written; the resume on 3 ranks decodes them again
     "tiny-test-rows-killed-on-2": (["tiny-test", "--set", "runtime.vae_decode=rows"], 2, "tick:6", 3),
 }
+# Killed runs whose kill is the last run of the shared launch of their own number of ranks (with its fault set for that
+# run alone; the kill ends the launch) instead of a launch of their own: that shared launch then comes before the
+# launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.)
+MPI_KILLED_LAST = {"tiny-test-killed-on-3"}
 
 
 
@@ -284,6 +289,24 @@ class Forker:
             raise AssertionError(f"hpcvideo {argv} did not end within {timeout} s:\n{out.read_text()}\n{err.read_text()}")
         result = Result(code, out.read_text(), err.read_text(), time.monotonic() - start, argv)
         return _check(result, check)
+
+    def start(self, *args, env: dict[str, str] | None = None) -> int:
+        """``hpcvideo ARGS`` in a fresh fork, not waited for: returns the child's pid at once (to be killed from
+        outside, as a user or a scheduler would). Call :meth:`wait_started` before anything else uses the forker."""
+        environ = dict(os.environ) if env is None else dict(env)
+        environ.pop("HPCVIDEO_FAULT", None)
+        environ.setdefault("PYTHONPATH", str(ROOT))
+        self._count += 1
+        out, err = self._dir / f"{self._count}.out", self._dir / f"{self._count}.err"
+        request = {"argv": [str(a) for a in args], "env": environ, "cwd": os.getcwd(), "stdout": str(out),
+                   "stderr": str(err)}
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        return json.loads(self._readline(60))["pid"]
+
+    def wait_started(self, timeout: float = 300) -> int:
+        """The exit status of the child :meth:`start` forked (negative: killed by that signal)."""
+        return json.loads(self._readline(timeout))["returncode"]
 
     def _readline(self, timeout: float) -> str:
         line = self._lines.get(timeout=timeout)  # queue.Empty after timeout

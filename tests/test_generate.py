@@ -1,9 +1,9 @@
 """The main job end to end: parity with diffusers, resume after SIGKILL, extension, refusals, CLI."""
 
+import contextlib
 import json
+import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -61,21 +61,31 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_test_arrays, f
     assert_same_run(path, tiny_test_arrays)
 
 
-def test_resume_after_external_sigkill_while_running(tmp_path):
-    """Kill from outside at an arbitrary moment once the run has checkpointed; twice in a row."""
+def running(pid: int) -> bool:
+    """Whether process ``pid`` (a child of the forker's worker, which reaps it at once) has not ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_resume_after_external_sigkill_while_running(tmp_path, forker):
+    """Kill from outside at an arbitrary moment once the run has checkpointed; twice in a row. (The run: a fork of
+    the pre-imported worker, a process of its own, SIGKILLed by this process.)"""
     path = tmp_path / "run.zarr"
-    args = [sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output", str(path),
-            "--set", "video.num_frames=61"]  # 16 latent frames = 8 blocks: a longer run to hit
+    args = ["generate", "tiny-test", "--output", str(path), "--set", "video.num_frames=61"]  # 16 latent frames = 8 blocks: a longer run to hit
     for _ in range(2):
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+        pid = forker.start(*args, env=clean_env())
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
+        while time.monotonic() < deadline and running(pid):
             if RunStore.exists(path) and RunStore.open(path).status_dict()["last_checkpoint_tick"] is not None:
                 break
             time.sleep(0.05)
         time.sleep(0.3)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        with contextlib.suppress(ProcessLookupError):  # a run that ended first is not killed (nor was it before)
+            os.kill(pid, signal.SIGKILL)
+        forker.wait_started()
     cli("generate", "tiny-test", "--output", path, "--frames", 61)
     uninterrupted = tmp_path / "uninterrupted.zarr"
     cli("generate", "tiny-test", "--output", uninterrupted, "--frames", 61)

@@ -1,5 +1,6 @@
 """notebooks/inspect_run.ipynb runs top to bottom (nbclient) against a tiny run and a just-created store,
-with the kernel started in notebooks/ as Jupyter does."""
+with the kernel started in notebooks/ as Jupyter does (the just-created store, named by a path relative to the
+repository root, is executed once and read by two tests)."""
 
 from __future__ import annotations
 
@@ -58,32 +59,40 @@ def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, tiny_test_run):
     assert outputs(by_source["return_frame_diff"], "image/png")
 
 
-def test_notebook_on_a_store_with_nothing_done_yet(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def run_named_from_notebooks(tmp_path_factory):
+    """The notebook executed once, as Jupyter runs it from notebooks/ in a repository, on ``HPCVIDEO_RUN=runs/new.zarr``
+    (relative to the repository root, as the READMEs write it): a store with nothing done yet, as a job leaves it in
+    its first minutes. (repository folder, notebook copy, code cells); two tests read it."""
+    repo = tmp_path_factory.mktemp("notebook-repo") / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")  # marks the repository root
+    notebook = repo / "notebooks" / NOTEBOOK.name
+    shutil.copy(NOTEBOOK, notebook)
+    create_empty_store(repo / "runs" / "new.zarr")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cells = execute("runs/new.zarr", monkeypatch, notebook)
+    return repo, notebook, cells
+
+
+def test_notebook_on_a_store_with_nothing_done_yet(run_named_from_notebooks):
     """The first minutes of a job: a store with no block done, no heartbeat, no tick."""
-    path = tmp_path / "new.zarr"
-    create_empty_store(path)
-    cells = execute(path, monkeypatch)
+    _, _, cells = run_named_from_notebooks
     printed = "".join(text(c) for c in cells)
     for message in ("no heartbeat yet", "no frames decoded yet", "not enough frames decoded yet", "no tick recorded yet",
                     "0 over 0 frames"):
         assert message in printed
 
 
-def test_notebook_finds_a_relative_run_from_the_notebooks_folder(tmp_path, monkeypatch):
+def test_notebook_finds_a_relative_run_from_the_notebooks_folder(run_named_from_notebooks, monkeypatch):
     """``HPCVIDEO_RUN=runs/NAME.zarr`` (relative to the repository root, as the READMEs write it) works when
     Jupyter starts the kernel in notebooks/; the search stops at the repository root and a miss names the path."""
-    repo = tmp_path / "repo"
-    (repo / "notebooks").mkdir(parents=True)
-    (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")  # marks the repository root
-    notebook = repo / "notebooks" / NOTEBOOK.name
-    shutil.copy(NOTEBOOK, notebook)
-    create_empty_store(repo / "runs" / "new.zarr")
-    cells = execute("runs/new.zarr", monkeypatch, notebook)
+    repo, notebook, cells = run_named_from_notebooks
     opened = next(c for c in cells if "RUN_PATH = find_run(RUN)" in c.source)
     assert text(opened).splitlines()[0] == str(repo / "runs" / "new.zarr")
     assert "no heartbeat yet" in "".join(text(c) for c in cells)
 
-    create_empty_store(tmp_path / "runs" / "above-the-root.zarr")  # outside the repository: not searched
+    create_empty_store(repo.parent / "runs" / "above-the-root.zarr")  # outside the repository: not searched
     with pytest.raises(nbclient.exceptions.CellExecutionError) as error:
         execute("runs/above-the-root.zarr", monkeypatch, notebook)
     assert "run store 'runs/above-the-root.zarr' not found in" in str(error.value)

@@ -3,7 +3,7 @@ for 1-4 ranks, resume on another rank count, and failures that stop every rank w
 
 The multi-rank runs (and the resumes of killed ones) come from one mpiexec launch per world size
 (tests/conftest.py: mpi_runs; the tables MPI_RUNS and MPI_KILLED in tests/helpers.py); each kill has a
-launch of its own; the 3-rank run through ``--ranks 3`` (the CLI's own relaunch) is a process of its own."""
+launch of its own, or ends a shared launch (MPI_KILLED_LAST); the 3-rank run through ``--ranks 3`` (the CLI's own relaunch) is a process of its own."""
 
 import numpy as np
 import pytest
@@ -130,8 +130,9 @@ def test_split_layers():
 @needs_mpiexec
 @pytest.mark.parametrize("first,second,fault", [(3, 2, "tick:3"), (1, 4, "tick:4"), (2, 3, "frames:1")])
 def test_resume_on_another_number_of_ranks(mpi_runs, reference_latents, one_rank_frames, first, second, fault):
-    """Killed on ``first`` ranks by a launch of its own (1 rank: a fork of the pre-imported worker), resumed by the
-    session's launch on ``second`` ranks (tests/conftest.py: MPI_KILLED, mpi_runs)."""
+    """Killed on ``first`` ranks by a launch of its own (1 rank: a fork of the pre-imported worker; 3 ranks: as the
+    last run of the session's 3-rank launch, MPI_KILLED_LAST), resumed by the session's launch on ``second`` ranks
+    (tests/conftest.py: MPI_KILLED, mpi_runs)."""
     run_ = mpi_runs(second)[f"tiny-test-killed-on-{first}"]
     assert MPI_KILLED[f"tiny-test-killed-on-{first}"][1:] == (first, fault, second)
     killed = run_["killed"]

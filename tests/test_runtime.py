@@ -1,8 +1,8 @@
 """Rank environment, failure handling and local relaunch.
 
 Multi-rank tests run ``mpiexec -n K python tests/mpi/<script>.py`` (gloo on CPU) as subprocesses with a
-timeout: the exchange checks read the one launch per world size of tests/mpi/scenarios.py (the ``mpi_world``
-fixture of tests/conftest.py); each failure case (a rank that raises, is killed, hangs) ends its job, so it
+timeout: the exchange checks read the scenarios of tests/mpi/scenarios.py run in the one launch per world size
+(the ``mpi_world`` fixture of tests/conftest.py); each failure case (a rank that raises, is killed, hangs) ends its job, so it
 has a launch of its own. The rest checks the pieces in this process without initialising MPI here.
 """
 
