@@ -446,6 +446,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
     rank_stats = gather_object(env, {
         "rank": env.rank, **executor.stats, **getattr(sink, "stats", {}),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_s": round(time.process_time(), 2),  # this rank's process CPU seconds (user + system), all threads
     })
     if not main:
         return None
