@@ -293,6 +293,8 @@ def _encode_prompts(cfg: RunConfig, env, family, model_path: Path, dtype):
         embeddings = family.encode_prompts(components, cfg, dtype=dtype)
         del components  # not needed past this point: freed before any weights of the run load
         _free_memory(device)
+    elif hasattr(family, "warm_up"):
+        family.warm_up()  # the other ranks import the model's code while rank 0 encodes (not in the critical path)
     if env.world_size > 1:
         embeddings = bcast_object(env, embeddings)
     prompt_embeds = [e.to(env.device) for e in embeddings[0]]
