@@ -352,6 +352,13 @@ class SpreadBlockSink:
             self.wait_s += time.perf_counter() - start
             self._raise()
 
+    @property
+    def frames_from_latents(self) -> int:
+        """For the checkpoint's record: the blocks below this number whose frames are not written yet (parts
+        still on another rank) are decoded again from their latents by :meth:`load_state_dict` on a resume
+        (:func:`hpcvideo.store.recovery.plan_resume` does not pass over the checkpoint for them)."""
+        return int(self.blocks_submitted)
+
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the number of blocks submitted (their latents are on disk)."""
         return {"kind": STATE_KIND, "blocks_submitted": int(self.blocks_submitted)}

@@ -372,7 +372,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
         if main:
             blob = _dump({"executor": state, "sink": None if sink is None else sink.state_dict()})
             store.save_state(blob, tick=executor.tick, num_blocks=executor.num_units, kind=kind,
-                             stale_from=executor.stale_from)
+                             stale_from=executor.stale_from, frames_from_latents=getattr(sink, "frames_from_latents", None))
         timings.checkpoint_s += time.perf_counter() - t
         if main:
             heartbeat.beat(executor.tick, force=True)  # `hpcvideo status` never shows a tick behind the checkpoint

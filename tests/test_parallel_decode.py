@@ -105,6 +105,32 @@ def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latent
     assert np.array_equal(store.read_frames(0, store.num_frames), np.concatenate(streamed)[: store.num_frames])
 
 
+def test_a_checkpoint_is_not_passed_over_for_frames_a_resume_decodes_again(latents, streamed, tmp_path):
+    """The spread sink's checkpoints record frames_from_latents (blocks submitted): a block below it whose only
+    fault is frames not done yet (its part was still on rank 1) does not make the resume pass over it."""
+    from hpcvideo.store.recovery import plan_resume
+
+    store = RunStore.create(tmp_path / "run.zarr", config={}, num_latent_frames=N * BLOCKS, block_latent_frames=N,
+                            latent_channels=C, latent_height=h, latent_width=w, height=8 * h, width=8 * w, fps=16.0,
+                            model_id="demo")
+    for j in range(3):
+        store.write_block_latents(j, latents[0, :, j * N:(j + 1) * N].permute(1, 0, 2, 3).numpy())
+        store.mark_done("latents", j)
+    store.write_block_frames(0, streamed[0])
+    store.mark_done("frames", 0)  # blocks 1 and 2: latents on disk, frames not written at the checkpoint
+    store.save_state(b"older", tick=10, num_blocks=BLOCKS, stale_from=1)
+    store.save_state(b"newer", tick=12, num_blocks=BLOCKS, stale_from=3, frames_from_latents=3)
+    plan = plan_resume(store, BLOCKS)
+    assert (plan.blob, plan.recompute_from, plan.skipped) == (b"newer", 3, [])
+    store.save_state(b"without", tick=12, num_blocks=BLOCKS, stale_from=3)  # no record: passed over
+    plan = plan_resume(store, BLOCKS)
+    assert (plan.blob, plan.recompute_from) == (b"newer", 3) and len(plan.skipped) == 1
+    store.clear_done("latents", [1])  # latents not done: never excused
+    store.save_state(b"again", tick=13, num_blocks=BLOCKS, stale_from=3, frames_from_latents=3)
+    plan = plan_resume(store, BLOCKS)
+    assert plan.blob is None and len(plan.skipped) == 2
+
+
 @pytest.mark.mpi
 @pytest.mark.e2e
 def test_a_spread_decode_killed_and_resumed_on_2_ranks_equals_the_recorded_run(mpi_runs):
