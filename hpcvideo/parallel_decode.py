@@ -15,8 +15,8 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
   rank 0), so every block that leaves the queue is split over the ranks (:func:`block_parts`: runs of
   consecutive latent frames of the block, each decoded in one call). One block leaves the queue per tick,
   so every rank decodes about n / N latent frames between two ticks and the pipeline stages stay in step
-  (with whole blocks round robin, the one rank decoding a block held the other at the next tick's messages:
-  the decode did not overlap). Rank 0 sends the latents (1, C, n, h, w) float32 of a block to every other
+  (with whole blocks round robin, one rank decoded a whole block between two ticks while the other had
+  none, and the stages met at the next tick's messages one block's decode apart). Rank 0 sends the latents (1, C, n, h, w) float32 of a block to every other
   rank that owns a part of it, with the block index as a last element, and at the end of the run a message
   of index -1 to every other rank (MPI ``Isend`` on a duplicate of the world communicator: host memory,
   small; gloo's ``is_completed`` does not report a finished receive before ``wait``, MPI's ``Test`` does);
@@ -141,7 +141,7 @@ class IndependentDecoder:
 
 
 class SpreadBlockSink:
-    """The runner's DualParal sink on every rank, decoding about 1/N of the blocks here (module docstring).
+    """The runner's DualParal sink on every rank, decoding about 1/N of every block here (module docstring).
 
     ``store``: the run store on rank 0 (None elsewhere); ``decoder``: an :class:`IndependentDecoder`;
     ``env``: :class:`hpcvideo.runtime.RankEnv`; ``latent_shape``: (C, h, w) of a latent frame;
