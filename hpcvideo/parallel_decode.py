@@ -16,7 +16,9 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
   consecutive latent frames of the block, each decoded in one call). One block leaves the queue per tick,
   so every rank decodes about n / N latent frames between two ticks and the pipeline stages stay in step
   (with whole blocks round robin, one rank decoded a whole block between two ticks while the other had
-  none, and the stages met at the next tick's messages one block's decode apart). Rank 0 sends the latents (1, C, n, h, w) float32 of a block to every other
+  none, and the stages met at the next tick's messages one block's decode apart). A rank that still owes
+  rank 0 the frames of :data:`MAX_OWED` parts is behind: rank 0 decodes that rank's parts of the next block
+  itself (``decode_taken_over``; which rank decodes a latent frame never changes its bits). Rank 0 sends the latents (1, C, n, h, w) float32 of a block to every other
   rank that owns a part of it, with the block index as a last element, and at the end of the run a message
   of index -1 to every other rank (MPI ``Isend`` on a duplicate of the world communicator: host memory,
   small; gloo's ``is_completed`` does not report a finished receive before ``wait``, MPI's ``Test`` does);
@@ -63,6 +65,10 @@ STATE_KIND = "spread"
 TAG_SPACE = 1 << 14  # frames messages: tag = the part's first latent frame % TAG_SPACE (MPI guarantees tags up to 32767)
 LATENTS_TAG = TAG_SPACE  # latents messages carry their block index in the message
 POLL_S = 0.002  # waits test and sleep: MPICH's blocking waits would spin a core
+# a rank that still owes rank 0 the frames of this many parts is behind: rank 0 decodes its parts of the next
+# block itself (the same bits; measured on demo-cpu, 301 frames, 2 ranks, load 2.5-3: 1 made rank 0 take half
+# of rank 1's parts and the run 7% slower, 2 took 15-20% and was as fast as never taking over)
+MAX_OWED = 2
 
 
 def is_chunk_local(vae) -> bool:
@@ -103,6 +109,17 @@ def block_parts(block_index: int, block_latent_frames: int, world_size: int, ran
         else:
             runs.append((k, k + 1))
     return runs
+
+
+def _merge(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs [k0, k1) sorted, adjacent ones joined (decoded as one call each)."""
+    merged: list[tuple[int, int]] = []
+    for k0, k1 in sorted(parts):
+        if merged and merged[-1][1] == k0:
+            merged[-1] = (merged[-1][0], k1)
+        else:
+            merged.append((k0, k1))
+    return merged
 
 
 def part_frames(block_index: int, part: tuple[int, int], temporal_factor: int) -> tuple[int, int]:
@@ -161,10 +178,12 @@ class SpreadBlockSink:
         self.frame_shape = tuple(frame_shape)
         self.decode_s = self.wait_s = self.write_s = self.send_s = 0.0
         self.decode_blocks = self.decode_blocks_at_end = self.decode_latent_frames = 0
+        self.decode_taken_over = 0  # rank 0: latent frames it decoded for a rank that was behind
+        self.max_owed = MAX_OWED
         self.blocks_submitted = 0
         self.comm = env.comm.Dup() if self.world_size > 1 else None  # collective: every rank builds its sink
         self._sends: deque = deque()  # (request, buffer) not known complete
-        self._frames_in: deque = deque()  # rank 0: (block, frames buffer, [requests of its parts]), in submit order
+        self._frames_in: deque = deque()  # rank 0: (block, frames buffer, [(rank, request) of its parts]), in submit order
         self._latents_in: tuple | None = None  # other ranks: (buffer, request) of the next latents message
         self._ended = False  # other ranks: rank 0 said that no block follows
         c, h, w = self.latent_shape
@@ -182,6 +201,7 @@ class SpreadBlockSink:
     def stats(self) -> dict:
         return {"decode_s": round(self.decode_s, 4), "decode_blocks": self.decode_blocks,
                 "decode_blocks_at_end": self.decode_blocks_at_end, "decode_latent_frames": self.decode_latent_frames,
+                "decode_taken_over": self.decode_taken_over,
                 "send_s": round(self.send_s, 4), "write_s": round(self.write_s, 4),
                 "sink_wait_s": round(self.wait_s, 4)}
 
@@ -262,9 +282,14 @@ class SpreadBlockSink:
                           dtype=np.uint8)
         requests = []
         message = None
+        local = block_parts(block_index, n, self.world_size, 0)
         for dst in range(1, self.world_size):
             parts = block_parts(block_index, n, self.world_size, dst)
             if not parts:
+                continue
+            if self._behind(dst):  # its frames of an earlier block are not here yet: decoded here (same bits)
+                local += parts
+                self.decode_taken_over += sum(k1 - k0 for k0, k1 in parts)
                 continue
             if message is None:
                 message = np.append(latents.numpy().ravel(), np.float32(block_index)).astype(np.float32)
@@ -272,19 +297,26 @@ class SpreadBlockSink:
             for part in parts:
                 a, b = part_frames(block_index, part, self.temporal_factor)
                 tag = (block_index * n + part[0]) % TAG_SPACE
-                requests.append(self.comm.Irecv(frames[a:b], source=dst, tag=tag))
-        for part, decoded in self._decode_parts(block_index, latents, block_parts(block_index, n, self.world_size, 0)):
+                requests.append((dst, self.comm.Irecv(frames[a:b], source=dst, tag=tag)))
+        for part, decoded in self._decode_parts(block_index, latents, _merge(local)):
             a, b = part_frames(block_index, part, self.temporal_factor)
             frames[a:b] = decoded
         self._frames_in.append((block_index, frames, requests))
         self.poll()
+
+    def _behind(self, rank: int) -> bool:
+        """Rank 0: whether ``rank`` still owes the frames of :data:`MAX_OWED` parts sent to it before (it is
+        behind the stages' step: rank 0 decodes its parts of the next block itself rather than wait for it at
+        the next tick boundary)."""
+        owed = sum(src == rank and not request.Test() for _, _, requests in self._frames_in for src, request in requests)
+        return owed >= self.max_owed
 
     def poll(self) -> None:
         """Between ticks: rank 0 writes the blocks whose every part is here; another rank decodes its parts
         of the blocks whose latents arrived and sends their frames to rank 0. Never blocks on another rank."""
         if self.store is not None:
             self._raise()
-            while self._frames_in and all(request.Test() for request in self._frames_in[0][2]):
+            while self._frames_in and all(request.Test() for _, request in self._frames_in[0][2]):
                 block_index, frames, _ = self._frames_in.popleft()
                 self._put(("frames", block_index, frames))
             return
@@ -341,7 +373,7 @@ class SpreadBlockSink:
                 self._isend(np.full(self._message_size, -1.0, dtype=np.float32), dst, LATENTS_TAG)
             while self._frames_in:
                 block_index, frames, requests = self._frames_in.popleft()
-                for request in requests:
+                for _, request in requests:
                     self._wait(request)
                 self._put(("frames", block_index, frames))
             for request, _ in self._sends:
@@ -386,7 +418,7 @@ class SpreadBlockSink:
         """Stop rank 0's writer thread after its queue is written (idempotent; never collective: a
         message another rank still owes is not waited for, its receive is cancelled; a resume decodes
         that block again)."""
-        pending = [request for _, _, requests in self._frames_in for request in requests]
+        pending = [request for _, _, requests in self._frames_in for _, request in requests]
         if self._latents_in is not None:
             pending.append(self._latents_in[1])
         self._frames_in.clear()
