@@ -6,9 +6,10 @@
 Each round runs ``hpcvideo generate PRESET --ranks N`` once per N (the order alternates between rounds, so a
 change of the machine's load hits every N alike), as a user would (a fresh process, mpiexec for N > 1),
 into a fresh store. Prints one JSON object: per run the whole-process wall seconds, the 1-minute load
-average before and after, and from the store's attrs the phase timings of rank 0 and every rank's
+average before and after, the CPU seconds (user, system) of the command and all its processes, and from
+the store's attrs the phase timings of rank 0 and every rank's
 ``rank_stats`` (tick_s: its pipeline stage; wait_s: blocked on pipeline messages; decode_s/decode_blocks:
-its share of the VAE decode; send_s; write_s: rank 0's store writes; sink_wait_s: blocked on the sink);
+its share of the VAE decode; send_s; cpu_s: the rank's process CPU seconds; write_s: rank 0's store writes; sink_wait_s: blocked on the sink);
 then per N the median wall and the speed-up over 1 rank (median 1-rank wall / median N-rank wall).
 ``OMP_NUM_THREADS`` is passed through as set (unset: each rank takes its share of the node's cores).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,13 +48,16 @@ def run_once(preset: str, ranks: int, frames: int | None, overrides: list[str], 
     if ranks > 1:
         command += ["--ranks", str(ranks)]
     load_before = _load()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wall_s = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command, mpiexec and every rank (all waited for)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
     attrs = RunStore.open(output).attrs
     return {"ranks": ranks, "wall_s": round(wall_s, 3), "load_before": load_before, "load_after": _load(),
+            "cpu_user_s": round(after.ru_utime - usage.ru_utime, 2), "cpu_sys_s": round(after.ru_stime - usage.ru_stime, 2),
             "timings": attrs.get("timings"), "rank_stats": attrs.get("rank_stats")}
 
 

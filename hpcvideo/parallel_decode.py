@@ -1,26 +1,33 @@
-"""Decode spread over the ranks: each rank decodes about 1/N of the blocks, between its own ticks.
+"""Decode spread over the ranks: each rank decodes about 1/N of every block, between its own ticks.
 
 The streaming Wan decode (:class:`hpcvideo.decode.StreamingDecoder`) carries a feature cache from latent
 frame to latent frame, so in general block j can only be decoded after block j-1, on the rank that holds
 the carry. A *chunk-local* decoder (:func:`is_chunk_local`: every causal temporal tap that reaches an
 earlier latent frame has zero weight, as the demo model's VAE, ``hpcvideo.demo.train.make_chunk_local``)
-decodes each latent frame from its own values alone: the carry is multiplied by zero. Then block j can
+decodes each latent frame from its own values alone: the carry is multiplied by zero. Then any latent frame can
 be decoded by any rank, from any carry, with the same bits (:class:`IndependentDecoder`; a zero product
 adds exactly 0 to every sum, so the frames are bit-identical, tested).
 
 :class:`SpreadBlockSink` uses that for DualParal (the runner's sink, one per rank):
 
 * rank 0 (the queue owner) writes every block's latents and done marker as before (its writer thread);
-  block j is decoded by rank ``j % world_size`` (:func:`owner`; block 0, the video's first, always on rank 0);
-  rank 0 sends the latents (1, C, n, h, w) float32 of a block it does not decode to its owner, with the
-  block index as a last element, and at the end of the run a message of index -1 to every other rank (MPI
-  ``Isend`` on a duplicate of the world communicator: host memory, small; gloo's ``is_completed`` does not
-  report a finished receive before ``wait``, MPI's ``Test`` does);
-* every rank decodes the blocks it owns in order, in its main thread, between its ticks (the runner calls
+  latent frame g of the video is decoded by rank ``g % world_size`` (:func:`owner`; the video's first on
+  rank 0), so every block that leaves the queue is split over the ranks (:func:`block_parts`: runs of
+  consecutive latent frames of the block, each decoded in one call). One block leaves the queue per tick,
+  so every rank decodes about n / N latent frames between two ticks and the pipeline stages stay in step
+  (with whole blocks round robin, one rank decoded a whole block between two ticks while the other had
+  none, and the stages met at the next tick's messages one block's decode apart). A rank that still owes
+  rank 0 the frames of :data:`MAX_OWED` parts is behind: rank 0 decodes that rank's parts of the next block
+  itself (``decode_taken_over``; which rank decodes a latent frame never changes its bits). Rank 0 sends the latents (1, C, n, h, w) float32 of a block to every other
+  rank that owns a part of it, with the block index as a last element, and at the end of the run a message
+  of index -1 to every other rank (MPI ``Isend`` on a duplicate of the world communicator: host memory,
+  small; gloo's ``is_completed`` does not report a finished receive before ``wait``, MPI's ``Test`` does);
+* every rank decodes its parts in block order, in its main thread, between its ticks (the runner calls
   :meth:`SpreadBlockSink.poll` after each tick; a block whose latents have not arrived yet waits for a later
   tick) and at the end of the run (:meth:`SpreadBlockSink.finish`); the other ranks send the uint8 frames
-  (4n, H, W, 3) back to rank 0, which writes them and their done marker (one frames writer: adjacent blocks
-  share a frames chunk);
+  of each part (:func:`part_frames`: 4 per latent frame, 1 for the video's first) back to rank 0, into the
+  block's frames buffer; rank 0 writes a block's frames and their done marker once every part is there,
+  in block order (one frames writer: adjacent blocks share a frames chunk);
 * checkpoints: rank 0 never waits for another rank's frames before a checkpoint (the other rank may be
   waiting for rank 0's next tick). The sink's state is the number of blocks submitted; their latents are
   on disk. After a resume, :meth:`SpreadBlockSink.load_state_dict` decodes again, on rank 0, the blocks
@@ -30,7 +37,8 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
   its checkpoint).
 
 Per rank the sink measures (``stats``, into the store's ``rank_stats``): ``decode_s``/``decode_blocks``/``decode_blocks_at_end``
-(its decode), ``send_s`` (frames and latents messages), and on rank 0 ``write_s`` (its writer thread)
+/``decode_latent_frames`` (its decode: seconds, blocks it decoded a part of, of those the ones decoded after the
+last tick, latent frames), ``send_s`` (frames and latents messages), and on rank 0 ``write_s`` (its writer thread)
 and ``sink_wait_s`` (blocked: a full write queue, flushes, a message still outstanding at the end).
 
 A decoder that is not chunk-local keeps the single-rank stream (:class:`hpcvideo.writer.BlockSink` on
@@ -54,9 +62,13 @@ from .faults import NO_FAULTS, FaultPlan
 log = logging.getLogger("hpcvideo")
 
 STATE_KIND = "spread"
-TAG_SPACE = 1 << 14  # frames messages: tag = block index % TAG_SPACE (MPI guarantees tags up to 32767)
+TAG_SPACE = 1 << 14  # frames messages: tag = the part's first latent frame % TAG_SPACE (MPI guarantees tags up to 32767)
 LATENTS_TAG = TAG_SPACE  # latents messages carry their block index in the message
 POLL_S = 0.002  # waits test and sleep: MPICH's blocking waits would spin a core
+# a rank that still owes rank 0 the frames of this many parts is behind: rank 0 decodes its parts of the next
+# block itself (the same bits; measured on demo-cpu, 301 frames, 2 ranks, load 2.5-3: 1 made rank 0 take half
+# of rank 1's parts and the run 7% slower, 2 took 15-20% and was as fast as never taking over)
+MAX_OWED = 2
 
 
 def is_chunk_local(vae) -> bool:
@@ -77,9 +89,45 @@ def is_chunk_local(vae) -> bool:
     return True
 
 
-def owner(block_index: int, world_size: int) -> int:
-    """The rank that decodes block ``block_index``: round robin (block 0 on rank 0)."""
-    return block_index % world_size
+def owner(latent_frame: int, world_size: int) -> int:
+    """The rank that decodes latent frame ``latent_frame`` of the video (its index from the video's first):
+    round robin over the latent frames (frame 0 on rank 0), so every block that leaves the queue is split
+    over the ranks and each rank decodes about n / N latent frames between two ticks."""
+    return latent_frame % world_size
+
+
+def block_parts(block_index: int, block_latent_frames: int, world_size: int, rank: int) -> list[tuple[int, int]]:
+    """The parts of block ``block_index`` that ``rank`` decodes: runs [k0, k1) of consecutive latent frames
+    of the block (0 <= k0 < k1 <= n) that :func:`owner` gives to ``rank``, in order (decoded as one call each)."""
+    runs: list[tuple[int, int]] = []
+    first = block_index * block_latent_frames
+    for k in range(block_latent_frames):
+        if owner(first + k, world_size) != rank:
+            continue
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
+def _merge(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs [k0, k1) sorted, adjacent ones joined (decoded as one call each)."""
+    merged: list[tuple[int, int]] = []
+    for k0, k1 in sorted(parts):
+        if merged and merged[-1][1] == k0:
+            merged[-1] = (merged[-1][0], k1)
+        else:
+            merged.append((k0, k1))
+    return merged
+
+
+def part_frames(block_index: int, part: tuple[int, int], temporal_factor: int) -> tuple[int, int]:
+    """Frames [a, b) of block ``block_index``'s decoded frames that the latent frames ``part`` = [k0, k1)
+    of the block give: the video's first latent frame gives 1 frame, every other ``temporal_factor``."""
+    shift = (temporal_factor - 1) if block_index == 0 else 0
+    k0, k1 = part
+    return max(0, temporal_factor * k0 - shift), temporal_factor * k1 - shift
 
 
 class IndependentDecoder:
@@ -96,9 +144,12 @@ class IndependentDecoder:
         self.stream = StreamingDecoder(vae, device=device)
 
     @torch.no_grad()
-    def decode(self, block_index: int, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, block_index: int, latents: torch.Tensor, *, first_latent_frame: int = 0) -> np.ndarray:
+        """latents: latent frames [k0, k0 + m) of block ``block_index`` (k0 = ``first_latent_frame``), shape
+        (1, z_dim, m, h, w) -> their uint8 frames (f, H, W, 3): f = 1 + 4(m - 1) when they start the video
+        (block 0, k0 = 0), 4m otherwise; the frames the streamed decode gives for those latent frames."""
         stream = self.stream
-        if block_index == 0:
+        if block_index == 0 and first_latent_frame == 0:
             stream.reset()  # the video's first latent frame: 1 frame, the decoder's first-chunk path
         elif stream.num_latent_frames_decoded == 0:
             # any carry past the first frame will do (it meets only zero weights): one zero latent frame
@@ -107,7 +158,7 @@ class IndependentDecoder:
 
 
 class SpreadBlockSink:
-    """The runner's DualParal sink on every rank, decoding about 1/N of the blocks here (module docstring).
+    """The runner's DualParal sink on every rank, decoding about 1/N of every block here (module docstring).
 
     ``store``: the run store on rank 0 (None elsewhere); ``decoder``: an :class:`IndependentDecoder`;
     ``env``: :class:`hpcvideo.runtime.RankEnv`; ``latent_shape``: (C, h, w) of a latent frame;
@@ -122,14 +173,17 @@ class SpreadBlockSink:
         self.rank, self.world_size = env.rank, env.world_size
         self.faults = faults
         self.latent_shape, self.block_latent_frames = tuple(latent_shape), block_latent_frames
+        self.temporal_factor = temporal_factor
         self.frames_per_block = temporal_factor * block_latent_frames
         self.frame_shape = tuple(frame_shape)
         self.decode_s = self.wait_s = self.write_s = self.send_s = 0.0
-        self.decode_blocks = self.decode_blocks_at_end = 0
+        self.decode_blocks = self.decode_blocks_at_end = self.decode_latent_frames = 0
+        self.decode_taken_over = 0  # rank 0: latent frames it decoded for a rank that was behind
+        self.max_owed = MAX_OWED
         self.blocks_submitted = 0
         self.comm = env.comm.Dup() if self.world_size > 1 else None  # collective: every rank builds its sink
         self._sends: deque = deque()  # (request, buffer) not known complete
-        self._frames_in: deque = deque()  # rank 0: (block, owner, buffer, request), in submit order
+        self._frames_in: deque = deque()  # rank 0: (block, frames buffer, [(rank, request) of its parts]), in submit order
         self._latents_in: tuple | None = None  # other ranks: (buffer, request) of the next latents message
         self._ended = False  # other ranks: rank 0 said that no block follows
         c, h, w = self.latent_shape
@@ -146,7 +200,8 @@ class SpreadBlockSink:
     @property
     def stats(self) -> dict:
         return {"decode_s": round(self.decode_s, 4), "decode_blocks": self.decode_blocks,
-                "decode_blocks_at_end": self.decode_blocks_at_end,
+                "decode_blocks_at_end": self.decode_blocks_at_end, "decode_latent_frames": self.decode_latent_frames,
+                "decode_taken_over": self.decode_taken_over,
                 "send_s": round(self.send_s, 4), "write_s": round(self.write_s, 4),
                 "sink_wait_s": round(self.wait_s, 4)}
 
@@ -185,12 +240,19 @@ class SpreadBlockSink:
             path = None if self.store is None else self.store.path
             raise RuntimeError(f"decoding/writing to the run store {path} failed: {self._error!r}") from self._error
 
-    def _decode(self, block_index: int, latents: torch.Tensor) -> np.ndarray:
+    def _decode(self, block_index: int, latents: torch.Tensor, first_latent_frame: int = 0) -> np.ndarray:
         start = time.perf_counter()
-        frames = self.decoder.decode(block_index, latents)
+        frames = self.decoder.decode(block_index, latents, first_latent_frame=first_latent_frame)
         self.decode_s += time.perf_counter() - start
-        self.decode_blocks += 1
+        self.decode_latent_frames += latents.shape[2]
         return frames
+
+    def _decode_parts(self, block_index: int, latents: torch.Tensor, parts: list[tuple[int, int]]):
+        """Decode this rank's ``parts`` of a block (latents (1, C, n, h, w)): yields (part, frames)."""
+        if parts:
+            self.decode_blocks += 1
+        for k0, k1 in parts:
+            yield (k0, k1), self._decode(block_index, latents[:, :, k0:k1], k0)
 
     def _isend(self, array: np.ndarray, dst: int, tag: int) -> None:
         start = time.perf_counter()
@@ -209,28 +271,54 @@ class SpreadBlockSink:
     # -- the sink protocol ---------------------------------------------------------------------------
     def submit(self, block_index: int, latents: torch.Tensor) -> None:
         """Rank 0: block ``block_index`` left the queue (latents (1, C, n, h, w) float32, not modified
-        afterwards): its latents are written, and it is decoded here or sent to its owner."""
+        afterwards): its latents are written, the other ranks that own a part of it get its latents, and
+        rank 0 decodes its own parts (:func:`block_parts`); the block's frames are written once every
+        part is here."""
         latents = latents.detach().float().cpu()
         self._put(("latents", block_index, latents[0].permute(1, 0, 2, 3).numpy()))
         self.blocks_submitted = max(self.blocks_submitted, block_index + 1)
-        dst = owner(block_index, self.world_size)
-        if dst == self.rank:
-            self._put(("frames", block_index, self._decode(block_index, latents)))
-        else:
-            message = np.append(latents.numpy().ravel(), np.float32(block_index)).astype(np.float32)
+        n = self.block_latent_frames
+        frames = np.empty((self.frames_per_block - (self.temporal_factor - 1) * (block_index == 0), *self.frame_shape, 3),
+                          dtype=np.uint8)
+        requests = []
+        message = None
+        local = block_parts(block_index, n, self.world_size, 0)
+        for dst in range(1, self.world_size):
+            parts = block_parts(block_index, n, self.world_size, dst)
+            if not parts:
+                continue
+            if self._behind(dst):  # its frames of an earlier block are not here yet: decoded here (same bits)
+                local += parts
+                self.decode_taken_over += sum(k1 - k0 for k0, k1 in parts)
+                continue
+            if message is None:
+                message = np.append(latents.numpy().ravel(), np.float32(block_index)).astype(np.float32)
             self._isend(message, dst, LATENTS_TAG)
-            buffer = np.empty((self.frames_per_block, *self.frame_shape, 3), dtype=np.uint8)
-            self._frames_in.append((block_index, buffer, self.comm.Irecv(buffer, source=dst, tag=block_index % TAG_SPACE)))
+            for part in parts:
+                a, b = part_frames(block_index, part, self.temporal_factor)
+                tag = (block_index * n + part[0]) % TAG_SPACE
+                requests.append((dst, self.comm.Irecv(frames[a:b], source=dst, tag=tag)))
+        for part, decoded in self._decode_parts(block_index, latents, _merge(local)):
+            a, b = part_frames(block_index, part, self.temporal_factor)
+            frames[a:b] = decoded
+        self._frames_in.append((block_index, frames, requests))
         self.poll()
 
+    def _behind(self, rank: int) -> bool:
+        """Rank 0: whether ``rank`` still owes the frames of :data:`MAX_OWED` parts sent to it before (it is
+        behind the stages' step: rank 0 decodes its parts of the next block itself rather than wait for it at
+        the next tick boundary)."""
+        owed = sum(src == rank and not request.Test() for _, _, requests in self._frames_in for src, request in requests)
+        return owed >= self.max_owed
+
     def poll(self) -> None:
-        """Between ticks: rank 0 writes the frames that arrived; another rank decodes the blocks whose
-        latents arrived and sends their frames back. Never blocks on another rank."""
+        """Between ticks: rank 0 writes the blocks whose every part is here; another rank decodes its parts
+        of the blocks whose latents arrived and sends their frames to rank 0. Never blocks on another rank."""
         if self.store is not None:
             self._raise()
-            while self._frames_in and self._frames_in[0][2].Test():
-                block_index, buffer, _ = self._frames_in.popleft()
-                self._put(("frames", block_index, buffer))
+            while self._frames_in and all(request.Test() for _, request in self._frames_in[0][2]):
+                block_index, frames, _ = self._frames_in.popleft()
+                self._put(("frames", block_index, frames))
             return
         while not self._ended:
             if not self._post_next()[1].Test():
@@ -242,8 +330,7 @@ class SpreadBlockSink:
         the block's latents, flattened, and its index as a last element (exact in float32 below 2**24
         blocks); index -1 ends the run."""
         if self._latents_in is None:
-            c, h, w = self.latent_shape
-            buffer = np.empty(c * self.block_latent_frames * h * w + 1, dtype=np.float32)
+            buffer = np.empty(self._message_size, dtype=np.float32)
             self._latents_in = (buffer, self.comm.Irecv(buffer, source=0, tag=LATENTS_TAG))
         return self._latents_in
 
@@ -256,8 +343,10 @@ class SpreadBlockSink:
             return
         self.decode_blocks_at_end += at_end
         c, h, w = self.latent_shape
-        latents = torch.from_numpy(buffer[:-1].reshape(1, c, self.block_latent_frames, h, w))
-        self._isend(self._decode(j, latents), 0, j % TAG_SPACE)
+        n = self.block_latent_frames
+        latents = torch.from_numpy(buffer[:-1].reshape(1, c, n, h, w))
+        for part, frames in self._decode_parts(j, latents, block_parts(j, n, self.world_size, self.rank)):
+            self._isend(frames, 0, (j * n + part[0]) % TAG_SPACE)
 
     def flush(self) -> None:
         """Rank 0: every latents chunk submitted, and every frames chunk decoded here or arrived, is on disk
@@ -283,9 +372,10 @@ class SpreadBlockSink:
             for dst in range(1, self.world_size):  # no more blocks
                 self._isend(np.full(self._message_size, -1.0, dtype=np.float32), dst, LATENTS_TAG)
             while self._frames_in:
-                block_index, buffer, request = self._frames_in.popleft()
-                self._wait(request)
-                self._put(("frames", block_index, buffer))
+                block_index, frames, requests = self._frames_in.popleft()
+                for _, request in requests:
+                    self._wait(request)
+                self._put(("frames", block_index, frames))
             for request, _ in self._sends:
                 self._wait(request)
             self._sends.clear()
@@ -293,6 +383,13 @@ class SpreadBlockSink:
             self._queue.join()
             self.wait_s += time.perf_counter() - start
             self._raise()
+
+    @property
+    def frames_from_latents(self) -> int:
+        """For the checkpoint's record: the blocks below this number whose frames are not written yet (parts
+        still on another rank) are decoded again from their latents by :meth:`load_state_dict` on a resume
+        (:func:`hpcvideo.store.recovery.plan_resume` does not pass over the checkpoint for them)."""
+        return int(self.blocks_submitted)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the number of blocks submitted (their latents are on disk)."""
@@ -315,15 +412,15 @@ class SpreadBlockSink:
             if frames_done[j] or not latents_done[j]:
                 continue
             latents = torch.from_numpy(np.asarray(store.read_latents(j * n, (j + 1) * n)))  # (n, C, h, w)
-            frames = self._decode(j, latents.permute(1, 0, 2, 3).unsqueeze(0))
-            self._write("frames", j, frames)
+            self.decode_blocks += 1
+            self._write("frames", j, self._decode(j, latents.permute(1, 0, 2, 3).unsqueeze(0)))
             log.info("decoded block %d again from its stored latents (its frames were not written)", j)
 
     def close(self) -> None:
         """Stop rank 0's writer thread after its queue is written (idempotent; never collective: a
         message another rank still owes is not waited for, its receive is cancelled; a resume decodes
         that block again)."""
-        pending = [request for _, _, request in self._frames_in]
+        pending = [request for _, _, requests in self._frames_in for _, request in requests]
         if self._latents_in is not None:
             pending.append(self._latents_in[1])
         self._frames_in.clear()

@@ -293,6 +293,8 @@ def _encode_prompts(cfg: RunConfig, env, family, model_path: Path, dtype):
         embeddings = family.encode_prompts(components, cfg, dtype=dtype)
         del components  # not needed past this point: freed before any weights of the run load
         _free_memory(device)
+    elif hasattr(family, "warm_up"):
+        family.warm_up()  # the other ranks import the model's code while rank 0 encodes (not in the critical path)
     if env.world_size > 1:
         embeddings = bcast_object(env, embeddings)
     prompt_embeds = [e.to(env.device) for e in embeddings[0]]
@@ -370,7 +372,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
         if main:
             blob = _dump({"executor": state, "sink": None if sink is None else sink.state_dict()})
             store.save_state(blob, tick=executor.tick, num_blocks=executor.num_units, kind=kind,
-                             stale_from=executor.stale_from)
+                             stale_from=executor.stale_from, frames_from_latents=getattr(sink, "frames_from_latents", None))
         timings.checkpoint_s += time.perf_counter() - t
         if main:
             heartbeat.beat(executor.tick, force=True)  # `hpcvideo status` never shows a tick behind the checkpoint
@@ -446,6 +448,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
     rank_stats = gather_object(env, {
         "rank": env.rank, **executor.stats, **getattr(sink, "stats", {}),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_s": round(time.process_time(), 2),  # this rank's process CPU seconds (user + system), all threads
     })
     if not main:
         return None

@@ -237,7 +237,7 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
     "tiny-vi-wan-rank-1-killed": (["tiny-vi-wan", "--set", "strategy.clip_latent_frames=4"], 2, "tick:2@1", 2),  # VI
     "demo-spread-killed-on-2": (["demo-cpu", "--frames", "61", "--set", "strategy.block_latent_frames=4", "--set",
                                  "strategy.feature_cache=false", "--set", "store.checkpoint_every_ticks=1"], 2, "tick:14",
-                                2),  # test_parallel_decode.py: blocks 0-2 left the queue, rank 1 decodes block 1
+                                2),  # test_parallel_decode.py: blocks 0-2 left the queue, rank 1 decodes a part of each
     # test_parallel_vae.py: the row-parallel decode, blocks 0-1 written; the resume on 3 ranks decodes them again
     "tiny-test-rows-killed-on-2": (["tiny-test", "--set", "runtime.vae_decode=rows"], 2, "tick:6", 3),
 }

@@ -1,5 +1,5 @@
-"""hpcvideo.parallel_decode: blocks of a chunk-local VAE decoded on their own equal the streamed decode, bit for
-bit; a resumed spread sink decodes again the blocks whose frames another rank had not sent back.
+"""hpcvideo.parallel_decode: blocks, and parts of blocks, of a chunk-local VAE decoded on their own equal the
+streamed decode, bit for bit; a resumed spread sink decodes again the blocks whose frames another rank had not sent back.
 (The 2-rank run of the demo model is pinned by tests/test_golden_hashes.py.)"""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from hpcvideo.decode import StreamingDecoder, to_uint8
 from hpcvideo.demo import WEIGHTS_DIR
 from hpcvideo.models import build_tiny_wan, load_wan
-from hpcvideo.parallel_decode import IndependentDecoder, SpreadBlockSink, is_chunk_local, owner
+from hpcvideo.parallel_decode import IndependentDecoder, SpreadBlockSink, block_parts, is_chunk_local, owner, part_frames
 from hpcvideo.store import RunStore
 
 pytestmark = pytest.mark.unit
@@ -53,6 +53,26 @@ def test_blocks_decoded_on_their_own_equal_the_stream(demo_vae, latents, streame
         assert frames.shape == streamed[j].shape and np.array_equal(frames, streamed[j])
 
 
+def test_latent_frames_decoded_on_their_own_equal_the_stream(demo_vae, latents, streamed):
+    """The split of every block over the ranks (latent frame g on rank g % world_size): each rank's parts,
+    decoded in any order by one decoder, give the block's streamed frames at the places part_frames says."""
+    assert [block_parts(j, N, 2, 1) for j in range(2)] == [[(1, 2)], [(1, 2)]]
+    assert block_parts(1, 4, 2, 0) == [(0, 1), (2, 3)] and block_parts(1, 4, 1, 0) == [(0, 4)]
+    assert block_parts(1, 2, 4, 1) == [] and block_parts(1, 2, 4, 3) == [(1, 2)]
+    assert [part_frames(0, p, 4) for p in [(0, 1), (1, 2), (0, 2)]] == [(0, 1), (1, 5), (0, 5)]
+    assert [part_frames(3, p, 4) for p in [(0, 1), (1, 2)]] == [(0, 4), (4, 8)]
+    for world_size in (2, 3):
+        decoded = {j: np.zeros_like(streamed[j]) for j in range(BLOCKS)}
+        for rank in reversed(range(world_size)):
+            decoder = IndependentDecoder(demo_vae)  # this rank's decoder
+            for j in (2, 0, 3, 1):
+                for k0, k1 in block_parts(j, N, world_size, rank):
+                    a, b = part_frames(j, (k0, k1), 4)
+                    decoded[j][a:b] = decoder.decode(j, latents[:, :, j * N + k0:j * N + k1], first_latent_frame=k0)
+        for j in range(BLOCKS):
+            assert np.array_equal(decoded[j], streamed[j]), (world_size, j)
+
+
 def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latents, streamed, tmp_path):
     store = RunStore.create(tmp_path / "run.zarr", config={}, num_latent_frames=N * BLOCKS, block_latent_frames=N,
                             latent_channels=C, latent_height=h, latent_width=w, height=8 * h, width=8 * w, fps=16.0,
@@ -85,11 +105,37 @@ def test_resume_decodes_the_frames_another_rank_had_not_written(demo_vae, latent
     assert np.array_equal(store.read_frames(0, store.num_frames), np.concatenate(streamed)[: store.num_frames])
 
 
+def test_a_checkpoint_is_not_passed_over_for_frames_a_resume_decodes_again(latents, streamed, tmp_path):
+    """The spread sink's checkpoints record frames_from_latents (blocks submitted): a block below it whose only
+    fault is frames not done yet (its part was still on rank 1) does not make the resume pass over it."""
+    from hpcvideo.store.recovery import plan_resume
+
+    store = RunStore.create(tmp_path / "run.zarr", config={}, num_latent_frames=N * BLOCKS, block_latent_frames=N,
+                            latent_channels=C, latent_height=h, latent_width=w, height=8 * h, width=8 * w, fps=16.0,
+                            model_id="demo")
+    for j in range(3):
+        store.write_block_latents(j, latents[0, :, j * N:(j + 1) * N].permute(1, 0, 2, 3).numpy())
+        store.mark_done("latents", j)
+    store.write_block_frames(0, streamed[0])
+    store.mark_done("frames", 0)  # blocks 1 and 2: latents on disk, frames not written at the checkpoint
+    store.save_state(b"older", tick=10, num_blocks=BLOCKS, stale_from=1)
+    store.save_state(b"newer", tick=12, num_blocks=BLOCKS, stale_from=3, frames_from_latents=3)
+    plan = plan_resume(store, BLOCKS)
+    assert (plan.blob, plan.recompute_from, plan.skipped) == (b"newer", 3, [])
+    store.save_state(b"without", tick=12, num_blocks=BLOCKS, stale_from=3)  # no record: passed over
+    plan = plan_resume(store, BLOCKS)
+    assert (plan.blob, plan.recompute_from) == (b"newer", 3) and len(plan.skipped) == 1
+    store.clear_done("latents", [1])  # latents not done: never excused
+    store.save_state(b"again", tick=13, num_blocks=BLOCKS, stale_from=3, frames_from_latents=3)
+    plan = plan_resume(store, BLOCKS)
+    assert plan.blob is None and len(plan.skipped) == 2
+
+
 @pytest.mark.mpi
 @pytest.mark.e2e
 def test_a_spread_decode_killed_and_resumed_on_2_ranks_equals_the_recorded_run(mpi_runs):
     """demo-cpu (61 frames, the golden settings) killed at the start of tick 14 on 2 ranks, after a checkpoint
-    at every tick (blocks 0-2 had left the queue; block 1 is rank 1's), resumed on 2 ranks: the same bits as
+    at every tick (blocks 0-2 had left the queue; rank 1 decodes a part of each), resumed on 2 ranks: the same bits as
     the uninterrupted run (tests/test_golden_hashes.py)."""
     from tests.helpers import MPI_KILLED
     from tests.test_golden_hashes import DEMO_PINNED, GOLDEN, _sha256

@@ -96,6 +96,15 @@ class WanFamily(ModelFamily):
         components.models = [getattr(components, name) for name in experts]  # every expert (Wan2.2 A14B: two)
         return components
 
+    def warm_up(self) -> None:
+        """Import the code that loading the denoiser's stages and the VAE needs (seconds of Python imports): the
+        ranks other than rank 0 call it while rank 0 encodes the prompts, instead of after."""
+        import importlib
+
+        for module in ("accelerate", "diffusers.models.transformers.transformer_wan",
+                       "diffusers.models.autoencoders.autoencoder_kl_wan"):
+            importlib.import_module(module)
+
     def load_stage(self, path, layers: range, *, device, dtype, expert: str = "transformer"):
         """The transformer ``expert`` (a name of :meth:`experts`) with only the blocks in ``layers`` (a
         pipeline stage)."""

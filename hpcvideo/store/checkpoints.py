@@ -49,7 +49,7 @@ class CheckpointsMixin:
     STATE_CHUNK_BYTES = 16 * 2**20  # chunk size of a checkpoint slot, bytes
 
     def save_state(self, blob: bytes, *, tick: int, num_blocks: int, kind: str = "resume",
-                   stale_from: int | None = None) -> None:
+                   stale_from: int | None = None, frames_from_latents: int | None = None) -> None:
         """Save a checkpoint blob, crash-safe.
 
         The blob goes to the inactive slot array ``state/<kind>_<1-active>`` (its attrs: the record);
@@ -59,7 +59,10 @@ class CheckpointsMixin:
         block the run recomputes when it resumes from this checkpoint (kept in the record, so a
         resume that must recompute a damaged block can pick a checkpoint before it). With an
         unreadable pointer the slot of the newest intact record is kept and the other written. Different
-        kinds may be saved by different ranks; one kind by one rank.
+        kinds may be saved by different ranks; one kind by one rank. ``frames_from_latents``: the blocks
+        below it whose frames are not done are decoded again from their stored latents by a resume from this
+        checkpoint (a sink that decodes on several ranks: :mod:`hpcvideo.parallel_decode`), so they do not
+        make it pass over this checkpoint (:func:`hpcvideo.store.recovery.plan_resume`).
         """
         self._require_writable()
         check_kind(kind)
@@ -75,6 +78,9 @@ class CheckpointsMixin:
                 "nbytes": nbytes, "sha256": hashlib.sha256(blob).hexdigest()}
         if stale_from is not None:
             meta["stale_from"] = int(stale_from)
+        if frames_from_latents is not None or (pointer or {}).get("frames_from_latents") is not None:
+            # always replaced: the pointer's attributes are updated, not rewritten, so a key left out would stay
+            meta["frames_from_latents"] = None if frames_from_latents is None else int(frames_from_latents)
         arr = self._root.create_array(
             f"state/{kind}_{slot}", shape=(nbytes,), chunks=(max(1, min(nbytes, self.STATE_CHUNK_BYTES)),),
             dtype="uint8", fill_value=0, overwrite=True, dimension_names=("byte",), compressors=None,

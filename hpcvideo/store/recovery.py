@@ -4,7 +4,10 @@ A run resumed from a checkpoint recomputes the blocks from the checkpoint's ``st
 every block before it being on disk. :func:`plan_resume` reads every done block back
 (:meth:`~hpcvideo.store.RunStore.unverified_blocks`), finds the first block that is not done and intact,
 and picks the newest intact checkpoint that recomputes it (``stale_from`` at or before it): the current or
-previous record of ``"resume"``, of the ``"extend"`` snapshot, or none (from scratch, tick 0). The
+previous record of ``"resume"``, of the ``"extend"`` snapshot, or none (from scratch, tick 0). A block below a
+checkpoint's ``frames_from_latents`` whose only fault is frames not done yet (decoded on another rank when the
+checkpoint was taken; a resume decodes them again from the block's intact latents) does not count against
+that checkpoint. The
 checkpoints that a run of ``num_units`` blocks can continue from:
 
 * ``"resume"``: one of the same run (``num_blocks == num_units``), or of a shorter run taken before its
@@ -88,9 +91,17 @@ def plan_resume(store, num_units: int, *, verify: bool = True, repair: bool = Fa
     plan = ResumePlan(first_bad=store.num_blocks)
     if repair:
         plan.repairs = store.repair_checkpoints()
+    bad: set[int] = set()  # blocks not done and intact
+    frames_only: set[int] = set()  # of those, the blocks whose only fault is frames not done
     if verify:
-        plan.first_bad, plan.damage = store.unverified_blocks(tail_block=_tail_block(store))
+        tail_block = _tail_block(store)
+        plan.first_bad, plan.damage = store.unverified_blocks(tail_block=tail_block)
         plan.unverified = sum(1 for kind in ("latents", "frames") if not store.has_checksums(kind))
+        damaged = {d.block for d in plan.damage}
+        latents_done, frames_done = store.done("latents"), store.done("frames")
+        frames_missing = {j for j in range(store.num_blocks) if not frames_done[j] and j != tail_block}
+        bad = damaged | frames_missing | {j for j in range(store.num_blocks) if not latents_done[j]}
+        frames_only = {j for j in frames_missing if latents_done[j] and j not in damaged}
     candidates = []
     unusable_resume = None
     for order, kind in enumerate(KINDS):
@@ -103,7 +114,11 @@ def plan_resume(store, num_units: int, *, verify: bool = True, repair: bool = Fa
     loaded_errors = []
     for _, _, _, kind, meta in candidates:
         stale_from = meta.get("stale_from")
-        if verify and (stale_from is None and plan.damage or stale_from is not None and stale_from > plan.first_bad):
+        first_bad = plan.first_bad
+        if meta.get("frames_from_latents") is not None:
+            excused = {j for j in frames_only if j < meta["frames_from_latents"]}
+            first_bad = min(bad - excused, default=store.num_blocks)
+        if verify and (stale_from is None and plan.damage or stale_from is not None and stale_from > first_bad):
             plan.skipped.append(f"'{kind}' at tick {meta['tick']} (recomputes from block "
                                 f"{'?' if stale_from is None else stale_from})")
             continue
@@ -122,6 +137,7 @@ def plan_resume(store, num_units: int, *, verify: bool = True, repair: bool = Fa
             f"cannot be extended to {num_units} blocks and no extension snapshot was found")
     if repair:
         rewritten = [(kind, j) for j in range(plan.recompute_from, store.num_blocks) for kind in ("latents", "frames")]
+        rewritten += [("frames", j) for j in sorted(frames_only) if j < plan.recompute_from]  # decoded again (above)
         for path in store.drop_unreadable_chunks([*plan.damage, *rewritten]):
             plan.repairs.append(f"removed the undecodable chunk {path} (its blocks are written again)")
     return plan
