@@ -418,13 +418,6 @@ class PatchParallelSink:
         """Every rank, after the last tick: decode the blocks still pending."""
         self.poll()
 
-    @property
-    def frames_from_latents(self) -> int:
-        """For the checkpoint's record: blocks below this number whose frames are not written yet are decoded
-        from their stored latents on a resume (:meth:`load_state_dict`), so
-        :func:`hpcvideo.store.recovery.plan_resume` does not pass over the checkpoint for them."""
-        return int(self.blocks_submitted)
-
     def state_dict(self) -> dict:
         return {"kind": SINK_STATE_KIND, "blocks_decoded": int(self.blocks_decoded),
                 "blocks_submitted": int(self.blocks_submitted)}
