@@ -93,3 +93,18 @@ def test_model_num_layers_reads_the_transformer_config(tmp_path, tiny_model_dir)
     assert model_num_layers(load_config("tiny-test", [f"model.path={folder}"], check_paths=False)) is None
     assert model_num_layers(load_config("tiny-test", [f"model.path={tmp_path / 'missing'}"], check_paths=False)) is None
     assert model_num_layers(load_config("tiny-vi-unet3d", check_paths=False)) is None  # no layer split
+
+
+@pytest.mark.unit
+def test_the_launcher_checks_a_rank_count_without_importing_torch():
+    """``hpcvideo generate --ranks N`` checks the run and the rank count, then starts mpiexec: torch's import (~1 s)
+    is paid by the ranks, not also by the launcher before them (nor by check on a login node)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hpcvideo.config import load_config; from hpcvideo.launch.local import check_launch; "
+            "cfg = load_config('demo-cpu', ['runtime.vae_decode=rows'], num_frames=None, seed=None, output='x.zarr'); "
+            "check_launch(cfg, 2); print(sorted(m for m in ('torch', 'diffusers', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

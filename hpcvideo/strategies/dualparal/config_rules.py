@@ -50,7 +50,7 @@ def ranks_problem(cfg: RunConfig, world_size: int, num_layers: int | None) -> st
     problem = cfg_ranks_problem(cfg, world_size)
     if problem:
         return problem
-    from ...parallel_vae import ranks_problem as rows_ranks_problem
+    from ...vae_bands import ranks_problem as rows_ranks_problem
 
     problem = rows_ranks_problem(cfg, world_size)
     if problem:
@@ -108,7 +108,7 @@ def model_problems(cfg: RunConfig, info: dict, world_size: int) -> list[str]:
     from ...models.experts import expert_problems  # sampling.guidance_scale_2 needs two experts
 
     problems += expert_problems(cfg, info)
-    from ...parallel_vae import ranks_problem as rows_ranks_problem  # runtime.vae_decode=rows, the VAE's stride
+    from ...vae_bands import ranks_problem as rows_ranks_problem  # runtime.vae_decode=rows, the VAE's stride
 
     if info["vae_scale_factor_spatial"] > 8 and rows_ranks_problem(cfg, world_size, info["vae_scale_factor_spatial"]):
         problems.append(rows_ranks_problem(cfg, world_size, info["vae_scale_factor_spatial"]))
