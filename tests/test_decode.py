@@ -122,3 +122,25 @@ def test_to_uint8(reference):
     np.testing.assert_array_equal(frames, want)
     edge = torch.tensor([-1.0, -2.0, 0.0, 1.0, 3.0]).view(1, 1, 5, 1, 1).expand(1, 3, 5, 1, 1)
     assert to_uint8(edge)[:, 0, 0, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_frames_do_not_depend_on_the_thread_count():
+    """1 rank on a 2-core node decodes with 2 threads, 2 ranks with 1 each: the same latents give the same bits
+    (the demo model's VAE: its small convolutions hit PyTorch's im2col kernel, whose sums depend on the threads)."""
+    from diffusers import AutoencoderKLWan
+
+    from hpcvideo.demo import WEIGHTS_DIR
+
+    vae = AutoencoderKLWan.from_pretrained(WEIGHTS_DIR / "vae").eval()
+    latents = torch.randn(1, vae.config.z_dim, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    videos = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            videos.append(StreamingDecoder(vae).decode_block(latents))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(videos[0], videos[1])
+    reference = decode_latents(vae, latents)  # diffusers' own decode: the same up to float rounding
+    assert (videos[0] - reference).abs().max().item() <= 1e-5
