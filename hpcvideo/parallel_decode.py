@@ -11,17 +11,18 @@ adds exactly 0 to every sum, so the frames are bit-identical, tested).
 :class:`SpreadBlockSink` uses that for DualParal (the runner's sink, one per rank):
 
 * rank 0 (the queue owner) writes every block's latents and done marker as before (its writer thread);
-  latent frame g of the video is decoded by rank ``g % world_size`` (:func:`owner`; the video's first on
-  rank 0), so every block that leaves the queue is split over the ranks (:func:`block_parts`: runs of
-  consecutive latent frames of the block, each decoded in one call). One block leaves the queue per tick,
-  so every rank decodes about n / N latent frames between two ticks and the pipeline stages stay in step
-  (with whole blocks round robin, one rank decoded a whole block between two ticks while the other had
-  none, and the stages met at the next tick's messages one block's decode apart). A rank that still owes
-  rank 0 the frames of :data:`MAX_OWED` parts is behind: rank 0 decodes that rank's parts of the next block
-  itself (``decode_taken_over``; which rank decodes a latent frame never changes its bits). Rank 0 sends the latents (1, C, n, h, w) float32 of a block to every other
-  rank that owns a part of it, with the block index as a last element, and at the end of the run a message
-  of index -1 to every other rank (MPI ``Isend`` on a duplicate of the world communicator: host memory,
-  small; gloo's ``is_completed`` does not report a finished receive before ``wait``, MPI's ``Test`` does);
+  the latent frames of every block that leaves the queue are split, as it leaves, between the ranks by their
+  backlog (:func:`split_block`): each other rank gets a run of consecutive latent frames while it owes rank 0
+  the frames of fewer than :data:`MAX_OUTSTANDING_BLOCKS` blocks' worth of latent frames (the least indebted
+  first), and rank 0 decodes what nobody else has room for (``decode_taken_over``). Rank 0 also runs the
+  queue, the checkpoints and the writes, so the ranks with pipeline stages alone take the decode while they
+  keep up, and rank 0 steps in when they fall behind: the split follows the ranks' speed on any machine
+  (measured on the main job, 2 ranks: a fixed half each left rank 1 waiting for rank 0). Which rank decodes a
+  latent frame never changes its bits. Rank 0 sends every other rank that gets a run the block's latents
+  (1, C, n, h, w) float32, with the block index and the run [k0, k1) as three last elements, and at the end
+  of the run a message of index -1 to every other rank (MPI ``Isend`` on a duplicate of the world
+  communicator: host memory, small; gloo's ``is_completed`` does not report a finished receive before
+  ``wait``, MPI's ``Test`` does);
 * every rank decodes its parts in block order, in its main thread, between its ticks (the runner calls
   :meth:`SpreadBlockSink.poll` after each tick; a block whose latents have not arrived yet waits for a later
   tick) and at the end of the run (:meth:`SpreadBlockSink.finish`); the other ranks send the uint8 frames
@@ -65,10 +66,9 @@ STATE_KIND = "spread"
 TAG_SPACE = 1 << 14  # frames messages: tag = the part's first latent frame % TAG_SPACE (MPI guarantees tags up to 32767)
 LATENTS_TAG = TAG_SPACE  # latents messages carry their block index in the message
 POLL_S = 0.002  # waits test and sleep: MPICH's blocking waits would spin a core
-# a rank that still owes rank 0 the frames of this many parts is behind: rank 0 decodes its parts of the next
-# block itself (the same bits; measured on demo-cpu, 301 frames, 2 ranks, load 2.5-3: 1 made rank 0 take half
-# of rank 1's parts and the run 7% slower, 2 took 15-20% and was as fast as never taking over)
-MAX_OWED = 2
+# another rank gets latent frames to decode while it owes rank 0 the frames of fewer than this many blocks' worth
+# of latent frames (split_block); beyond, rank 0 decodes them itself
+MAX_OUTSTANDING_BLOCKS = 2
 
 
 def is_chunk_local(vae) -> bool:
@@ -89,25 +89,28 @@ def is_chunk_local(vae) -> bool:
     return True
 
 
-def owner(latent_frame: int, world_size: int) -> int:
-    """The rank that decodes latent frame ``latent_frame`` of the video (its index from the video's first):
-    round robin over the latent frames (frame 0 on rank 0), so every block that leaves the queue is split
-    over the ranks and each rank decodes about n / N latent frames between two ticks."""
-    return latent_frame % world_size
-
-
-def block_parts(block_index: int, block_latent_frames: int, world_size: int, rank: int) -> list[tuple[int, int]]:
-    """The parts of block ``block_index`` that ``rank`` decodes: runs [k0, k1) of consecutive latent frames
-    of the block (0 <= k0 < k1 <= n) that :func:`owner` gives to ``rank``, in order (decoded as one call each)."""
-    runs: list[tuple[int, int]] = []
-    first = block_index * block_latent_frames
-    for k in range(block_latent_frames):
-        if owner(first + k, world_size) != rank:
-            continue
-        if runs and runs[-1][1] == k:
-            runs[-1] = (runs[-1][0], k + 1)
-        else:
-            runs.append((k, k + 1))
+def split_block(block_index: int, block_latent_frames: int, outstanding: list[int], cap: int) -> list[tuple[int, int] | None]:
+    """Who decodes which latent frames of block ``block_index``: per rank a run [k0, k1) of the block's
+    ``block_latent_frames`` latent frames, or None. ``outstanding[r]``: latent frames rank r (r >= 1) was
+    given and has not sent back yet (``outstanding[0]`` is not read). One latent frame at a time goes to the
+    other rank with the fewest outstanding (ties rotate with the block index) while that stays below
+    ``cap``; rank 0 takes the rest. The runs are laid out in rank order 1, 2, ..., N - 1, 0."""
+    world_size = len(outstanding)
+    counts = [0] * world_size
+    others = sorted(range(1, world_size), key=lambda r: (outstanding[r], (r - 1 - block_index) % max(1, world_size - 1)))
+    for _ in range(block_latent_frames):
+        best = None
+        for r in others:
+            load = outstanding[r] + counts[r]
+            if load < cap and (best is None or load < outstanding[best] + counts[best]):
+                best = r
+        counts[0 if best is None else best] += 1
+    runs: list[tuple[int, int] | None] = [None] * world_size
+    start = 0
+    for r in [*range(1, world_size), 0]:
+        if counts[r]:
+            runs[r] = (start, start + counts[r])
+            start += counts[r]
     return runs
 
 
@@ -178,16 +181,16 @@ class SpreadBlockSink:
         self.frame_shape = tuple(frame_shape)
         self.decode_s = self.wait_s = self.write_s = self.send_s = 0.0
         self.decode_blocks = self.decode_blocks_at_end = self.decode_latent_frames = 0
-        self.decode_taken_over = 0  # rank 0: latent frames it decoded for a rank that was behind
-        self.max_owed = MAX_OWED
+        self.decode_taken_over = 0  # rank 0: latent frames it decoded while another rank was there (the others were behind)
+        self.max_outstanding = MAX_OUTSTANDING_BLOCKS * block_latent_frames  # latent frames, per other rank
         self.blocks_submitted = 0
         self.comm = env.comm.Dup() if self.world_size > 1 else None  # collective: every rank builds its sink
         self._sends: deque = deque()  # (request, buffer) not known complete
-        self._frames_in: deque = deque()  # rank 0: (block, frames buffer, [(rank, request) of its parts]), in submit order
+        self._frames_in: deque = deque()  # rank 0: (block, frames buffer, [(rank, request, latent frames) of its runs]), in submit order
         self._latents_in: tuple | None = None  # other ranks: (buffer, request) of the next latents message
         self._ended = False  # other ranks: rank 0 said that no block follows
         c, h, w = self.latent_shape
-        self._message_size = c * block_latent_frames * h * w + 1
+        self._message_size = c * block_latent_frames * h * w + 3  # the latents, the block index, the run [k0, k1)
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread = None
@@ -271,52 +274,52 @@ class SpreadBlockSink:
     # -- the sink protocol ---------------------------------------------------------------------------
     def submit(self, block_index: int, latents: torch.Tensor) -> None:
         """Rank 0: block ``block_index`` left the queue (latents (1, C, n, h, w) float32, not modified
-        afterwards): its latents are written, the other ranks that own a part of it get its latents, and
-        rank 0 decodes its own parts (:func:`block_parts`); the block's frames are written once every
-        part is here."""
+        afterwards): its latents are written, its latent frames split between the ranks (:func:`split_block`),
+        the other ranks that get a run are sent the latents, and rank 0 decodes its own run; the block's
+        frames are written once every run is here."""
         latents = latents.detach().float().cpu()
         self._put(("latents", block_index, latents[0].permute(1, 0, 2, 3).numpy()))
         self.blocks_submitted = max(self.blocks_submitted, block_index + 1)
-        n = self.block_latent_frames
         frames = np.empty((self.frames_per_block - (self.temporal_factor - 1) * (block_index == 0), *self.frame_shape, 3),
                           dtype=np.uint8)
+        runs = split_block(block_index, self.block_latent_frames, self._outstanding(), self.max_outstanding)
         requests = []
-        message = None
-        local = block_parts(block_index, n, self.world_size, 0)
+        flat = None
+        n = self.block_latent_frames
         for dst in range(1, self.world_size):
-            parts = block_parts(block_index, n, self.world_size, dst)
-            if not parts:
+            if runs[dst] is None:
                 continue
-            if self._behind(dst):  # its frames of an earlier block are not here yet: decoded here (same bits)
-                local += parts
-                self.decode_taken_over += sum(k1 - k0 for k0, k1 in parts)
-                continue
-            if message is None:
-                message = np.append(latents.numpy().ravel(), np.float32(block_index)).astype(np.float32)
-            self._isend(message, dst, LATENTS_TAG)
-            for part in parts:
+            k0, k1 = runs[dst]
+            if flat is None:
+                flat = latents.numpy().ravel()
+            self._isend(np.concatenate([flat, np.float32([block_index, k0, k1])]).astype(np.float32), dst, LATENTS_TAG)
+            a, b = part_frames(block_index, (k0, k1), self.temporal_factor)
+            tag = (block_index * n + k0) % TAG_SPACE
+            requests.append((dst, self.comm.Irecv(frames[a:b], source=dst, tag=tag), k1 - k0))
+        if runs[0] is not None:
+            if self.world_size > 1:
+                self.decode_taken_over += runs[0][1] - runs[0][0]
+            for part, decoded in self._decode_parts(block_index, latents, [runs[0]]):
                 a, b = part_frames(block_index, part, self.temporal_factor)
-                tag = (block_index * n + part[0]) % TAG_SPACE
-                requests.append((dst, self.comm.Irecv(frames[a:b], source=dst, tag=tag)))
-        for part, decoded in self._decode_parts(block_index, latents, _merge(local)):
-            a, b = part_frames(block_index, part, self.temporal_factor)
-            frames[a:b] = decoded
+                frames[a:b] = decoded
         self._frames_in.append((block_index, frames, requests))
         self.poll()
 
-    def _behind(self, rank: int) -> bool:
-        """Rank 0: whether ``rank`` still owes the frames of :data:`MAX_OWED` parts sent to it before (it is
-        behind the stages' step: rank 0 decodes its parts of the next block itself rather than wait for it at
-        the next tick boundary)."""
-        owed = sum(src == rank and not request.Test() for _, _, requests in self._frames_in for src, request in requests)
-        return owed >= self.max_owed
+    def _outstanding(self) -> list[int]:
+        """Rank 0: per rank, the latent frames it was given whose frames have not arrived (index 0: 0)."""
+        outstanding = [0] * self.world_size
+        for _, _, requests in self._frames_in:
+            for src, request, count in requests:
+                if not request.Test():
+                    outstanding[src] += count
+        return outstanding
 
     def poll(self) -> None:
         """Between ticks: rank 0 writes the blocks whose every part is here; another rank decodes its parts
         of the blocks whose latents arrived and sends their frames to rank 0. Never blocks on another rank."""
         if self.store is not None:
             self._raise()
-            while self._frames_in and all(request.Test() for _, request in self._frames_in[0][2]):
+            while self._frames_in and all(request.Test() for _, request, _ in self._frames_in[0][2]):
                 block_index, frames, _ = self._frames_in.popleft()
                 self._put(("frames", block_index, frames))
             return
@@ -327,8 +330,8 @@ class SpreadBlockSink:
 
     def _post_next(self):
         """Other ranks: (buffer, request) of the next latents message from rank 0 (posted once). A message is
-        the block's latents, flattened, and its index as a last element (exact in float32 below 2**24
-        blocks); index -1 ends the run."""
+        the block's latents, flattened, then its index (exact in float32 below 2**24
+        blocks), and the run [k0, k1) of its latent frames to decode here; index -1 ends the run."""
         if self._latents_in is None:
             buffer = np.empty(self._message_size, dtype=np.float32)
             self._latents_in = (buffer, self.comm.Irecv(buffer, source=0, tag=LATENTS_TAG))
@@ -337,15 +340,15 @@ class SpreadBlockSink:
     def _decode_received(self, *, at_end: bool) -> None:
         buffer, _ = self._latents_in
         self._latents_in = None
-        j = int(buffer[-1])
+        j, k0, k1 = (int(x) for x in buffer[-3:])
         if j < 0:
             self._ended = True
             return
         self.decode_blocks_at_end += at_end
         c, h, w = self.latent_shape
         n = self.block_latent_frames
-        latents = torch.from_numpy(buffer[:-1].reshape(1, c, n, h, w))
-        for part, frames in self._decode_parts(j, latents, block_parts(j, n, self.world_size, self.rank)):
+        latents = torch.from_numpy(buffer[:-3].reshape(1, c, n, h, w))
+        for part, frames in self._decode_parts(j, latents, [(k0, k1)]):
             self._isend(frames, 0, (j * n + part[0]) % TAG_SPACE)
 
     def flush(self) -> None:
@@ -373,7 +376,7 @@ class SpreadBlockSink:
                 self._isend(np.full(self._message_size, -1.0, dtype=np.float32), dst, LATENTS_TAG)
             while self._frames_in:
                 block_index, frames, requests = self._frames_in.popleft()
-                for _, request in requests:
+                for _, request, _ in requests:
                     self._wait(request)
                 self._put(("frames", block_index, frames))
             for request, _ in self._sends:
@@ -420,7 +423,7 @@ class SpreadBlockSink:
         """Stop rank 0's writer thread after its queue is written (idempotent; never collective: a
         message another rank still owes is not waited for, its receive is cancelled; a resume decodes
         that block again)."""
-        pending = [request for _, _, requests in self._frames_in for _, request in requests]
+        pending = [request for _, _, requests in self._frames_in for _, request, _ in requests]
         if self._latents_in is not None:
             pending.append(self._latents_in[1])
         self._frames_in.clear()

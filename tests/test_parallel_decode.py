@@ -13,7 +13,7 @@ import torch
 from hpcvideo.decode import StreamingDecoder, to_uint8
 from hpcvideo.demo import WEIGHTS_DIR
 from hpcvideo.models import build_tiny_wan, load_wan
-from hpcvideo.parallel_decode import IndependentDecoder, SpreadBlockSink, block_parts, is_chunk_local, owner, part_frames
+from hpcvideo.parallel_decode import IndependentDecoder, SpreadBlockSink, is_chunk_local, part_frames, split_block
 from hpcvideo.store import RunStore
 
 pytestmark = pytest.mark.unit
@@ -42,7 +42,6 @@ def test_chunk_local_is_recognised(demo_vae, tmp_path):
     assert not is_chunk_local(tiny)  # a Wan VAE reads earlier latent frames through its carry
     with pytest.raises(ValueError, match="chunk-local"):
         IndependentDecoder(tiny)
-    assert [owner(j, 3) for j in range(5)] == [0, 1, 2, 0, 1]
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2, 3), (2, 0, 3, 1)])
@@ -54,19 +53,22 @@ def test_blocks_decoded_on_their_own_equal_the_stream(demo_vae, latents, streame
 
 
 def test_latent_frames_decoded_on_their_own_equal_the_stream(demo_vae, latents, streamed):
-    """The split of every block over the ranks (latent frame g on rank g % world_size): each rank's parts,
-    decoded in any order by one decoder, give the block's streamed frames at the places part_frames says."""
-    assert [block_parts(j, N, 2, 1) for j in range(2)] == [[(1, 2)], [(1, 2)]]
-    assert block_parts(1, 4, 2, 0) == [(0, 1), (2, 3)] and block_parts(1, 4, 1, 0) == [(0, 4)]
-    assert block_parts(1, 2, 4, 1) == [] and block_parts(1, 2, 4, 3) == [(1, 2)]
+    """The split of every block between the ranks by their backlog (split_block): each rank's runs, decoded in
+    any order by one decoder, give the block's streamed frames at the places part_frames says."""
+    assert split_block(0, 2, [0, 0], 4) == [None, (0, 2)]  # rank 1 keeps up: it takes the whole block
+    assert split_block(0, 2, [0, 3], 4) == [(1, 2), (0, 1)] and split_block(0, 2, [0, 4], 4) == [(0, 2), None]
+    assert split_block(5, 1, [0, 0], 2) == [None, (0, 1)] and split_block(1, 4, [0], 8) == [(0, 4)]  # 1 rank
+    assert split_block(0, 2, [0, 0, 0, 0], 4) == [None, (0, 1), (1, 2), None]  # ties rotate with the block
+    assert split_block(1, 2, [0, 0, 0, 0], 4) == [None, None, (0, 1), (1, 2)]
+    assert split_block(1, 3, [0, 1, 0, 4], 4) == [None, (0, 1), (1, 3), None]  # the least indebted first
     assert [part_frames(0, p, 4) for p in [(0, 1), (1, 2), (0, 2)]] == [(0, 1), (1, 5), (0, 5)]
     assert [part_frames(3, p, 4) for p in [(0, 1), (1, 2)]] == [(0, 4), (4, 8)]
-    for world_size in (2, 3):
+    for world_size, outstanding in [(2, [0, 3]), (3, [0, 0, 0]), (3, [0, 1, 0])]:
         decoded = {j: np.zeros_like(streamed[j]) for j in range(BLOCKS)}
         for rank in reversed(range(world_size)):
             decoder = IndependentDecoder(demo_vae)  # this rank's decoder
             for j in (2, 0, 3, 1):
-                for k0, k1 in block_parts(j, N, world_size, rank):
+                for k0, k1 in [run for run in [split_block(j, N, outstanding, 4)[rank]] if run is not None]:
                     a, b = part_frames(j, (k0, k1), 4)
                     decoded[j][a:b] = decoder.decode(j, latents[:, :, j * N + k0:j * N + k1], first_latent_frame=k0)
         for j in range(BLOCKS):
