@@ -60,7 +60,7 @@ from .models.weights import weight_file_problems
 from .progress import Heartbeat, new_attempt
 from .runtime import abort_on_failure
 from .runtime.control import bcast_object, gather_object, scatter_object
-from .runtime.preempt import Preempted, StopRequest, should_stop
+from .runtime.preempt import Preempted, StopRequest, settle, should_stop
 from .store import RunStore, StoreError
 from .store.lock import StoreLock
 from .store.recovery import plan_resume
@@ -429,6 +429,7 @@ def _run(cfg: RunConfig, env, spec, family, setup: _Setup, *, progress: bool, st
                 eta_s = (time.perf_counter() - loop_start) / max(done_ticks, 1) * (executor.num_ticks - executor.tick)
                 log.info("tick %d/%d, ETA %.0f s", executor.tick, executor.num_ticks, eta_s)
         finished_loop = True
+        settle(stop)  # the last boundary's stop agreement, still posted (lag 1), completes on every rank
     finally:
         if bar is not None:
             bar.close()

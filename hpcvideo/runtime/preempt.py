@@ -167,6 +167,22 @@ class StopRequest:
         return bool(agreed[0])
 
 
+def settle(request: StopRequest | None, timeout_s: float = 60.0) -> None:
+    """After the last boundary, on every rank (collective: all made the same number of :func:`should_stop`
+    calls): with ``lag`` 1 the last boundary's agreement is still posted; wait for it (test + sleep, at most
+    ``timeout_s``), so that no request on the communicator outlives the run (MPICH reports one at
+    ``MPI_Finalize``: "Builtin communicator ... has pending 1 references"). Nothing to do otherwise."""
+    pending = None if request is None or request._pending is None else request._pending[0]
+    if pending is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not pending.Test():
+        if time.monotonic() > deadline:
+            return  # a rank that stopped answering: the failure monitor names it, the run does not wait here
+        time.sleep(request.poll_s)
+    request._pending = None
+
+
 def _signum(name: str | None) -> int:
     """The number of signal ``name`` ("SIGUSR2"); SIGUSR2's for a flag set without a signal name."""
     try:
