@@ -88,15 +88,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
+class Made(dict):
+    """The runs (or scenarios) of one shared launch: a name it did not make is a clear error."""
+
+    def __missing__(self, name):
+        raise KeyError(f"{name!r} was not made by this session's launch: tests/helpers.py lists the files that read it "
+                       "(MPI_READERS); add the file of the test that reads it there")
+
+
 @pytest.fixture(scope="session")
-def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
+def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
     """``mpi_launches(K)``: the one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per world size and
     session behind :func:`mpi_runs` and :func:`mpi_world`, made at the first use of either: it runs the scenarios
     of :data:`tests.helpers.MPI_SCENARIOS` first, then every run of :data:`tests.helpers.MPI_RUNS` and the resumes of
     :data:`tests.helpers.MPI_KILLED` of that world size (one interpreter and torch import per rank for all).
-    A dict: "runs" (what ``mpi_runs(K)`` returns) and "world" (what ``mpi_world(K)`` returns)."""
+    A dict: "runs" (what ``mpi_runs(K)`` returns) and "world" (what ``mpi_world(K)`` returns).
+    Only what the session's selected tests read is made (:data:`tests.helpers.MPI_READERS`)."""
+    from pathlib import Path
+
     from hpcvideo.store import RunStore
-    from tests.helpers import MPI_KILLED, MPI_KILLED_LAST, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli, mpirun_script
+    from tests.helpers import (MPI_KILLED, MPI_KILLED_LAST, MPI_READERS, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli,
+                               mpirun_script)
+
+    selected = {Path(str(item.fspath)).name for item in request.session.items}
+
+    def wanted(name: str) -> bool:  # a run, killed run or scenario (by its name before ":") a selected test reads
+        readers = MPI_READERS.get(name.split(":")[0])
+        return readers is None or bool(selected.intersection(readers))
 
     launches: dict[int, dict] = {}
     ended: dict[str, dict] = {}  # a run of MPI_KILLED_LAST, once the launch it ended is over: "path", "killed"
@@ -121,21 +139,23 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
             pytest.skip("no mpiexec (pip install mpich)")
         if num_ranks not in launches:
             for name, (_, ranks, _, resume) in MPI_KILLED.items():
-                if resume == num_ranks and name in MPI_KILLED_LAST:  # killed at the end of the launch of its ranks
+                if resume == num_ranks and name in MPI_KILLED_LAST and wanted(name):  # killed at the end of its ranks' launch
                     launch(ranks)
             folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
-            todo = dict(MPI_RUNS.get(num_ranks, {}))
-            todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items() if resume == num_ranks})
+            todo = {name: args for name, args in MPI_RUNS.get(num_ranks, {}).items() if wanted(name)}
+            todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items()
+                         if resume == num_ranks and wanted(name)})
             paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr" for name in todo}
-            last = [name for name, (_, ranks, _, _) in MPI_KILLED.items() if ranks == num_ranks and name in MPI_KILLED_LAST]
+            last = [name for name, (_, ranks, _, _) in MPI_KILLED.items()
+                    if ranks == num_ranks and name in MPI_KILLED_LAST and wanted(name)]
             assert len(last) <= 1, last
             for name in [*(n for n in todo if n not in ended), *last]:
                 paths.setdefault(name, folder / name / "run.zarr").parent.mkdir()
             killed = {name: ended[name]["killed"] if name in ended else kill(args, ranks, fault, paths[name])
-                      for name, (args, ranks, fault, resume) in MPI_KILLED.items() if resume == num_ranks}
+                      for name, (args, ranks, fault, resume) in MPI_KILLED.items() if name in todo}
             out = folder / "vi_forward.pt"
             scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
-                         for s in MPI_SCENARIOS.get(num_ranks, [])]
+                         for s in MPI_SCENARIOS.get(num_ranks, []) if wanted(s)]
             argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
                      for name, args in todo.items()]
             report = folder / "report.json"
@@ -152,7 +172,7 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
             assert result.returncode == 0 or last, result.stdout + result.stderr
             reports = json.loads(report.read_text()) if todo else []
             assert len(reports) == len(todo), result.stdout + result.stderr
-            world = {"result": result}
+            world = Made({"result": result})
             for line in result.stdout.splitlines():
                 if line.startswith("SCENARIO "):
                     _, scenario, answer = line.split(" ", 2)
@@ -160,8 +180,8 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
                     world[name] = out if name == "vi_forward" else json.loads(answer)
             assert all((s.split(":")[0] if s.startswith(("vi_forward", "experts")) else s) in world for s in scenarios), \
                 result.stdout
-            runs = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
-                    for name, r in zip(todo, reports)}
+            runs = Made({name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
+                         for name, r in zip(todo, reports)})
             launches[num_ranks] = {"runs": runs, "world": world}
         return launches[num_ranks]
 

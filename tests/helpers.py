@@ -246,6 +246,34 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
 # launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.)
 MPI_KILLED_LAST = {"tiny-test-killed-on-3"}
 
+# The test files that read each shared run, killed run or scenario (a scenario by its name before the first ":"): a
+# session whose selected tests come from none of them does not make it (conftest.mpi_launches; `pytest tests/X.py`
+# or `-k` pays only for the runs its tests read). A name not listed here is always made.
+MPI_READERS = {
+    "tiny-test": ("test_pipeline.py", "test_plan.py"),
+    "tiny-test-stages-3-1": ("test_pipeline.py",),
+    "tiny-test-stages-2-1": ("test_pipeline.py",),
+    "tiny-vi-wan-25-frames": ("test_videoinfinity_run.py", "test_plan.py"),
+    "demo-cpu-61-frames": ("test_golden_hashes.py",),
+    "tiny-test-cfg-parallel": ("test_cfg_parallel.py",),
+    "tiny-vi-wan": ("test_videoinfinity_run.py", "test_plan.py"),
+    "tiny-vi-wan-independent": ("test_videoinfinity_run.py",),
+    "tiny-vi-wan-former": ("test_golden_hashes.py",),
+    "tiny-vi-unet3d-former": ("test_golden_hashes.py",),
+    "tiny-test-killed-on-3": ("test_pipeline.py",),
+    "tiny-test-killed-on-1": ("test_pipeline.py",),
+    "tiny-test-killed-on-2": ("test_pipeline.py",),
+    "tiny-test-rank-1-raised": ("test_pipeline.py",),
+    "tiny-test-rank-2-killed": ("test_pipeline.py",),
+    "tiny-vi-wan-rank-1-killed": ("test_videoinfinity_run.py",),
+    "demo-spread-killed-on-2": ("test_parallel_decode.py",),
+    "tiny-test-rows-killed-on-2": ("test_parallel_vae.py",),
+    "exchange": ("test_runtime.py",),
+    "preempt": ("test_preempt.py",),
+    "vi_forward": ("test_videoinfinity.py", "test_plan.py"),
+    "experts": ("test_wan22.py",),
+}
+
 
 
 # ------------------------------------------------------------------------------------------- the forker
