@@ -108,7 +108,7 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
 
     from hpcvideo.store import RunStore
     from tests.helpers import (MPI_KILLED, MPI_KILLED_LAST, MPI_READERS, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli,
-                               mpirun_script)
+                               cli, mpirun_script)
 
     selected = {Path(str(item.fspath)).name for item in request.session.items}
 
@@ -131,8 +131,10 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
         logs = "".join(p.read_text() for p in sorted(path.parent.joinpath(f"{path.name}.logs").glob("*.log")))
         store = RunStore.open(path) if RunStore.exists(path) else None
         state = store.load_state("resume") if store is not None else None
+        said = [cli("status", path, *flags, check=False).stdout if store is not None else None for flags in (["--json"], [])]
         return {"result": result, "logs": logs, "status": store.status_dict() if store is not None else None,
-                "resume_tick": state[1]["tick"] if state is not None else None}
+                "resume_tick": state[1]["tick"] if state is not None else None,
+                "status_json": said[0], "status_text": said[1]}
 
     def launch(num_ranks: int) -> dict:
         if MPIEXEC is None:
@@ -182,6 +184,9 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
                 result.stdout
             runs = Made({name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
                          for name, r in zip(todo, reports)})
+            for name in last:  # resumed by no launch: its test reads the killed store itself
+                if MPI_KILLED[name][3] is None:
+                    runs[name] = {"path": paths[name], "killed": ended[name]["killed"]}
             launches[num_ranks] = {"runs": runs, "world": world}
         return launches[num_ranks]
 
@@ -194,8 +199,10 @@ def mpi_runs(mpi_launches):
     finished on K ranks, every run of a world size done by the one launch of that world size (:func:`mpi_launches`;
     a killed run: after its own kill launch, which comes first): a dict
     with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
-    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
-    and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""
+    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict),
+    "resume_tick" (the tick of its resume checkpoint, or None), "status_json" and "status_text" (the output of
+    ``hpcvideo status --json`` and ``hpcvideo status``), all read right after the kill. A killed run that no launch
+    resumes (MPI_KILLED with resume ranks None) has only "path" and "killed"."""
     return lambda num_ranks: mpi_launches(num_ranks)["runs"]
 
 

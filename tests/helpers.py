@@ -228,7 +228,7 @@ MPI_RUNS = {
 # Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker; or, those of
 # MPI_KILLED_LAST, at the end of a shared launch), before the launch of the world size ``resume_ranks``, which
 # resumes them with the same arguments as its other runs.
-MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume)
+MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume or None: see below)
     "tiny-test-killed-on-3": (["tiny-test"], 3, "tick:3", 2),  # test_pipeline.py: another number of ranks
     "tiny-test-killed-on-1": (["tiny-test"], 1, "tick:4", 4),
     "tiny-test-killed-on-2": (["tiny-test"], 2, "frames:1", 3),
@@ -240,11 +240,14 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
                                 2),  # test_parallel_decode.py: blocks 0-2 left the queue, rank 1 decodes a part of each
     # test_parallel_vae.py: the row-parallel decode, blocks 0-1 written; the resume on 3 ranks decodes them again
     "tiny-test-rows-killed-on-2": (["tiny-test", "--set", "runtime.vae_decode=rows"], 2, "tick:6", 3),
+    # test_status.py: what `status` says right after rank 0 of 2 is killed; the test resumes a copy itself
+    "tiny-test-rank-0-killed-on-2": (["tiny-test"], 2, "tick:5", None),
 }
 # Killed runs whose kill is the last run of the shared launch of their own number of ranks (with its fault set for that
 # run alone; the kill ends the launch) instead of a launch of their own: that shared launch then comes before the
-# launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.)
-MPI_KILLED_LAST = {"tiny-test-killed-on-3"}
+# launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.) A run
+# that no launch resumes (resume ranks None) must be one of these.
+MPI_KILLED_LAST = {"tiny-test-killed-on-3", "tiny-test-rank-0-killed-on-2"}
 
 # The test files that read each shared run, killed run or scenario (a scenario by its name before the first ":"): a
 # session whose selected tests come from none of them does not make it (conftest.mpi_launches; `pytest tests/X.py`
@@ -268,6 +271,7 @@ MPI_READERS = {
     "tiny-vi-wan-rank-1-killed": ("test_videoinfinity_run.py",),
     "demo-spread-killed-on-2": ("test_parallel_decode.py",),
     "tiny-test-rows-killed-on-2": ("test_parallel_vae.py",),
+    "tiny-test-rank-0-killed-on-2": ("test_status.py",),
     "exchange": ("test_runtime.py",),
     "preempt": ("test_preempt.py",),
     "vi_forward": ("test_videoinfinity.py", "test_plan.py"),
