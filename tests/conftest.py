@@ -107,7 +107,7 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
     from pathlib import Path
 
     from hpcvideo.store import RunStore
-    from tests.helpers import (MPI_KILLED, MPI_KILLED_LAST, MPI_READERS, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli,
+    from tests.helpers import (AGAIN, MPI_KILLED, MPI_KILLED_LAST, MPI_READERS, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli,
                                cli, mpirun_script)
 
     selected = {Path(str(item.fspath)).name for item in request.session.items}
@@ -147,11 +147,13 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
             todo = {name: args for name, args in MPI_RUNS.get(num_ranks, {}).items() if wanted(name)}
             todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items()
                          if resume == num_ranks and wanted(name)})
-            paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr" for name in todo}
+            paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr"
+                     for name in todo if not name.endswith(AGAIN)}
+            paths.update({name: paths[name.removesuffix(AGAIN)] for name in todo if name.endswith(AGAIN)})
             last = [name for name, (_, ranks, _, _) in MPI_KILLED.items()
                     if ranks == num_ranks and name in MPI_KILLED_LAST and wanted(name)]
             assert len(last) <= 1, last
-            for name in [*(n for n in todo if n not in ended), *last]:
+            for name in [*(n for n in todo if n not in ended and not n.endswith(AGAIN)), *last]:
                 paths.setdefault(name, folder / name / "run.zarr").parent.mkdir()
             killed = {name: ended[name]["killed"] if name in ended else kill(args, ranks, fault, paths[name])
                       for name, (args, ranks, fault, resume) in MPI_KILLED.items() if name in todo}

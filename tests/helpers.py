@@ -213,7 +213,10 @@ MPI_RUNS = {
         # test_golden_hashes.py: the demo preset's settings before its window changed (DEMO_PINNED there)
         "demo-cpu-61-frames": ["demo-cpu", "--frames", "61", "--set", "strategy.block_latent_frames=4", "--set",
                                "strategy.context_latent_frames=2", "--set", "strategy.feature_cache=false"],
-        "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
+        "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"],  # test_cfg_parallel.py
+        # test_videoinfinity_run.py: UNet3D on 2 ranks (the clip length derived), then the same command again
+        "tiny-vi-unet3d-one-prompt": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"],
+        "tiny-vi-unet3d-one-prompt/again": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"]},
     3: {},
     4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
         "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
@@ -225,6 +228,8 @@ MPI_RUNS = {
                                   "strategy.switch_timestep=500", "--set", "strategy.exempt_own_frame=false"],
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
+AGAIN = "/again"  # a run named NAME/again is the run NAME's command once more, on NAME's store, right after it
+
 # Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker; or, those of
 # MPI_KILLED_LAST, at the end of a shared launch), before the launch of the world size ``resume_ranks``, which
 # resumes them with the same arguments as its other runs.
@@ -263,6 +268,8 @@ MPI_READERS = {
     "tiny-vi-wan-independent": ("test_videoinfinity_run.py",),
     "tiny-vi-wan-former": ("test_golden_hashes.py",),
     "tiny-vi-unet3d-former": ("test_golden_hashes.py",),
+    "tiny-vi-unet3d-one-prompt": ("test_videoinfinity_run.py",),
+    "tiny-vi-unet3d-one-prompt/again": ("test_videoinfinity_run.py",),
     "tiny-test-killed-on-3": ("test_pipeline.py",),
     "tiny-test-killed-on-1": ("test_pipeline.py",),
     "tiny-test-killed-on-2": ("test_pipeline.py",),
