@@ -97,7 +97,7 @@ class Made(dict):
 
 
 @pytest.fixture(scope="session")
-def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
+def mpi_launches(request, hpcvideo_cache, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
     """``mpi_launches(K)``: the one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per world size and
     session behind :func:`mpi_runs` and :func:`mpi_world`, made at the first use of either: it runs the scenarios
     of :data:`tests.helpers.MPI_SCENARIOS` first, then every run of :data:`tests.helpers.MPI_RUNS` and the resumes of
@@ -106,9 +106,10 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
     Only what the session's selected tests read is made (:data:`tests.helpers.MPI_READERS`)."""
     from pathlib import Path
 
+    from hpcvideo.models.tiny_cond import ensure_tiny_ti2v
     from hpcvideo.store import RunStore
     from tests.helpers import (AGAIN, MPI_KILLED, MPI_KILLED_LAST, MPI_READERS, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli,
-                               cli, mpirun_script)
+                               cli, mpirun_script, write_start_image)
 
     selected = {Path(str(item.fspath)).name for item in request.session.items}
 
@@ -160,6 +161,13 @@ def mpi_launches(request, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tin
             out = folder / "vi_forward.pt"
             scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
                          for s in MPI_SCENARIOS.get(num_ranks, []) if wanted(s)]
+            fills = {"{ti2v}": lambda: str(ensure_tiny_ti2v(hpcvideo_cache)),  # made only for a run that names it
+                     "{image}": lambda: str(write_start_image(folder / "start.png"))}
+            for name, args in todo.items():
+                for token, make in fills.items():
+                    if any(token in arg for arg in args):
+                        value = make()
+                        todo[name] = args = [arg.replace(token, value) for arg in args]
             argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
                      for name, args in todo.items()]
             report = folder / "report.json"

@@ -216,7 +216,14 @@ MPI_RUNS = {
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"],  # test_cfg_parallel.py
         # test_videoinfinity_run.py: UNet3D on 2 ranks (the clip length derived), then the same command again
         "tiny-vi-unet3d-one-prompt": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"],
-        "tiny-vi-unet3d-one-prompt/again": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"]},
+        "tiny-vi-unet3d-one-prompt/again": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"],
+        # test_conditioning.py: the tiny TI2V model ({ti2v}) from an image ({image}: write_start_image), 3 blocks
+        "tiny-ti2v-image-33-frames": [
+            "tiny-test", "--frames", "33", "--set", "model.path={ti2v}", "--set", "model.dtype=float32", "--set",
+            "video.height=64", "--set", "video.width=64", "--set", "sampling.num_inference_steps=3", "--set",
+            "sampling.guidance_scale=4.0", "--set", "sampling.flow_shift=5.0", "--set", "sampling.prompt=a cat", "--set",
+            "strategy.block_latent_frames=3", "--set", "strategy.context_latent_frames=1", "--no-progress", "--image",
+            "{image}"]},
     3: {},
     4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
         "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
@@ -228,6 +235,15 @@ MPI_RUNS = {
                                   "strategy.switch_timestep=500", "--set", "strategy.exempt_own_frame=false"],
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
+def write_start_image(path: Path) -> Path:
+    """The start image of the TI2V tests: 48 x 80 random RGB pixels (seed 0) as a PNG at ``path``."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 AGAIN = "/again"  # a run named NAME/again is the run NAME's command once more, on NAME's store, right after it
 
 # Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker; or, those of
@@ -270,6 +286,7 @@ MPI_READERS = {
     "tiny-vi-unet3d-former": ("test_golden_hashes.py",),
     "tiny-vi-unet3d-one-prompt": ("test_videoinfinity_run.py",),
     "tiny-vi-unet3d-one-prompt/again": ("test_videoinfinity_run.py",),
+    "tiny-ti2v-image-33-frames": ("test_conditioning.py",),
     "tiny-test-killed-on-3": ("test_pipeline.py",),
     "tiny-test-killed-on-1": ("test_pipeline.py",),
     "tiny-test-killed-on-2": ("test_pipeline.py",),
