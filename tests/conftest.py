@@ -86,6 +86,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(name) for name in LAYERS):
             item.add_marker(pytest.mark.unit)
+    from pathlib import Path
+
+    from tests.helpers import MPI_READERS
+
+    listed = {name for readers in MPI_READERS.values() for name in readers}
+    unlisted = sorted({Path(str(item.fspath)).name for item in items
+                       if {"mpi_runs", "mpi_world", "two_rank_run"} & set(getattr(item, "fixturenames", ()))} - listed)
+    if unlisted:  # the shared launches make only what MPI_READERS says the selected files read
+        raise pytest.UsageError(f"{', '.join(unlisted)} read(s) the shared MPI runs but tests/helpers.py MPI_READERS "
+                                "does not list it: add it to the runs and scenarios it reads")
 
 
 class Made(dict):
