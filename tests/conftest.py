@@ -86,17 +86,46 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(name) for name in LAYERS):
             item.add_marker(pytest.mark.unit)
+    from pathlib import Path
+
+    from tests.helpers import MPI_READERS
+
+    listed = {name for readers in MPI_READERS.values() for name in readers}
+    unlisted = sorted({Path(str(item.fspath)).name for item in items
+                       if {"mpi_runs", "mpi_world", "two_rank_run"} & set(getattr(item, "fixturenames", ()))} - listed)
+    if unlisted:  # the shared launches make only what MPI_READERS says the selected files read
+        raise pytest.UsageError(f"{', '.join(unlisted)} read(s) the shared MPI runs but tests/helpers.py MPI_READERS "
+                                "does not list it: add it to the runs and scenarios it reads")
+
+
+class Made(dict):
+    """The runs (or scenarios) of one shared launch: a name it did not make is a clear error."""
+
+    def __missing__(self, name):
+        raise KeyError(f"{name!r} was not made by this session's launch: tests/helpers.py lists the files that read it "
+                       "(MPI_READERS); add the file of the test that reads it there")
 
 
 @pytest.fixture(scope="session")
-def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
+def mpi_launches(request, hpcvideo_cache, tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_dir, forker):
     """``mpi_launches(K)``: the one ``mpiexec -n K python tests/mpi/generate_many.py ...`` launch per world size and
     session behind :func:`mpi_runs` and :func:`mpi_world`, made at the first use of either: it runs the scenarios
     of :data:`tests.helpers.MPI_SCENARIOS` first, then every run of :data:`tests.helpers.MPI_RUNS` and the resumes of
     :data:`tests.helpers.MPI_KILLED` of that world size (one interpreter and torch import per rank for all).
-    A dict: "runs" (what ``mpi_runs(K)`` returns) and "world" (what ``mpi_world(K)`` returns)."""
+    A dict: "runs" (what ``mpi_runs(K)`` returns) and "world" (what ``mpi_world(K)`` returns).
+    Only what the session's selected tests read is made (:data:`tests.helpers.MPI_READERS`)."""
+    from pathlib import Path
+
+    from hpcvideo.models.tiny_cond import ensure_tiny_ti2v
     from hpcvideo.store import RunStore
-    from tests.helpers import MPI_KILLED, MPI_KILLED_LAST, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli, mpirun_script
+    from tests.helpers import (AGAIN, MPI_KILLED, MPI_KILLED_LAST, MPI_READERS, MPI_RUNS, MPI_SCENARIOS, MPIEXEC, Result, mpi_cli,
+                               cli, mpirun_script, write_start_image)
+
+    selected = {Path(str(item.fspath)).name for item in request.session.items}
+
+    def wanted(name: str) -> bool:  # a run, killed run or scenario (by its name before ":") a selected test reads
+        readers = MPI_READERS.get(name.split(":")[0])
+        return readers is None or bool(selected.intersection(readers))
 
     launches: dict[int, dict] = {}
     ended: dict[str, dict] = {}  # a run of MPI_KILLED_LAST, once the launch it ended is over: "path", "killed"
@@ -113,29 +142,42 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
         logs = "".join(p.read_text() for p in sorted(path.parent.joinpath(f"{path.name}.logs").glob("*.log")))
         store = RunStore.open(path) if RunStore.exists(path) else None
         state = store.load_state("resume") if store is not None else None
+        said = [cli("status", path, *flags, check=False).stdout if store is not None else None for flags in (["--json"], [])]
         return {"result": result, "logs": logs, "status": store.status_dict() if store is not None else None,
-                "resume_tick": state[1]["tick"] if state is not None else None}
+                "resume_tick": state[1]["tick"] if state is not None else None,
+                "status_json": said[0], "status_text": said[1]}
 
     def launch(num_ranks: int) -> dict:
         if MPIEXEC is None:
             pytest.skip("no mpiexec (pip install mpich)")
         if num_ranks not in launches:
             for name, (_, ranks, _, resume) in MPI_KILLED.items():
-                if resume == num_ranks and name in MPI_KILLED_LAST:  # killed at the end of the launch of its ranks
+                if resume == num_ranks and name in MPI_KILLED_LAST and wanted(name):  # killed at the end of its ranks' launch
                     launch(ranks)
             folder = tmp_path_factory.mktemp(f"mpi-runs-{num_ranks}")
-            todo = dict(MPI_RUNS.get(num_ranks, {}))
-            todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items() if resume == num_ranks})
-            paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr" for name in todo}
-            last = [name for name, (_, ranks, _, _) in MPI_KILLED.items() if ranks == num_ranks and name in MPI_KILLED_LAST]
+            todo = {name: args for name, args in MPI_RUNS.get(num_ranks, {}).items() if wanted(name)}
+            todo.update({name: args for name, (args, _, _, resume) in MPI_KILLED.items()
+                         if resume == num_ranks and wanted(name)})
+            paths = {name: ended[name]["path"] if name in ended else folder / name / "run.zarr"
+                     for name in todo if not name.endswith(AGAIN)}
+            paths.update({name: paths[name.removesuffix(AGAIN)] for name in todo if name.endswith(AGAIN)})
+            last = [name for name, (_, ranks, _, _) in MPI_KILLED.items()
+                    if ranks == num_ranks and name in MPI_KILLED_LAST and wanted(name)]
             assert len(last) <= 1, last
-            for name in [*(n for n in todo if n not in ended), *last]:
+            for name in [*(n for n in todo if n not in ended and not n.endswith(AGAIN)), *last]:
                 paths.setdefault(name, folder / name / "run.zarr").parent.mkdir()
             killed = {name: ended[name]["killed"] if name in ended else kill(args, ranks, fault, paths[name])
-                      for name, (args, ranks, fault, resume) in MPI_KILLED.items() if resume == num_ranks}
+                      for name, (args, ranks, fault, resume) in MPI_KILLED.items() if name in todo}
             out = folder / "vi_forward.pt"
             scenarios = [s.format(out=out, unet3d=tiny_unet3d_dir, wan=tiny_model_dir, wan22=tiny_wan22_dir)
-                         for s in MPI_SCENARIOS.get(num_ranks, [])]
+                         for s in MPI_SCENARIOS.get(num_ranks, []) if wanted(s)]
+            fills = {"{ti2v}": lambda: str(ensure_tiny_ti2v(hpcvideo_cache)),  # made only for a run that names it
+                     "{image}": lambda: str(write_start_image(folder / "start.png"))}
+            for name, args in todo.items():
+                for token, make in fills.items():
+                    if any(token in arg for arg in args):
+                        value = make()
+                        todo[name] = args = [arg.replace(token, value) for arg in args]
             argvs = [json.dumps(["generate", args[0], "--output", str(paths[name]), "--no-progress", *args[1:]])
                      for name, args in todo.items()]
             report = folder / "report.json"
@@ -152,7 +194,7 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
             assert result.returncode == 0 or last, result.stdout + result.stderr
             reports = json.loads(report.read_text()) if todo else []
             assert len(reports) == len(todo), result.stdout + result.stderr
-            world = {"result": result}
+            world = Made({"result": result})
             for line in result.stdout.splitlines():
                 if line.startswith("SCENARIO "):
                     _, scenario, answer = line.split(" ", 2)
@@ -160,8 +202,11 @@ def mpi_launches(tmp_path_factory, tiny_model_dir, tiny_unet3d_dir, tiny_wan22_d
                     world[name] = out if name == "vi_forward" else json.loads(answer)
             assert all((s.split(":")[0] if s.startswith(("vi_forward", "experts")) else s) in world for s in scenarios), \
                 result.stdout
-            runs = {name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
-                    for name, r in zip(todo, reports)}
+            runs = Made({name: {**r, "path": paths[name], **({"killed": killed[name]} if name in killed else {})}
+                         for name, r in zip(todo, reports)})
+            for name in last:  # resumed by no launch: its test reads the killed store itself
+                if MPI_KILLED[name][3] is None:
+                    runs[name] = {"path": paths[name], "killed": ended[name]["killed"]}
             launches[num_ranks] = {"runs": runs, "world": world}
         return launches[num_ranks]
 
@@ -174,8 +219,10 @@ def mpi_runs(mpi_launches):
     finished on K ranks, every run of a world size done by the one launch of that world size (:func:`mpi_launches`;
     a killed run: after its own kill launch, which comes first): a dict
     with "path" (the store, in a folder of its own), "returncode", rank 0's "stdout" and "stderr" of that run, and,
-    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict)
-    and "resume_tick" (the tick of its resume checkpoint, or None), all read right after the kill."""
+    for a killed run, "killed": the kill's Result plus "logs" (every rank's log), "status" (the store's status_dict),
+    "resume_tick" (the tick of its resume checkpoint, or None), "status_json" and "status_text" (the output of
+    ``hpcvideo status --json`` and ``hpcvideo status``), all read right after the kill. A killed run that no launch
+    resumes (MPI_KILLED with resume ranks None) has only "path" and "killed"."""
     return lambda num_ranks: mpi_launches(num_ranks)["runs"]
 
 

@@ -213,7 +213,17 @@ MPI_RUNS = {
         # test_golden_hashes.py: the demo preset's settings before its window changed (DEMO_PINNED there)
         "demo-cpu-61-frames": ["demo-cpu", "--frames", "61", "--set", "strategy.block_latent_frames=4", "--set",
                                "strategy.context_latent_frames=2", "--set", "strategy.feature_cache=false"],
-        "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
+        "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"],  # test_cfg_parallel.py
+        # test_videoinfinity_run.py: UNet3D on 2 ranks (the clip length derived), then the same command again
+        "tiny-vi-unet3d-one-prompt": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"],
+        "tiny-vi-unet3d-one-prompt/again": ["tiny-vi-unet3d", "--set", "sampling.prompt=a red ball rolling on grass"],
+        # test_conditioning.py: the tiny TI2V model ({ti2v}) from an image ({image}: write_start_image), 3 blocks
+        "tiny-ti2v-image-33-frames": [
+            "tiny-test", "--frames", "33", "--set", "model.path={ti2v}", "--set", "model.dtype=float32", "--set",
+            "video.height=64", "--set", "video.width=64", "--set", "sampling.num_inference_steps=3", "--set",
+            "sampling.guidance_scale=4.0", "--set", "sampling.flow_shift=5.0", "--set", "sampling.prompt=a cat", "--set",
+            "strategy.block_latent_frames=3", "--set", "strategy.context_latent_frames=1", "--no-progress", "--image",
+            "{image}"]},
     3: {},
     4: {"tiny-test": ["tiny-test"],  # test_pipeline.py
         "tiny-vi-wan": ["tiny-vi-wan"],  # test_videoinfinity_run.py
@@ -225,10 +235,21 @@ MPI_RUNS = {
                                   "strategy.switch_timestep=500", "--set", "strategy.exempt_own_frame=false"],
         "tiny-test-cfg-parallel": ["tiny-test", "--set", "runtime.cfg_parallel=true"]},  # test_cfg_parallel.py
 }
+def write_start_image(path: Path) -> Path:
+    """The start image of the TI2V tests: 48 x 80 random RGB pixels (seed 0) as a PNG at ``path``."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+AGAIN = "/again"  # a run named NAME/again is the run NAME's command once more, on NAME's store, right after it
+
 # Runs killed by a launch of their own (HPCVIDEO_FAULT; 1 rank: a fork of the pre-imported worker; or, those of
 # MPI_KILLED_LAST, at the end of a shared launch), before the launch of the world size ``resume_ranks``, which
 # resumes them with the same arguments as its other runs.
-MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume)
+MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, ranks of the resume or None: see below)
     "tiny-test-killed-on-3": (["tiny-test"], 3, "tick:3", 2),  # test_pipeline.py: another number of ranks
     "tiny-test-killed-on-1": (["tiny-test"], 1, "tick:4", 4),
     "tiny-test-killed-on-2": (["tiny-test"], 2, "frames:1", 3),
@@ -240,11 +261,46 @@ MPI_KILLED = {  # name: (preset and arguments, ranks of the killed run, fault, r
                                 2),  # test_parallel_decode.py: blocks 0-2 left the queue, rank 1 decodes a part of each
     # test_parallel_vae.py: the row-parallel decode, blocks 0-1 written; the resume on 3 ranks decodes them again
     "tiny-test-rows-killed-on-2": (["tiny-test", "--set", "runtime.vae_decode=rows"], 2, "tick:6", 3),
+    # test_status.py: what `status` says right after rank 0 of 2 is killed; the test resumes a copy itself
+    "tiny-test-rank-0-killed-on-2": (["tiny-test"], 2, "tick:5", None),
 }
 # Killed runs whose kill is the last run of the shared launch of their own number of ranks (with its fault set for that
 # run alone; the kill ends the launch) instead of a launch of their own: that shared launch then comes before the
-# launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.)
-MPI_KILLED_LAST = {"tiny-test-killed-on-3"}
+# launch of the resume's world size. (Not both directions between two world sizes: one launch has to come first.) A run
+# that no launch resumes (resume ranks None) must be one of these.
+MPI_KILLED_LAST = {"tiny-test-killed-on-3", "tiny-test-rank-0-killed-on-2"}
+
+# The test files that read each shared run, killed run or scenario (a scenario by its name before the first ":"): a
+# session whose selected tests come from none of them does not make it (conftest.mpi_launches; `pytest tests/X.py`
+# or `-k` pays only for the runs its tests read). A name not listed here is always made.
+MPI_READERS = {
+    "tiny-test": ("test_pipeline.py", "test_plan.py"),
+    "tiny-test-stages-3-1": ("test_pipeline.py",),
+    "tiny-test-stages-2-1": ("test_pipeline.py",),
+    "tiny-vi-wan-25-frames": ("test_videoinfinity_run.py", "test_plan.py"),
+    "demo-cpu-61-frames": ("test_golden_hashes.py",),
+    "tiny-test-cfg-parallel": ("test_cfg_parallel.py",),
+    "tiny-vi-wan": ("test_videoinfinity_run.py", "test_plan.py"),
+    "tiny-vi-wan-independent": ("test_videoinfinity_run.py",),
+    "tiny-vi-wan-former": ("test_golden_hashes.py",),
+    "tiny-vi-unet3d-former": ("test_golden_hashes.py",),
+    "tiny-vi-unet3d-one-prompt": ("test_videoinfinity_run.py",),
+    "tiny-vi-unet3d-one-prompt/again": ("test_videoinfinity_run.py",),
+    "tiny-ti2v-image-33-frames": ("test_conditioning.py",),
+    "tiny-test-killed-on-3": ("test_pipeline.py",),
+    "tiny-test-killed-on-1": ("test_pipeline.py",),
+    "tiny-test-killed-on-2": ("test_pipeline.py",),
+    "tiny-test-rank-1-raised": ("test_pipeline.py",),
+    "tiny-test-rank-2-killed": ("test_pipeline.py",),
+    "tiny-vi-wan-rank-1-killed": ("test_videoinfinity_run.py",),
+    "demo-spread-killed-on-2": ("test_parallel_decode.py",),
+    "tiny-test-rows-killed-on-2": ("test_parallel_vae.py",),
+    "tiny-test-rank-0-killed-on-2": ("test_status.py",),
+    "exchange": ("test_runtime.py",),
+    "preempt": ("test_preempt.py",),
+    "vi_forward": ("test_videoinfinity.py", "test_plan.py"),
+    "experts": ("test_wan22.py",),
+}
 
 
 

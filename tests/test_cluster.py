@@ -105,8 +105,11 @@ def wait_for(predicate, what, timeout_s=240, poll_s=0.3):
 
 
 def release(environ, job_id):
-    """A requeued job is held 120 s (EligibleTime = requeue + 121 s in SLURM 22.05): start it now."""
+    """A requeued job is held 120 s (EligibleTime = requeue + 121 s in SLURM 22.05): start it now, but not in the
+    second of the requeue: slurmd compares the new start's credential with the revocation of the old one in whole
+    seconds and fails the job ("Job credential revoked"; seen when the release came 0.3 s after the requeue)."""
     wait_for(lambda: job_state(environ, job_id) == "PENDING", "the job to be pending again")
+    time.sleep(1.05 - time.time() % 1.0)  # into the next whole second
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=environ, check=True, timeout=30)
 
 

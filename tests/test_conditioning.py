@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import cli, mpi_cli, needs_mpiexec, store_arrays
+from helpers import cli, needs_mpiexec, store_arrays
+from tests.helpers import MPI_RUNS, write_start_image
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +31,7 @@ def ti2v_dir(hpcvideo_cache):
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
-    from PIL import Image
-
-    path = tmp_path_factory.mktemp("image") / "start.png"
-    pixels = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)  # resized to 64 x 64
-    Image.fromarray(pixels).save(path)
-    return path
+    return write_start_image(tmp_path_factory.mktemp("image") / "start.png")  # 48 x 80, resized to 64 x 64
 
 
 def _args(model, *extra):
@@ -137,11 +133,21 @@ def test_a_longer_video_agrees_between_the_dualparal_executors(long_ti2v_run, ti
 
 @needs_mpiexec
 @pytest.mark.mpi
-def test_two_ranks_equal_one_rank(tmp_path, long_ti2v_run):
-    """Per-token timesteps and the image latent across two pipeline stages: the same bits as one rank."""
+def test_two_ranks_equal_one_rank(long_ti2v_run, image_file, mpi_runs):
+    """Per-token timesteps and the image latent across two pipeline stages: the same bits as one rank (the 2-rank
+    run: the session's 2-rank launch, tests/conftest.py; its image written by the same write_start_image)."""
+    from pathlib import Path
+
+    from hpcvideo.store import RunStore
+
     argv, latents, _ = long_ti2v_run
-    mpi_cli(2, "generate", "tiny-test", "--output", tmp_path / "two.zarr", "--frames", "33", *argv)
-    assert np.array_equal(store_arrays(tmp_path / "two.zarr")[0], latents)
+    name = "tiny-ti2v-image-33-frames"
+    assert MPI_RUNS[2][name] == ["tiny-test", "--frames", "33", *_args("{ti2v}", "--image", "{image}")]
+    run = mpi_runs(2)[name]
+    assert run["returncode"] == 0, run["stderr"]
+    image = RunStore.open(run["path"]).config["condition"]["image"]
+    assert Path(image).read_bytes() == image_file.read_bytes()
+    assert np.array_equal(store_arrays(run["path"])[0], latents)
 
 
 @pytest.mark.parametrize("timesteps", ["per-token", "per-sample"])

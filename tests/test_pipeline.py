@@ -3,7 +3,8 @@ for 1-4 ranks, resume on another rank count, and failures that stop every rank w
 
 The multi-rank runs (and the resumes of killed ones) come from one mpiexec launch per world size
 (tests/conftest.py: mpi_runs; the tables MPI_RUNS and MPI_KILLED in tests/helpers.py); each kill has a
-launch of its own, or ends a shared launch (MPI_KILLED_LAST); the 3-rank run through ``--ranks 3`` (the CLI's own relaunch) is a process of its own."""
+launch of its own, or ends a shared launch (MPI_KILLED_LAST); the 3-rank run goes through ``--ranks 3`` (the CLI's own
+relaunch: mpiexec started by the CLI, here called in this process)."""
 
 import numpy as np
 import pytest
@@ -17,13 +18,13 @@ from hpcvideo.progress import read_heartbeats
 from hpcvideo.store import RunStore
 from hpcvideo.strategies.dualparal.pipeline import split_layers
 from hpcvideo.strategies.dualparal.reference import DualParalReference
-from tests.helpers import MPI_KILLED, cli_subprocess, needs_mpiexec, store_arrays
+from tests.helpers import MPI_KILLED, cli, needs_mpiexec, store_arrays
 
 
 
-def relaunch(num_ranks, *args, timeout=240):
-    """``hpcvideo generate tiny-test ARGS --ranks N``: the CLI starts mpiexec itself."""
-    return cli_subprocess("generate", "tiny-test", *args, "--ranks", num_ranks, check=False, timeout=timeout)
+def relaunch(num_ranks, *args):
+    """``hpcvideo generate tiny-test ARGS --ranks N``: the CLI (in this process) starts mpiexec itself."""
+    return cli("generate", "tiny-test", *args, "--ranks", num_ranks, check=False)
 
 
 def ok(result):

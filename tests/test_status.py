@@ -17,7 +17,7 @@ from hpcvideo import progress as progress_mod
 from hpcvideo.cli import main
 from hpcvideo.progress import Heartbeat, format_status, progress, read_heartbeats, run_status
 from hpcvideo.store import RunStore
-from tests.helpers import clean_env, cli, cli_subprocess, needs_mpiexec
+from tests.helpers import MPI_KILLED, MPI_KILLED_LAST, cli, copy_store, needs_mpiexec
 
 CONFIG = {"video": {"num_frames": 29}, "strategy": {"name": "dualparal", "block_latent_frames": 2},
           "sampling": {"num_inference_steps": 4}}  # 4 blocks, 4 steps: 7 ticks
@@ -173,16 +173,19 @@ def test_ranks_of_an_earlier_attempt_are_not_listed_as_current(store, monkeypatc
 @pytest.mark.e2e
 @pytest.mark.mpi
 @needs_mpiexec
-def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, tiny_model_dir, forker):
+def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, mpi_runs, forker):
     """2 ranks (mpiexec), rank 0 SIGKILLed at the start of tick 5 with the default 5 s heartbeat: `status`
     at once says stopped, at tick 5 like the checkpoint; resumed on 1 rank and killed at tick 6: rank 1
-    is only an earlier attempt's; resumed to the end: finished. (The 2-rank run is a real mpiexec job, the
-    1-rank kill a fork of the pre-imported worker; `status` and the last resume run in this process.)"""
-    path = tmp_path / "run.zarr"
-    killed = cli_subprocess("generate", "tiny-test", "--output", path, "--ranks", 2, "--no-progress", fault="tick:5",
-                            env=clean_env(), check=False)
-    assert killed.returncode != 0, killed.stderr
-    status = json.loads(cli("status", path, "--json").stdout)
+    is only an earlier attempt's; resumed to the end: finished. (The 2-rank run is a real mpiexec job, the last
+    run of the session's 2-rank launch, and its `status` is read right after the kill (tests/conftest.py:
+    MPI_KILLED); the 1-rank kill is a fork of the pre-imported worker; `status` and the last resume run in this
+    process, on a copy of the killed store.)"""
+    name = "tiny-test-rank-0-killed-on-2"
+    assert MPI_KILLED[name] == (["tiny-test"], 2, "tick:5", None) and name in MPI_KILLED_LAST
+    run_ = mpi_runs(2)[name]
+    killed = run_["killed"]
+    assert killed["result"].returncode != 0, killed["result"].stderr
+    status = json.loads(killed["status_json"])
     p = status["progress"]
     assert (status["status"], status["state"], p["state"], p["stale"]) == ("running", "stopped", "stopped", True)
     assert (p["tick"], status["last_checkpoint_tick"], p["num_ticks"]) == (5, 5, 7)  # checkpoint_every_ticks: 1
@@ -190,9 +193,11 @@ def test_status_after_real_kills_and_a_resume_on_fewer_ranks(tmp_path, tiny_mode
     # rank 1 is killed by mpiexec or stops by itself first (its failure monitor sees rank 0 go): either is not running
     assert p["ranks"][1]["rank"] == 1 and (p["ranks"][1]["gone"] or p["ranks"][1]["state"] == "stopped")
     assert p["world_size"] == 2 and p["earlier_ranks"] == [] and p["eta_s"] is None
-    text = cli("status", path).stdout
+    text = killed["status_text"]
+    path = run_["path"]
     assert text.splitlines()[0].startswith(f"{path}: stopped (rank ") and "ticks      5/7 when it stopped" in text
 
+    path = copy_store(path, tmp_path / "run.zarr")
     killed = forker.run("generate", "tiny-test", "--output", path, "--no-progress", fault="tick:6", check=False)
     assert killed.returncode != 0, killed.stderr
     p = json.loads(cli("status", path, "--json").stdout)["progress"]

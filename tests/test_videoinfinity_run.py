@@ -2,14 +2,14 @@
 single-process executor (one rank whose clip is the whole video), and a killed run resumes
 bit-identically. (A rank count that does not match the clips is refused: test_videoinfinity.py.)
 One-rank runs go in this process; the multi-rank ones come from the session's one mpiexec launch per world size
-(tests/conftest.py: mpi_runs); the kill of rank 1 has a launch of its own, the README's ``--ranks 2`` command a
-process of its own."""
+(tests/conftest.py: mpi_runs); the kill of rank 1 has a launch of its own. (The README's ``--ranks 2`` command
+runs in tests/test_docs.py.)"""
 
 import numpy as np
 import pytest
 
 from hpcvideo.store import RunStore
-from tests.helpers import MPI_KILLED, cli, cli_signalled, cli_subprocess, needs_mpiexec, store_arrays
+from tests.helpers import AGAIN, MPI_KILLED, MPI_RUNS, cli, cli_signalled, needs_mpiexec, store_arrays
 
 pytestmark = pytest.mark.e2e  # the multi-rank ones are also marked mpi
 
@@ -106,17 +106,23 @@ def test_a_killed_run_resumes_bit_identically(mpi_runs, wan_reference):
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir):
+def test_unet3d_on_two_ranks_equals_the_reference(tmp_path, tiny_unet3d_dir, mpi_runs):
     """UNet3D: float32 round-off of the video-wide GroupNorm statistics, after 4 DDIM steps with CFG 7.5:
     measured max |diff| 3e-5 in latents of magnitude ~3; asserted 2e-4 (frames within 1 of 255)."""
-    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    one = tmp_path / "one.zarr"
     single = ("--set", "sampling.prompt=a red ball rolling on grass")  # one prompt: clips of any size agree
     ok(run("tiny-vi-unet3d", "--output", one, "--set", "strategy.clip_latent_frames=16", *single))
-    # the README's command (a process of its own): --ranks 2 starts mpiexec itself; the clip length is derived (16 / 2 = 8)
-    readme = ("generate", "tiny-vi-unet3d", "--no-progress", "--output", two, "--ranks", 2, *single)
-    ok(cli_subprocess(*readme, check=False))
+    # the session's 2-rank launch (tests/conftest.py: mpi_runs; the README's `--ranks 2` command: test_docs.py);
+    # the clip length is derived (16 / 2 = 8)
+    name = "tiny-vi-unet3d-one-prompt"
+    assert MPI_RUNS[2][name] == ["tiny-vi-unet3d", *single] == MPI_RUNS[2][name + AGAIN]
+    run_ = mpi_runs(2)[name]
+    ok(run_)
+    two = run_["path"]
     assert RunStore.open(two).config["strategy"]["clip_latent_frames"] == 8  # the store records the derived value
-    ok(cli_subprocess(*readme, check=False))  # the same command again: nothing to do
+    again = mpi_runs(2)[name + AGAIN]  # the same command again, on the same store: nothing to do
+    ok(again)
+    assert again["path"] == two
     (l1, f1), (l2, f2) = arrays(one), arrays(two)
     assert l1.shape == (16, 4, 8, 8) and f1.shape == (16, 64, 64, 3)
     np.testing.assert_allclose(l2, l1, atol=2e-4, rtol=0)
