@@ -11,8 +11,10 @@ them: .ci/run). The lab is started once per session and stopped by PID at the en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -119,16 +121,27 @@ def status(path):
 
 
 @pytest.fixture
-def reference_run(tmp_path, tiny_model_dir):
-    """The same video, uninterrupted, on one local rank (the rank count does not change the result),
-    running in the background while the SLURM jobs wait; stopped (by its PID) if the test ends first."""
-    process = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output",
-                                str(tmp_path / "reference.zarr"), "--frames", str(FRAMES), "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+def reference_run(tmp_path, tiny_model_dir, forker):
+    """The same video, uninterrupted, on one local rank (the rank count does not change the result): ``start()``
+    forks it from the pre-imported worker (once the test no longer needs the forker) to run while the SLURM jobs
+    wait; ``wait()`` gives its exit status. Killed (by its pid) if the test ends first."""
+    class Reference:
+        pid = code = None
+
+        def start(self) -> None:
+            self.pid = forker.start("generate", "tiny-test", "--output", tmp_path / "reference.zarr", "--frames", FRAMES,
+                                    "--no-progress")
+
+        def wait(self) -> int:
+            self.code = forker.wait_started(timeout=300)
+            return self.code
+
+    reference = Reference()
+    yield reference
+    if reference.pid is not None and reference.code is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(reference.pid, signal.SIGKILL)
+        forker.wait_started(timeout=60)
 
 
 def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab, hv, reference_run, tmp_path):
@@ -145,6 +158,7 @@ def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab
     assert not crashed["complete"] and crashed["last_checkpoint_tick"] in (4, 5)
 
     job_id = submit(hv, path)  # resubmit: resumes from the store
+    reference_run.start()  # the forker's last use in this test
     stops = [crashed["last_checkpoint_tick"]]
     for requeue in range(1, 3):  # SLURM's warning signal (what --signal=USR2@S sends before the time limit), twice
         # polled in this process (a CLI call takes seconds on a busy machine, ticks take ~0.2 s)
@@ -162,8 +176,7 @@ def test_crash_then_two_requeues_end_identical_to_an_uninterrupted_run(slurm_lab
         stops.append(_resume_ticks(path)[-1])
         assert stops[-1] >= stops[-2] + 3
     wait_for(lambda: job_state(slurm_lab, job_id) == "COMPLETED", "the job to complete")
-    output, _ = reference_run.communicate(timeout=300)
-    assert reference_run.returncode == 0, output
+    assert reference_run.wait() == 0
     latents, frames = store_arrays(path)
     reference = store_arrays(tmp_path / "reference.zarr")
     assert np.array_equal(latents, reference[0]) and np.array_equal(frames, reference[1])

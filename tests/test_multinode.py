@@ -20,8 +20,10 @@ One lab per session; `down.sh` removes its namespaces, links and daemons at the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import re
 import shutil
 import subprocess
@@ -35,7 +37,7 @@ import pytest
 from hpcvideo.runtime.env import RankEnv, _resolve_device, node_local_rank
 from hpcvideo.runtime.shm import mpich_world_id
 from hpcvideo.store import RunStore
-from tests.helpers import ROOT, clean_env, cli, cli_subprocess, store_arrays
+from tests.helpers import ROOT, clean_env, cli, store_arrays
 
 LAB_SCRIPT = ROOT / "slurm" / "lab"
 NODE_SETTINGS = [
@@ -295,7 +297,8 @@ def _checkpoint(path) -> int:
 @pytest.mark.multinode
 @pytest.mark.slurm
 @pytest.mark.e2e
-def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identically(nodes_lab, tmp_path, tiny_model_dir):
+def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identically(nodes_lab, tmp_path, tiny_model_dir,
+                                                                                    forker):
     """DualParal 2 nodes x 2 ranks (4 stages, 2 per node) through both ways of submitting, one store:
     ``hpcvideo submit`` -> node2 lost (every process of it killed, slurmd included) -> node1's ranks exit
     non-zero within 60 s naming the lost ranks and node; ``sbatch slurm/generate.sbatch`` resumes the
@@ -303,12 +306,13 @@ def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identical
     stopped allocation's MPICH segments on each node, resumes again and ends bit-identical to one rank."""
     environ, lab = nodes_lab
     path = tmp_path / "run.zarr"
-    reference = subprocess.Popen([sys.executable, "-m", "hpcvideo.cli", "generate", "tiny-test", "--output",
-                                  str(tmp_path / "reference.zarr"), "--frames", str(FRAMES), "--no-progress"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # `submit` and the uninterrupted 1-rank reference (running while the jobs wait): forks of the pre-imported worker
+    submitted = forker.run("submit", "tiny-test", "--output", path, "--frames", FRAMES,
+                           *[f"--set={s}" for s in NODE_SETTINGS], env=environ)
+    reference = forker.start("generate", "tiny-test", "--output", tmp_path / "reference.zarr", "--frames", FRAMES,
+                             "--no-progress")
+    reference_code = None
     try:
-        submitted = cli_subprocess("submit", "tiny-test", "--output", path, "--frames", FRAMES,
-                                   *[f"--set={s}" for s in NODE_SETTINGS], env=environ)
         first = submitted.stdout.strip().splitlines()[-1].split()[1].rstrip(":")  # "job ID: store PATH  logs FOLDER"
         wait_for(lambda: _checkpoint(path) >= 3, "the first job's checkpoints", poll_s=0.05)
         killed = sh(environ, "bash", LAB_SCRIPT / "nodes.sh", "kill-node", "2", lab)
@@ -357,11 +361,11 @@ def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identical
             _in_node(lab, node, "touch", f"/dev/shm/{name}")
         # requeued jobs wait 120 s otherwise; not in the second of the requeue: slurmd compares the new credential's
         # time with the revocation of the old one in whole seconds ("Job credential revoked", job FAILED; seen once)
-        time.sleep(2.0)
+        time.sleep(1.05 - time.time() % 1.0)  # into the next whole second
         sh(environ, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
         assert wait_done(environ, job_id) == "COMPLETED", job_out.read_text()
-        output, _ = reference.communicate(timeout=300)
-        assert reference.returncode == 0, output
+        reference_code = forker.wait_started(timeout=300)
+        assert reference_code == 0
         latents, frames = store_arrays(path)
         expected = store_arrays(tmp_path / "reference.zarr")
         assert np.array_equal(latents, expected[0]) and np.array_equal(frames, expected[1])
@@ -375,9 +379,10 @@ def test_dualparal_on_two_nodes_survives_a_lost_node_and_a_requeue_bit_identical
             left = _in_node(lab, node, "ls", "/dev/shm").split()
             assert not [name for name in left if f"{mpich_world_id(f'{job_id}.1'):x}" in name], left
     finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.wait()
+        if reference_code is None:  # the test ended first: stop the reference (by its pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(reference, signal.SIGKILL)
+            forker.wait_started(timeout=60)
 
 
 def _in_node(lab: Path, node: int, *command: str) -> str:
