@@ -282,7 +282,7 @@ MPI_READERS = {
     "tiny-test-cfg-parallel": ("test_cfg_parallel.py",),
     "tiny-vi-wan": ("test_videoinfinity_run.py", "test_plan.py"),
     "tiny-vi-wan-independent": ("test_videoinfinity_run.py",),
-    "tiny-vi-wan-former": ("test_golden_hashes.py",),
+    "tiny-vi-wan-former": ("test_golden_hashes.py", "test_runtime.py"),  # test_runtime: the 4-rank launch's exit
     "tiny-vi-unet3d-former": ("test_golden_hashes.py",),
     "tiny-vi-unet3d-one-prompt": ("test_videoinfinity_run.py",),
     "tiny-vi-unet3d-one-prompt/again": ("test_videoinfinity_run.py",),
