@@ -241,6 +241,16 @@ def abort_on_failure(env: RankEnv, *, notice_wait_s: float = 2.0, monitor: Failu
         )
         if suspects:
             _stderr(f"rank {env.rank}: {suspects[2:]}")
+            # the rank that failed first told the others; its exit already ends the job (srun --kill-on-bad-exit,
+            # hydra). No MPI call towards a dead process here: MPICH crashed in it (a segmentation fault after a
+            # lost node, seen in the two-node lab), where exit 1 is what the job's log should show
+            _stderr(f"rank {env.rank}: exiting (exit 1)")
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(1)
         summary = f"{type(error).__name__}: {error}"[:2000] + suspects
         try:
             notify_failure(env, summary, wait_s=notice_wait_s)
